@@ -1,0 +1,24 @@
+"""Packaging for hpcckpt: transparent checkpoint/restore of Linux processes for HPC jobs."""
+from setuptools import find_packages, setup
+
+setup(
+    name="hpcckpt",
+    version="0.1.0",
+    description="Transparent checkpoint/restore of Linux processes for HPC batch jobs",
+    python_requires=">=3.11",
+    packages=find_packages(include=["hpcckpt", "hpcckpt.*"]),
+    package_data={"hpcckpt.images": ["*.proto"]},
+    install_requires=[
+        "protobuf>=4.21",
+        "python-ptrace>=0.9.9",
+        "xxhash>=3.0",
+        "numpy>=1.24",
+        "h5py>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout"],
+        "bench": ["matplotlib"],
+        "slurm": ["pyslurm"],
+    },
+    entry_points={"console_scripts": ["hpcckpt=hpcckpt.cli:main"]},
+)
