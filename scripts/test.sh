@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: installs what it needs, then runs pytest.
+# Extra arguments go to pytest (e.g. scripts/test.sh -k restore -x).
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+"$here/scripts/setup.sh"
+cd "$here"
+exec "$here/.venv/bin/python" -m pytest -ra --timeout=600 "$@" tests
