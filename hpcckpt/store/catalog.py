@@ -27,7 +27,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import h5py
 import numpy as np
@@ -118,6 +118,8 @@ class Catalog:
         self.journal = self.dir / JOURNAL_DIR
         self.lock_path = self.dir / "lock"
         self.fold_every = fold_every
+        #: set by Store: recreates the catalog from the checkpoint directories (lock held)
+        self.rebuilder: Callable[[], CatalogData] | None = None
         self.journal.mkdir(parents=True, exist_ok=True)
 
     # ---- writing -------------------------------------------------------------------
@@ -149,9 +151,10 @@ class Catalog:
             try:
                 data = self.load()
             except CatalogError as exc:
-                log.warning("%s; folding the journal into a fresh catalog; run `hpcckpt catalog rebuild` "
-                            "to recover checkpoints already folded", exc)
-                data = CatalogData()
+                if self.rebuilder is None:
+                    raise
+                log.warning("%s; rebuilding it from the checkpoint directories", exc)
+                data = self.rebuilder()
             events = list(self._read_events(names))
             if events or not self.path.exists():
                 self._write(merge(data, events))

@@ -50,6 +50,7 @@ class Store:
         if not marker.exists():
             atomic_write_bytes(marker, json.dumps({"format": FORMAT_VERSION, "created": time.time()}).encode())
         self.catalog = Catalog(self.root, fold_every=fold_every)
+        self.catalog.rebuilder = self._scan_catalog
 
     # ---- paths, locks, state ---------------------------------------------------------
     def job_dir(self, job: str) -> Path:
@@ -408,43 +409,47 @@ class Store:
         lock = FileLock(self.catalog.lock_path, "the catalog", timeout=600)
         with lock:
             names = self.catalog._journal_names()
-            events: list[dict[str, Any]] = []
-            for job in self.jobs():
-                seen: set[int] = set()
-                for seq in sorted(self._seqs_desc(job)):
-                    path = self.job_dir(job) / seq_name(seq)
-                    m, _ = load(path, "")
-                    seen.add(seq)
-                    if m is None:
-                        events.append(publish_event({"job": job, "seq": seq, "status": int(Status.DAMAGED),
-                                                     "time": path.stat().st_mtime, "parent": None}, {}))
-                        continue
-                    c = self.checkpoint_from_manifest(m)
-                    try:
-                        arrays = self.arrays(c)
-                    except (OSError, ValueError) as exc:
-                        log.warning("arrays of %s unreadable (%s); catalogued without them", c.name, exc)
-                        arrays = {}
-                    row = _row(c)
-                    if c.status in (Status.VERIFIED, Status.DAMAGED):
-                        row["verified_at"] = _verified_at(path)
-                    events.append(publish_event(row, arrays))
-                tomb_dir = self.job_dir(job) / DELETED_DIR
-                if tomb_dir.is_dir():
-                    for e in sorted(os.scandir(tomb_dir), key=lambda e: e.name):
-                        seq = parse_seq(e.name.split(".")[0])
-                        if seq is None or seq in seen:
-                            continue
-                        try:
-                            tomb = json.loads(Path(e.path).read_bytes())
-                            m = Manifest.from_bytes(tomb["manifest"].encode(), e.path)
-                        except (OSError, ValueError, KeyError, ManifestError):
-                            continue
-                        c = self.checkpoint_from_manifest(m, Status.DELETED)
-                        events.append(publish_event(_row(c), {}))
-            data = merge(CatalogData(), events)
+            data = self._scan_catalog()
             self.catalog.replace_all(data, names)
             return len(data.rows)
+
+    def _scan_catalog(self) -> CatalogData:
+        """Catalog contents derived from directories and tombstones (the truth)."""
+        events: list[dict[str, Any]] = []
+        for job in self.jobs():
+            seen: set[int] = set()
+            for seq in sorted(self._seqs_desc(job)):
+                path = self.job_dir(job) / seq_name(seq)
+                m, _ = load(path, "")
+                seen.add(seq)
+                if m is None:
+                    events.append(publish_event({"job": job, "seq": seq, "status": int(Status.DAMAGED),
+                                                 "time": path.stat().st_mtime, "parent": None}, {}))
+                    continue
+                c = self.checkpoint_from_manifest(m)
+                try:
+                    arrays = self.arrays(c)
+                except (OSError, ValueError) as exc:
+                    log.warning("arrays of %s unreadable (%s); catalogued without them", c.name, exc)
+                    arrays = {}
+                row = _row(c)
+                if c.status in (Status.VERIFIED, Status.DAMAGED):
+                    row["verified_at"] = _verified_at(path)
+                events.append(publish_event(row, arrays))
+            tomb_dir = self.job_dir(job) / DELETED_DIR
+            if tomb_dir.is_dir():
+                for e in sorted(os.scandir(tomb_dir), key=lambda e: e.name):
+                    seq = parse_seq(e.name.split(".")[0])
+                    if seq is None or seq in seen:
+                        continue
+                    try:
+                        tomb = json.loads(Path(e.path).read_bytes())
+                        m = Manifest.from_bytes(tomb["manifest"].encode(), e.path)
+                    except (OSError, ValueError, KeyError, ManifestError):
+                        continue
+                    c = self.checkpoint_from_manifest(m, Status.DELETED)
+                    events.append(publish_event(_row(c), {}))
+        return merge(CatalogData(), events)
 
     # ---- retention and compaction ------------------------------------------------------
     def apply_retention(self, job: str, keep_last: int | None = None, keep_every: float | None = None,

@@ -121,3 +121,13 @@ def test_format_listing_and_plot(store: Store, tmp_path: Path) -> None:
     assert format_listing([]) == "no checkpoints\n"
     png = plot_stats(store, "j", tmp_path / "stats.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fold_into_damaged_catalog_rebuilds_instead_of_losing_rows(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s", fold_every=1)
+    for _ in range(3):
+        publish(store, "j")
+    store.catalog.path.write_bytes(b"\x89HDF\r\n\x1a\n garbage")
+    publish(store, "j")                                      # this publish folds
+    assert store.catalog.check() == []
+    assert [c.seq for c in store.list("j")] == [1, 2, 3, 4]
