@@ -6,7 +6,6 @@ catalog can never block a restart. The catalog serves listing, statistics and pl
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.store import ReservedFileNameError, Status, Store, WriterStateError
+from hpcckpt.store import ReservedFileNameError, Store, WriterStateError
 from hpcckpt.store.layout import STAGING_DIR
 
 from store_helpers import publish
