@@ -36,7 +36,7 @@ def job_from_json(d: dict[str, Any]) -> Job:
         job_id=int(d["job_id"]),
         name=d.get("name") or "",
         state=state,
-        state_reason=d.get("state_reason") or None,
+        state_reason=d.get("state_reason") if d.get("state_reason") not in ("", "None") else None,
         restart_count=int(d.get("restart_cnt") or 0),
         user=d.get("user_name") or None,
         partition=d.get("partition") or None,

@@ -6,15 +6,26 @@ itself comes from hpcckpt's JobContext evaluated inside the job.
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
 
 from hpcckpt.scheduler import (CommandsBackend, JobEndedError, JobNotFoundError,
                                JobSubmitDescription, WaitTimeoutError)
+from hpcckpt.scheduler.pyslurm_backend import installed_slurm_version
 from tests.slurm_cluster.jobs import PRINT_CONTEXT, wait_for_line
 
 pytestmark = [pytest.mark.slurm]
+
+
+def test_cluster_has_two_idle_nodes_and_two_partitions(cluster):
+    print(f"cluster start-up (install check + start): {cluster.startup_seconds:.1f} s")
+    nodes = cluster.run("sinfo", "-h", "-N", "-o", "%N %P %t").split("\n")
+    seen = {tuple(line.split()) for line in nodes if line}
+    assert seen == {(n, p, "idle") for n in cluster.nodes
+                    for p in ("low*", "high")}, seen
+    assert re.fullmatch(r"\d+\.\d+\.\d+", installed_slurm_version(cluster.env) or "")
 
 
 @pytest.mark.timeout(60)
