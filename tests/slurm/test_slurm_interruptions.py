@@ -14,7 +14,9 @@ import pytest
 from hpcckpt.scheduler import CommandsBackend, JobSubmitDescription
 from tests.slurm_cluster.jobs import kill_node, wait_for_line
 
-pytestmark = [pytest.mark.slurm]
+# Generous: the first test's set-up may include apt-get install on a fresh machine
+# (pytest-timeout counts fixture set-up); every wait inside has its own bound.
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
 #: A batch script that logs every signal it gets and idles on its first run; later
 #: runs (SLURM_RESTART_COUNT >= 1) say where they run and finish.
@@ -33,7 +35,6 @@ def _epoch(line: str) -> float:
     return float(re.search(r"t=([\d.]+)", line).group(1))
 
 
-@pytest.mark.timeout(60)
 def test_signal_to_batch_shell(backend: CommandsBackend, cluster, tmp_path):
     out = tmp_path / "sig.out"
     job_id = backend.submit(JobSubmitDescription(
@@ -45,7 +46,6 @@ def test_signal_to_batch_shell(backend: CommandsBackend, cluster, tmp_path):
     assert backend.load(job_id).state == "RUNNING"  # a signal is not a cancel
 
 
-@pytest.mark.timeout(150)
 def test_preemption_signals_batch_shell_then_requeues(backend: CommandsBackend, cluster,
                                                       tmp_path):
     node = cluster.nodes[0]
@@ -85,7 +85,6 @@ def test_preemption_signals_batch_shell_then_requeues(backend: CommandsBackend, 
     wait_for_line(low_out, "DONE", timeout=10)
 
 
-@pytest.mark.timeout(180)
 def test_killed_node_requeues_job_on_other_node(backend: CommandsBackend, cluster, tmp_path):
     out = tmp_path / "crash.out"
     job_id = backend.submit(JobSubmitDescription(

@@ -16,7 +16,9 @@ from hpcckpt.scheduler import (CommandsBackend, JobEndedError, JobNotFoundError,
 from hpcckpt.scheduler.pyslurm_backend import installed_slurm_version
 from tests.slurm_cluster.jobs import PRINT_CONTEXT, wait_for_line
 
-pytestmark = [pytest.mark.slurm]
+# Generous: the first test's set-up may include apt-get install on a fresh machine
+# (pytest-timeout counts fixture set-up); every wait inside has its own bound.
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
 
 def test_cluster_has_two_idle_nodes_and_two_partitions(cluster):
@@ -28,7 +30,6 @@ def test_cluster_has_two_idle_nodes_and_two_partitions(cluster):
     assert re.fullmatch(r"\d+\.\d+\.\d+", installed_slurm_version(cluster.env) or "")
 
 
-@pytest.mark.timeout(60)
 def test_submit_runs_to_completion_with_output(backend: CommandsBackend, cluster, tmp_path):
     out = tmp_path / "hello-%j.out"
     t0 = time.monotonic()
@@ -57,7 +58,6 @@ def test_submit_runs_to_completion_with_output(backend: CommandsBackend, cluster
         assert getattr(same, attr) == getattr(job, attr), attr
 
 
-@pytest.mark.timeout(60)
 def test_failed_job_reports_exit_code_and_stops_the_wait(backend, cluster, tmp_path):
     job_id = backend.submit(JobSubmitDescription(
         script="#!/bin/bash\nexit 3\n", name="fails", output=str(tmp_path / "o")))
@@ -68,7 +68,6 @@ def test_failed_job_reports_exit_code_and_stops_the_wait(backend, cluster, tmp_p
     assert {j.job_id: j for j in backend.jobs()}[job_id].exit_code == 3
 
 
-@pytest.mark.timeout(60)
 def test_errors_name_the_job_and_command(backend, cluster, tmp_path):
     with pytest.raises(JobNotFoundError, match="job 999999: .*scontrol show job"):
         backend.load(999999)
@@ -86,7 +85,6 @@ def test_errors_name_the_job_and_command(backend, cluster, tmp_path):
     assert backend.wait_state(job_id, {"CANCELLED"}, timeout=30).state == "CANCELLED"
 
 
-@pytest.mark.timeout(120)
 def test_requeue_gives_restart_count_and_generation(backend: CommandsBackend, cluster,
                                                     tmp_path):
     out = tmp_path / "requeue.out"

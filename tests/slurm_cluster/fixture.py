@@ -97,11 +97,14 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     """Session-wide Slurm cluster; fails (never skips) when it cannot start."""
     keep = os.environ.get("HPCCKPT_SLURM_STATE")
     state_dir = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="hpcckpt-slurm-"))
+    failure = None
     try:
         cluster = start_cluster(state_dir)
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        failure = str(exc)
+    if failure is not None:
         _stop_quietly(state_dir)
-        pytest.fail(f"the Slurm test cluster did not start: {exc}", pytrace=False)
+        pytest.fail(f"the Slurm test cluster did not start: {failure}", pytrace=False)
     try:
         yield cluster
     finally:
