@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["hpcckpt", "hpcckpt.*"]),
     package_data={"hpcckpt.images": ["*.proto"]},
     install_requires=[
-        "protobuf>=4.21",
+        "protobuf>=7.35",
         "python-ptrace>=0.9.9",
         "xxhash>=3.0",
         "numpy>=1.24",

@@ -1,0 +1,264 @@
+"""Dump one process (all its threads) to an image set.
+
+Order matters for the promises we make: everything that can refuse (unsupported fds,
+mappings, timers) is looked at while the process is frozen but before anything is
+written; any failure thaws the process exactly as it was and removes the partial image;
+without --leave-running the process is killed only after the image is sealed on disk.
+"""
+import os
+import platform
+import resource
+import shutil
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import __version__
+from ..errors import HpcckptError, KernelError, PermissionDeniedError, ProcessGoneError, UnsupportedError
+from ..images import pb
+from ..images.imageset import ImageSet
+from ..kernel import elf, proc, ptrace, vdso
+from ..kernel.arch import current as arch
+from ..kernel.inject import Injector, Mem, find_syscall_insn
+from ..progress import Progress
+from . import files, memory
+from .freeze import Frozen, freeze
+
+SCRATCH = 1 << 16
+MAP_PRIVATE_ANON = 0x22
+PR_GET_TID_ADDRESS = 40
+SIG_NUMBERS = [s for s in range(1, 65) if s not in (9, 19)]
+
+
+@dataclass
+class DumpResult:
+    pid: int
+    images: Path
+    threads: int
+    memory_bytes: int      # bytes of the process's mappings
+    pages_bytes: int       # bytes of page data written
+    frozen_s: float        # how long the process could not run
+    total_s: float
+
+
+def _creds(st: dict[str, str]) -> pb.Creds:
+    uid, gid = [int(x) for x in st["Uid"].split()], [int(x) for x in st["Gid"].split()]
+    return pb.Creds(uid=uid[0], euid=uid[1], suid=uid[2], fsuid=uid[3],
+                    gid=gid[0], egid=gid[1], sgid=gid[2], fsgid=gid[3],
+                    groups=[int(g) for g in st.get("Groups", "").split()],
+                    cap_eff=int(st["CapEff"], 16), cap_prm=int(st["CapPrm"], 16),
+                    cap_inh=int(st["CapInh"], 16), cap_bnd=int(st["CapBnd"], 16))
+
+
+def check_owner(pid: int) -> dict[str, str]:
+    """A caller may only dump processes that are entirely its own."""
+    st = proc.status(pid)
+    me = os.geteuid()
+    if me != 0:
+        uids = {int(x) for x in st["Uid"].split()}
+        gids = {int(x) for x in st["Gid"].split()}
+        if uids != {me} or gids - {os.getegid(), *os.getgroups()}:
+            raise PermissionDeniedError(
+                f"process {pid} belongs to uid {st['Uid'].split()[0]}; you (uid {me}) may only "
+                "dump processes that run entirely with your own credentials")
+    return st
+
+
+class _Scratch:
+    """A private page block mapped into the frozen target for syscall arguments."""
+
+    def __init__(self, inj: Injector, mem: Mem):
+        self.inj, self.mem = inj, mem
+        self.addr = inj.syscall("mmap", 0, SCRATCH, 3, MAP_PRIVATE_ANON, -1, 0)
+
+    def read_u64s(self, n: int, off: int = 0) -> tuple[int, ...]:
+        return struct.unpack(f"<{n}Q", self.mem.read(self.addr + off, 8 * n))
+
+    def unmap(self) -> None:
+        self.inj.syscall("munmap", self.addr, SCRATCH)
+
+
+def _thread_state(pid: int, tid: int, inj: Injector, scratch: _Scratch) -> pb.Thread:
+    t = pb.Thread(tid=tid, comm=proc.comm(pid, tid))
+    t.regs.extend(arch.rewind_interrupted_syscall(inj.saved_regs).to_list())
+    t.xstate = ptrace.get_regset(tid, arch.XSTATE_NOTE, arch.XSTATE_MAX)
+    t.sigmask = inj.saved_mask
+    t.pending.extend(ptrace.peek_siginfo(tid, shared=False))
+    a = scratch.addr
+    inj.syscall("sigaltstack", 0, a)
+    sp, flags, size = struct.unpack("<Qi4xQ", scratch.mem.read(a, 24))  # stack_t
+    t.altstack.CopyFrom(pb.SigAltStack(sp=sp, flags=flags & 0xFFFFFFFF, size=size))
+    inj.syscall("prctl", PR_GET_TID_ADDRESS, a)
+    t.clear_child_tid = scratch.read_u64s(1)[0]
+    inj.syscall("get_robust_list", 0, a, a + 8)
+    t.robust_list, t.robust_list_len = scratch.read_u64s(2)
+    cfg = ptrace.get_rseq(tid)
+    if cfg.rseq_abi_pointer:
+        t.rseq.CopyFrom(pb.Rseq(pointer=cfg.rseq_abi_pointer, size=cfg.rseq_abi_size,
+                                signature=cfg.signature))
+    return t
+
+
+def _process_state(pid: int, st: dict[str, str], inj: Injector, scratch: _Scratch) -> pb.Process:
+    f = proc.stat_fields(pid)
+    p = pb.Process(pid=pid, ppid=int(f[1]), pgid=int(f[2]), sid=int(f[3]),
+                   creds=_creds(st), comm=proc.comm(pid), personality=proc.personality(pid),
+                   umask=int(st.get("Umask", "0022"), 8), cwd=proc.link(pid, "cwd"),
+                   root=proc.link(pid, "root"))
+    a = scratch.addr
+    for sig in SIG_NUMBERS:
+        inj.syscall("rt_sigaction", sig, 0, a, 8)
+        handler, flags, restorer, mask = scratch.read_u64s(4)
+        if handler or flags or mask:
+            p.sigactions.append(pb.SigAction(signo=sig, handler=handler, flags=flags,
+                                             restorer=restorer, mask=mask))
+    for which in range(3):
+        inj.syscall("getitimer", which, a)
+        isec, iusec, vsec, vusec = scratch.read_u64s(4)
+        if vsec or vusec:
+            p.itimers.append(pb.ITimer(which=which, interval_sec=isec, interval_usec=iusec,
+                                       value_sec=vsec, value_usec=vusec))
+    for r in range(16):  # RLIMIT_CPU .. RLIMIT_RTTIME
+        cur, mx = resource.prlimit(pid, r)
+        p.rlimits.append(pb.Rlimit(resource=r, cur=cur & (2**64 - 1), max=mx & (2**64 - 1)))
+    p.shared_pending.extend(ptrace.peek_siginfo(pid, shared=True))
+    brk = inj.syscall("brk", 0)
+    p.mm.CopyFrom(pb.Mm(start_code=int(f[23]), end_code=int(f[24]), start_stack=int(f[25]),
+                        start_data=int(f[42]), end_data=int(f[43]), start_brk=int(f[44]),
+                        arg_start=int(f[45]), arg_end=int(f[46]), env_start=int(f[47]),
+                        env_end=int(f[48]), brk=brk, auxv=proc.auxv(pid), exe=proc.link(pid, "exe")))
+    return p
+
+
+def _mapped_files(vmas: list[pb.Vma], exe: str) -> list[pb.MappedFile]:
+    out = []
+    for path in sorted({v.path for v in vmas if v.kind in (pb.FILE_PRIVATE, pb.FILE_SHARED)} | {exe}):
+        try:
+            s = os.stat(path)
+        except FileNotFoundError:
+            continue
+        out.append(pb.MappedFile(path=path, size=s.st_size, mtime_ns=s.st_mtime_ns, build_id=elf.build_id(path)))
+    return out
+
+
+def _cpu_flags() -> list[str]:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].split()
+    return []
+
+
+def _capture(fr: Frozen, iset: ImageSet, policies: files.FilePolicies, st: dict) -> tuple[pb.Process, list]:
+    """Everything but the pages, while frozen. Leaves the target exactly as found."""
+    pid = fr.pid
+    vmas = proc.maps(pid)
+    pvmas = [memory.describe(pid, v) for v in vmas]
+    if proc.posix_timers(pid).strip():
+        raise UnsupportedError(f"process {pid} has POSIX timers (timer_create), not supported yet")
+    fds = files.dump_fds(pid, iset.path, policies)
+    ip = find_syscall_insn(pid, vmas)
+    mem = Mem(pid)
+    injectors = {}
+    scratch = None
+    try:
+        for tid in fr.tids:
+            injectors[tid] = Injector(tid, ip)
+        scratch = _Scratch(injectors[pid], mem)
+        p = _process_state(pid, st, injectors[pid], scratch)
+        p.threads.extend(_thread_state(pid, tid, injectors[tid], scratch) for tid in fr.tids)
+        scratch.unmap()
+        scratch = None
+    finally:
+        if scratch is not None:
+            try:
+                scratch.unmap()
+            except HpcckptError:
+                pass
+        for tid, inj in injectors.items():
+            try:
+                inj.restore()
+            except HpcckptError:
+                pass
+            fr.deferred.setdefault(tid, []).extend(inj.pending_signals)
+        mem.close()
+    p.mm.vmas.extend(pvmas)
+    p.fds.extend(fds)
+    return p, vmas
+
+
+def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
+         policies: files.FilePolicies | None = None, show_progress: bool = True) -> DumpResult:
+    """Checkpoint `pid` into `images`; kill it afterwards unless `leave_running`."""
+    t0 = time.monotonic()
+    st = check_owner(pid)
+    iset = ImageSet(images, create=True)
+    created = set(os.listdir(iset.path))
+    fr = freeze(pid)
+    t_frozen = time.monotonic()
+    try:
+        p, _ = _capture(fr, iset, policies or files.FilePolicies(), st)
+        pages = pb.Pagemap(pages_file=f"pages-{pid}.img")
+        plan = [(v, memory.pages_to_save(pid, v)) for v in p.mm.vmas]
+        total = sum(n for _, runs in plan for _, n in runs)
+        prog = Progress(f"dump {pid}", total, enabled=show_progress)
+        fd = os.open(iset.path / pages.pages_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        writer = memory.PageWriter(pid, fd)
+        try:
+            for _, runs in plan:
+                for addr, n in runs:
+                    off = writer.copy(addr, n)
+                    pages.runs.append(pb.PageRun(vaddr=addr, nr_pages=n // memory.PAGE_SIZE, offset=off))
+                    prog(n)
+            os.fsync(fd)
+        except OSError as e:
+            if e.errno == 3:
+                raise ProcessGoneError(f"process {pid} exited during the dump") from None
+            raise KernelError(f"writing pages of process {pid} to {iset.path}: {e.strerror}") from None
+        finally:
+            writer.close()
+            os.close(fd)
+        prog.finish()
+        pages.pages_bytes = writer.offset
+        iset.write_message(f"process-{pid}.img", "process", p)
+        iset.write_message(f"pagemap-{pid}.img", "pagemap", pages)
+        inv = _inventory(p, pid)
+        if leave_running:
+            fr.thaw()
+            t_thawed = time.monotonic()
+            iset.seal(inv)
+        else:
+            iset.seal(inv)
+            t_thawed = time.monotonic()
+            fr.kill()
+    except BaseException:
+        fr.thaw()
+        _remove_new(iset.path, created)
+        raise
+    return DumpResult(pid=pid, images=iset.path, threads=len(fr.tids),
+                      memory_bytes=sum(v.end - v.start for v in p.mm.vmas),
+                      pages_bytes=pages.pages_bytes, frozen_s=t_thawed - t_frozen,
+                      total_s=time.monotonic() - t0)
+
+
+def _inventory(p: pb.Process, pid: int) -> pb.Inventory:
+    sizes = {v.kind: v.end - v.start for v in p.mm.vmas}
+    return pb.Inventory(
+        hpcckpt_version=__version__, kernel=platform.release(), arch=platform.machine(),
+        cpu_flags=_cpu_flags(), xsave_size=len(p.threads[0].xstate), created=time.time(),
+        host=socket.gethostname(), root_pid=pid, pids=[pid],
+        files=_mapped_files(list(p.mm.vmas), p.mm.exe), uid=p.creds.uid,
+        vdso_size=sizes.get(pb.VDSO, 0), vvar_size=sizes.get(pb.VVAR, 0),
+        vvar_vclock_size=sizes.get(pb.VVAR_VCLOCK, 0), vdso_xxh3=vdso.digest(pid))
+
+
+def _remove_new(path: Path, before: set[str]) -> None:
+    """Take back what a failed dump wrote, and nothing else."""
+    for name in set(os.listdir(path)) - before:
+        target = path / name
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)

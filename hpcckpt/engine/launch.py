@@ -1,0 +1,57 @@
+"""Creating the process a restore fills in: a traced stub at the exact PID of the image.
+
+clone3 with set_tid gives the PID back; the child asks to be traced and execs a small
+program, so it stops before any of that program's code runs, with a clean address space
+we then replace. The stub dies with us (PTRACE_O_EXITKILL) until the restore completes.
+"""
+import ctypes
+import errno
+import os
+import shutil
+import signal
+import struct
+
+from ..errors import RestoreError
+from ..kernel import proc, ptrace
+from ..kernel.arch import current as arch
+from ..kernel.libc import libc_gil
+
+STUB = shutil.which("true") or "/bin/true"
+CLONE_ARGS = struct.Struct("<11Q")
+
+
+def _who(pid: int) -> str:
+    try:
+        return f"{proc.comm(pid)} (uid {proc.status(pid)['Uid'].split()[0]})"
+    except Exception:
+        return "another process"
+
+
+def launch_stub(pid: int) -> int:
+    """A stopped, traced child whose PID is `pid` (in our PID namespace)."""
+    set_tid = (ctypes.c_int * 1)(pid)
+    args = ctypes.create_string_buffer(CLONE_ARGS.pack(
+        0, 0, 0, 0, signal.SIGCHLD, 0, 0, 0, ctypes.addressof(set_tid), 1, 0))
+    res = libc_gil.syscall(ctypes.c_long(arch.SYSCALLS["clone3"]), args, ctypes.c_long(CLONE_ARGS.size))
+    if res == 0:  # the child: trace me, then become the stub. Nothing else may run here.
+        try:
+            libc_gil.ptrace(ctypes.c_long(ptrace.TRACEME), 0, None, None)
+            os.execv(STUB, [STUB])
+        finally:
+            os._exit(127)
+    if res < 0:
+        e = ctypes.get_errno()
+        if e == errno.EEXIST:
+            raise RestoreError(
+                f"PID {pid} is in use by {_who(pid)}: the image needs its PID back. Restore "
+                "after that process is gone, or run jobs under `hpcckpt run`, which gives each "
+                "its own PID namespace so its PIDs are always free")
+        if e == errno.EPERM:
+            raise RestoreError(f"not allowed to create PID {pid}: restoring needs root (CAP_SYS_ADMIN "
+                               "or CAP_CHECKPOINT_RESTORE)")
+        raise RestoreError(f"clone3 for PID {pid} failed: {os.strerror(e)}")
+    st = ptrace.wait(res)
+    if st.exited or st.sig != signal.SIGTRAP:
+        raise RestoreError(f"the restore stub {STUB} did not start under trace ({st})")
+    ptrace.set_options(res, ptrace.O_EXITKILL | ptrace.O_TRACECLONE)
+    return res

@@ -1,0 +1,160 @@
+"""Memory: which mappings a process has, which of their pages must be saved, and copying.
+
+Private anonymous pages that were ever touched are saved; of private file mappings only
+the pages the process changed (copy-on-write copies) are, the rest come back from the
+file; shared file mappings live in their file; shared anonymous memory is saved whole
+(holes skipped). The vDSO family is remapped, never saved.
+"""
+import ctypes
+import errno
+import mmap
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UnsupportedError
+from ..images import pb
+from ..kernel import proc
+from ..kernel.libc import PAGE_SIZE, vm_read, vm_write
+
+PROT = {"r": mmap.PROT_READ, "w": mmap.PROT_WRITE, "x": mmap.PROT_EXEC}
+SPECIAL = {"[vdso]": pb.VDSO, "[vvar]": pb.VVAR, "[vvar_vclock]": pb.VVAR_VCLOCK,
+           "[vsyscall]": pb.VSYSCALL}
+# smaps VmFlags we give back with madvise(); the value is the MADV_* number
+MADVISE = {"dc": 10, "wf": 18, "hg": 14, "nh": 15, "dd": 16}
+CHUNK = 4 << 20
+
+
+def prot_bits(prot: str) -> int:
+    return sum(bit for ch, bit in PROT.items() if ch in prot)
+
+
+def describe(pid: int, v: proc.Vma) -> pb.Vma:
+    """The image's view of one mapping; refuses kinds the engine cannot restore."""
+    out = pb.Vma(start=v.start, end=v.end, prot=prot_bits(v.prot), shared=v.shared,
+                 pgoff=v.pgoff, path=v.path,  # maps gives the offset in bytes
+                 growsdown="gd" in v.vmflags, heap=v.path == "[heap]", stack=v.path == "[stack]",
+                 vmflags=[f for f in v.vmflags if f in MADVISE])
+    if v.path in SPECIAL:
+        out.kind = SPECIAL[v.path]
+    elif v.inode == 0:
+        if v.shared:
+            raise UnsupportedError(f"process {pid}: shared mapping {v.start:#x}-{v.end:#x} without a file")
+        out.kind = pb.ANON_PRIVATE
+    elif v.path.startswith("/SYSV"):
+        raise UnsupportedError(
+            f"process {pid}: SysV shared memory at {v.start:#x} ({v.path}) is not supported yet")
+    elif v.shared and (v.path.startswith("/dev/zero") or v.path.startswith("/memfd:")
+                       or v.path.endswith(" (deleted)")):
+        out.kind = pb.ANON_SHARED
+    elif v.path.endswith(" (deleted)"):
+        raise UnsupportedError(
+            f"process {pid}: mapping {v.start:#x}-{v.end:#x} of a deleted file {v.path}")
+    elif v.shared:
+        out.kind = pb.FILE_SHARED
+    else:
+        out.kind = pb.FILE_PRIVATE
+    if out.kind != SPECIAL.get(v.path) and ("io" in v.vmflags or "pf" in v.vmflags):
+        raise UnsupportedError(f"process {pid}: device mapping {v.start:#x}-{v.end:#x} ({v.path})")
+    return out
+
+
+def pages_to_save(pid: int, vma: pb.Vma) -> list[tuple[int, int]]:
+    """(address, length) runs of one mapping whose content the image must hold."""
+    if vma.kind in (pb.VDSO, pb.VVAR, pb.VVAR_VCLOCK, pb.VSYSCALL, pb.FILE_SHARED):
+        return []
+    if vma.kind == pb.ANON_SHARED:
+        return [(vma.start, vma.end - vma.start)]
+    pm = proc.pagemap(pid, vma.start, vma.end)
+    present = (pm & np.uint64(proc.PM_PRESENT)) != 0
+    swapped = (pm & np.uint64(proc.PM_SWAPPED)) != 0
+    if vma.kind == pb.FILE_PRIVATE:
+        anon = (pm & np.uint64(proc.PM_FILE)) == 0
+        want = (present & anon) | swapped
+    else:
+        want = present | swapped
+    return [(vma.start + i * PAGE_SIZE, n * PAGE_SIZE) for i, n in proc.runs(want)]
+
+
+@dataclass
+class PageWriter:
+    """Appends runs of a process's memory to its pages file, 4 KiB aligned."""
+    pid: int
+    fd: int
+    offset: int = 0
+
+    def __post_init__(self):
+        self.buf = mmap.mmap(-1, CHUNK)
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
+        self.mem_fd = -1
+
+    def copy(self, addr: int, length: int) -> int:
+        """Copy one run; returns its offset in the file."""
+        start = self.offset
+        done = 0
+        while done < length:
+            n = min(CHUNK, length - done)
+            try:
+                got = vm_read(self.pid, self.addr, addr + done, n)
+            except OSError as e:
+                if e.errno not in (errno.EFAULT, errno.EIO):
+                    raise
+                got = self._read_forced(addr + done, n)
+            if got < n:  # process_vm_readv stops at an unreadable page: finish forced
+                got += self._read_forced(addr + done + got, n - got, into=got)
+            view = memoryview(self.buf)[:n]
+            w = 0
+            while w < n:
+                w += os.write(self.fd, view[w:])
+            done += n
+        self.offset += length
+        return start
+
+    def _read_forced(self, addr: int, n: int, into: int = 0) -> int:
+        """/proc/PID/mem ignores protections: PROT_NONE and exec-only pages."""
+        if self.mem_fd < 0:
+            self.mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY)
+        view = memoryview(self.buf)[into:into + n]
+        got = 0
+        while got < n:
+            try:
+                k = os.preadv(self.mem_fd, [view[got:]], addr + got)
+            except OSError:
+                k = 0
+            if k <= 0:  # nothing backs this page (beyond a file's end): zeros
+                view[got:got + PAGE_SIZE] = bytes(min(PAGE_SIZE, n - got))
+                k = min(PAGE_SIZE, n - got)
+            got += k
+        return n
+
+    def close(self) -> None:
+        self.buf.close()
+        if self.mem_fd >= 0:
+            os.close(self.mem_fd)
+
+
+def write_pages(pid: int, runs: list[pb.PageRun], pages_path: str, progress=None) -> None:
+    """Copy saved pages into a restored process, straight from the page file's mapping."""
+    if not runs:
+        return
+    fd = os.open(pages_path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        m = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+            for r in runs:
+                length = r.nr_pages * PAGE_SIZE
+                done = 0
+                while done < length:
+                    n = vm_write(pid, base + r.offset + done, r.vaddr + done, length - done)
+                    if n <= 0:
+                        raise OSError(errno.EFAULT, f"short write at {r.vaddr + done:#x}")
+                    done += n
+                if progress:
+                    progress(length)
+        finally:
+            m.close()
+    finally:
+        os.close(fd)

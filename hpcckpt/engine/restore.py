@@ -1,0 +1,450 @@
+"""Restore one process from an image set.
+
+Everything that can be checked without touching a process is checked first (digests,
+format, kernel and vDSO, mapped files, files to reopen, PIDs, ownership). Then a traced
+stub is created at the image's PID and turned into the process by syscalls we inject:
+its own mappings go, the vDSO family moves to where the image had it, every mapping is
+recreated and filled from the page file, files, signal state, threads and credentials
+follow, and the registers last. Any failure kills the stub: never a half-restored process.
+"""
+import os
+import platform
+import resource
+import signal
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import HpcckptError, ImageError, PermissionDeniedError, RestoreError
+from ..images import pb
+from ..images.imageset import ImageSet
+from ..kernel import elf, proc, ptrace, vdso
+from ..kernel.arch import current as arch
+from ..kernel.inject import Injector, Mem, find_syscall_insn
+from ..kernel.libc import PAGE_SIZE, pidfd_getfd, pidfd_open
+from ..progress import Progress
+from . import files, memory
+from .launch import launch_stub
+
+SCRATCH = 1 << 16
+WINDOW = 32 << 20           # scratch plus room to park the vDSO family while moving it
+AT_FDCWD = -100
+MAP_PRIVATE, MAP_SHARED, MAP_FIXED, MAP_ANON, MAP_GROWSDOWN = 0x2, 0x1, 0x10, 0x20, 0x100
+MAP_FIXED_NOREPLACE = 0x100000
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+PR_SET_MM, PR_SET_MM_MAP, PR_SET_NAME = 35, 14, 15
+F_DUPFD_CLOEXEC, F_SETFL = 1030, 4
+CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000
+KIND_NAMES = {pb.VDSO: "[vdso]", pb.VVAR: "[vvar]", pb.VVAR_VCLOCK: "[vvar_vclock]"}
+
+
+@dataclass
+class Restored:
+    pid: int
+    threads: int
+    pages_bytes: int
+    total_s: float
+
+
+# -- checks that touch nothing ---------------------------------------------------------
+
+def check_image(iset: ImageSet) -> tuple[pb.Inventory, pb.Process, pb.Pagemap]:
+    inv = iset.inventory()
+    iset.verify(inv)
+    if inv.arch != platform.machine():
+        raise RestoreError(f"{iset.path} was dumped on {inv.arch}; this machine is {platform.machine()}")
+    pid = inv.root_pid
+    return inv, iset.process(pid), iset.pagemap(pid)
+
+
+def check_owner(iset: ImageSet, inv: pb.Inventory, p: pb.Process) -> None:
+    """An image never grants more than its owner had.
+
+    The caller must own the image (or be root), and the image may only claim the
+    credentials of whoever owns its files: a user's image edited to claim uid 0 is refused.
+    """
+    owner = os.stat(iset.path / "inventory.img").st_uid
+    me = os.geteuid()
+    if me != 0 and owner != me:
+        raise PermissionDeniedError(f"image {iset.path} belongs to uid {owner}, not to you (uid {me})")
+    c = p.creds
+    claimed = {c.uid, c.euid, c.suid, c.fsuid, inv.uid}
+    if owner != 0 and claimed != {owner}:
+        raise PermissionDeniedError(
+            f"image {iset.path} is owned by uid {owner} but claims uids {sorted(claimed)}: refused")
+    if me != 0:
+        raise PermissionDeniedError(
+            "restoring a process needs root (to choose its PID and address space); run "
+            "hpcckpt restore as root or through the hpcckpt node service")
+
+
+def check_kernel(inv: pb.Inventory) -> None:
+    here = vdso.layout()
+    for name, size in (("[vdso]", inv.vdso_size), ("[vvar]", inv.vvar_size),
+                       ("[vvar_vclock]", inv.vvar_vclock_size)):
+        have = here[name].size if name in here else 0
+        if size and have != size:
+            raise RestoreError(
+                f"this kernel's {name} is {have} bytes, the image's ({inv.kernel}) {size}: "
+                "the process was dumped on a different kernel; restore it on a node running "
+                f"{inv.kernel}")
+    if inv.vdso_xxh3 and inv.vdso_xxh3 != vdso.digest():
+        raise RestoreError(
+            f"this kernel's vDSO code differs from the one at dump time (kernel {inv.kernel}, "
+            f"here {platform.release()}); restore on a node running {inv.kernel}")
+
+
+def check_mapped_files(inv: pb.Inventory) -> None:
+    for f in inv.files:
+        try:
+            st = os.stat(f.path)
+        except FileNotFoundError:
+            raise RestoreError(f"{f.path}, mapped by the process, is missing on this node") from None
+        if f.build_id:
+            now = elf.build_id(f.path)
+            if now != f.build_id:
+                raise RestoreError(
+                    f"{f.path} differs from the one at dump time (build-id {now or 'none'} here, "
+                    f"{f.build_id} in the image): install the same version on this node")
+        elif st.st_size != f.size or st.st_mtime_ns != f.mtime_ns:
+            raise RestoreError(
+                f"{f.path}, mapped by the process, changed since the checkpoint "
+                f"({f.size} -> {st.st_size} bytes)")
+
+
+def check_ids_free(p: pb.Process) -> None:
+    for t in p.threads:
+        if os.path.exists(f"/proc/{t.tid}"):
+            raise RestoreError(
+                f"PID {t.tid} (needed by {'process' if t.tid == p.pid else 'a thread of'} {p.pid}) "
+                "is in use: restore after that process is gone, or run jobs under `hpcckpt run` "
+                "so each has its own PID namespace")
+
+
+# -- the target ------------------------------------------------------------------------
+
+class Target:
+    """The stub being turned into the process: injectors per thread and a scratch block."""
+
+    def __init__(self, pid: int, image_vmas):
+        self.pid = pid
+        self.mem = Mem(pid)
+        svmas = proc.maps(pid)
+        self.main = Injector(pid, find_syscall_insn(pid, svmas))
+        self.threads = {pid: self.main}
+        self.window = _free_window(list(image_vmas) + svmas)
+        self.scratch = self.window
+        self.sys("mmap", self.scratch, SCRATCH, 3, MAP_PRIVATE | MAP_ANON | MAP_FIXED_NOREPLACE, -1, 0)
+        self._off = 0
+        self.stub_vmas = svmas
+
+    def sys(self, name: str, *args: int, tid: int | None = None, check: bool = True) -> int:
+        return self.threads[tid or self.pid].syscall(name, *args, check=check)
+
+    def put(self, data: bytes) -> int:
+        """Copy bytes into the scratch block; the address stays valid until it wraps."""
+        if self._off + len(data) > SCRATCH:
+            self._off = 0
+        addr = self.scratch + self._off
+        self.mem.write(addr, data)
+        self._off += (len(data) + 15) & ~15
+        return addr
+
+    def cstr(self, s: str) -> int:
+        return self.put(os.fsencode(s) + b"\0")
+
+    def set_syscall_ip(self, ip: int) -> None:
+        for inj in self.threads.values():
+            inj.syscall_ip = ip
+
+
+def _free_window(vmas) -> int:
+    spans = sorted((v.start, v.end) for v in vmas)
+    base = 0x100000000
+    while base < 0x7F0000000000:
+        if all(e <= base or s >= base + WINDOW for s, e in spans):
+            return base
+        base += WINDOW
+    raise RestoreError("no free address range left for the restore's scratch memory")
+
+
+def _clear_stub(t: Target, vmas: list[pb.Vma]) -> None:
+    """Unmap the stub's own mappings and move its vDSO family where the image had them."""
+    for v in t.stub_vmas:
+        if v.path not in vdso.NAMES and v.path != "[vsyscall]":
+            t.sys("munmap", v.start, v.size)
+    wanted = {KIND_NAMES[v.kind]: v for v in vmas if v.kind in KIND_NAMES}
+    park = t.window + SCRATCH
+    for v in t.stub_vmas:
+        if v.path not in vdso.NAMES:
+            continue
+        dst = wanted.get(v.path)
+        if dst is None:
+            t.sys("munmap", v.start, v.size)
+            continue
+        # park first, so a destination overlapping another member of the family is free
+        t.sys("mremap", v.start, v.size, v.size, MREMAP_MAYMOVE | MREMAP_FIXED, park)
+        if v.path == "[vdso]":
+            t.set_syscall_ip(t.main.syscall_ip - v.start + park)
+        v.start, v.end = park, park + v.size
+        park += (v.size + (1 << 20)) & ~((1 << 20) - 1)
+    for v in t.stub_vmas:
+        dst = wanted.get(v.path)
+        if dst is not None:
+            t.sys("mremap", v.start, v.size, v.size, MREMAP_MAYMOVE | MREMAP_FIXED, dst.start)
+            if v.path == "[vdso]":
+                t.set_syscall_ip(t.main.syscall_ip - v.start + dst.start)
+
+
+def _set_fs_creds(t: Target, c: pb.Creds) -> None:
+    """Open every file as the image's owner would: groups, fsgid, fsuid first."""
+    groups = struct.pack(f"<{len(c.groups)}I", *c.groups)
+    t.sys("setgroups", len(c.groups), t.put(groups) if groups else 0)
+    t.sys("setfsgid", c.fsgid)
+    t.sys("setfsuid", c.fsuid)
+
+
+def _set_mm(t: Target, mm: pb.Mm) -> None:
+    exe_fd = t.sys("openat", AT_FDCWD, t.cstr(mm.exe), os.O_RDONLY | os.O_CLOEXEC)
+    auxv = t.put(mm.auxv)
+    m = struct.pack("<11QQII", mm.start_code, mm.end_code, mm.start_data, mm.end_data,
+                    mm.start_brk, mm.brk, mm.start_stack, mm.arg_start, mm.arg_end,
+                    mm.env_start, mm.env_end, auxv, len(mm.auxv), exe_fd)
+    try:
+        t.sys("prctl", PR_SET_MM, PR_SET_MM_MAP, t.put(m), len(m), 0)
+    finally:
+        t.sys("close", exe_fd)
+
+
+def _map_vmas(t: Target, vmas: list[pb.Vma], written: set[int]) -> None:
+    opened: dict[tuple[str, int], int] = {}
+    try:
+        for v in vmas:
+            if v.kind in KIND_NAMES or v.kind == pb.VSYSCALL:
+                continue
+            prot = v.prot | (memory.PROT["w"] if v.start in written else 0)
+            size = v.end - v.start
+            fd, flags = -1, MAP_FIXED
+            if v.kind in (pb.FILE_PRIVATE, pb.FILE_SHARED):
+                mode = os.O_RDWR if v.kind == pb.FILE_SHARED and v.prot & memory.PROT["w"] else os.O_RDONLY
+                if (v.path, mode) not in opened:
+                    res = t.sys("openat", AT_FDCWD, t.cstr(v.path), mode | os.O_CLOEXEC, check=False)
+                    if res < 0:
+                        raise RestoreError(f"cannot open {v.path} (mapped at {v.start:#x}): {os.strerror(-res)}")
+                    opened[(v.path, mode)] = res
+                fd = opened[(v.path, mode)]
+                flags |= MAP_SHARED if v.kind == pb.FILE_SHARED else MAP_PRIVATE
+            elif v.kind == pb.ANON_SHARED:
+                flags |= MAP_SHARED | MAP_ANON
+            else:
+                flags |= MAP_PRIVATE | MAP_ANON | (MAP_GROWSDOWN if v.growsdown else 0)
+            res = t.sys("mmap", v.start, size, prot, flags, fd, v.pgoff if fd >= 0 else 0,
+                        check=False)
+            if res != v.start:
+                raise RestoreError(
+                    f"cannot recreate mapping {v.start:#x}-{v.end:#x} ({v.path or 'anonymous'}): "
+                    + (os.strerror(-res) if res < 0 else f"kernel placed it at {res:#x}"))
+    finally:
+        for fd in opened.values():
+            t.sys("close", fd, check=False)
+
+
+def _finish_vmas(t: Target, vmas: list[pb.Vma], written: set[int]) -> None:
+    for v in vmas:
+        if v.start in written and not v.prot & memory.PROT["w"]:
+            t.sys("mprotect", v.start, v.end - v.start, v.prot)
+        for flag in v.vmflags:
+            t.sys("madvise", v.start, v.end - v.start, memory.MADVISE[flag], check=False)
+
+
+def _restore_fds(t: Target, fds: list[pb.Fd], iset: ImageSet) -> None:
+    """Open everything at high numbers first, then move each to its own number."""
+    have = set(proc.fds(t.pid))
+    base = max([e.fd for e in fds] + list(have) + [2]) + 1
+    keep = {e.fd for e in fds if e.kind == pb.INHERITED and e.fd in have}
+    pidfd = pidfd_open(t.pid)
+    staged: list[tuple[int, pb.Fd]] = []
+    pipes: dict[int, tuple[int, int]] = {}
+    try:
+        for e in fds:
+            if e.kind == pb.INHERITED:
+                if e.fd in keep:
+                    continue
+                fd = t.sys("openat", AT_FDCWD, t.cstr("/dev/null"), os.O_RDWR)
+            elif e.kind == pb.PIPE:
+                if e.pipe_id not in pipes:
+                    ends = t.put(bytes(8))
+                    t.sys("pipe2", ends, 0)
+                    r, w = struct.unpack("<ii", t.mem.read(ends, 8))
+                    pipes[e.pipe_id] = (r, w)
+                r, w = pipes[e.pipe_id]
+                fd = t.sys("fcntl", r if e.flags & files.O_ACCMODE == os.O_RDONLY else w, F_DUPFD_CLOEXEC, base)
+                if e.pipe_data:
+                    local = pidfd_getfd(pidfd, w)
+                    try:
+                        os.write(local, e.pipe_data)
+                    finally:
+                        os.close(local)
+                t.sys("fcntl", fd, F_SETFL, e.flags & ~files.O_ACCMODE)
+            elif e.kind == pb.DELETED_FILE:
+                d = os.path.dirname(e.path.removesuffix(" (deleted)")) or "/tmp"
+                fd = t.sys("openat", AT_FDCWD, t.cstr(d if os.path.isdir(d) else "/tmp"),
+                           files.O_TMPFILE | os.O_RDWR, e.mode or 0o600)
+                local = pidfd_getfd(pidfd, fd)
+                try:
+                    with open(iset.path / e.data_file, "rb") as src:
+                        while chunk := src.read(1 << 20):
+                            os.write(local, chunk)
+                finally:
+                    os.close(local)
+                t.sys("lseek", fd, e.pos, 0)
+            else:
+                flags = e.flags & ~(files.O_CREAT | files.O_EXCL | files.O_TRUNC)
+                if e.kind == pb.DIRECTORY:
+                    flags |= files.O_DIRECTORY
+                fd = t.sys("openat", AT_FDCWD, t.cstr(e.path), flags, check=False)
+                if fd < 0:
+                    raise RestoreError(f"fd {e.fd}: cannot open {e.path}: {os.strerror(-fd)}")
+                if e.kind == pb.REGULAR and e.policy == pb.ROLLBACK and e.flags & files.O_ACCMODE:
+                    t.sys("ftruncate", fd, e.size)
+                if e.kind == pb.REGULAR:
+                    t.sys("lseek", fd, e.pos, 0)
+            high = t.sys("fcntl", fd, F_DUPFD_CLOEXEC, base)
+            t.sys("close", fd)
+            staged.append((high, e))
+        for r, w in pipes.values():
+            t.sys("close", r)
+            t.sys("close", w)
+        for fd in have - keep:
+            t.sys("close", fd, check=False)
+        for high, e in staged:
+            t.sys("dup3", high, e.fd, os.O_CLOEXEC if e.cloexec else 0)
+            t.sys("close", high)
+    finally:
+        os.close(pidfd)
+
+
+def _restore_process_state(t: Target, p: pb.Process) -> None:
+    t.sys("chdir", t.cstr(p.cwd))
+    t.sys("umask", p.umask)
+    t.sys("personality", p.personality)
+    for a in p.sigactions:
+        t.sys("rt_sigaction", a.signo, t.put(struct.pack("<4Q", a.handler, a.flags, a.restorer, a.mask)), 0, 8)
+    for it in p.itimers:
+        t.sys("setitimer", it.which, t.put(struct.pack("<4Q", it.interval_sec, it.interval_usec,
+                                                       it.value_sec, it.value_usec)), 0)
+    for r in p.rlimits:
+        want = tuple(resource.RLIM_INFINITY if x == 2**64 - 1 else x for x in (r.cur, r.max))
+        try:
+            resource.prlimit(t.pid, r.resource, want)
+        except (PermissionError, ValueError):
+            # raising a hard limit needs CAP_SYS_RESOURCE: keep ours, capped soft limit
+            cur, mx = resource.prlimit(t.pid, r.resource)
+            soft = want[0] if mx == resource.RLIM_INFINITY or 0 <= want[0] <= mx else mx
+            resource.prlimit(t.pid, r.resource, (soft, mx))
+
+
+def _create_threads(t: Target, p: pb.Process) -> None:
+    for th in p.threads:
+        if th.tid == p.pid:
+            continue
+        set_tid = t.put(struct.pack("<i", th.tid))
+        args = t.put(struct.pack("<11Q", CLONE_THREAD_FLAGS, 0, 0, 0, 0, 0, 0, 0, set_tid, 1, 0))
+        res = t.sys("clone3", args, 88, check=False)
+        if res != th.tid:
+            raise RestoreError(f"cannot recreate thread {th.tid} of process {p.pid}: "
+                               + (os.strerror(-res) if res < 0 else f"got TID {res}"))
+        st = ptrace.wait_trap(th.tid)
+        if st.sig != signal.SIGSTOP:
+            raise RestoreError(f"new thread {th.tid} stopped unexpectedly ({st})")
+        t.threads[th.tid] = Injector(th.tid, t.main.syscall_ip)
+
+
+def _restore_thread_state(t: Target, p: pb.Process, th: pb.Thread) -> None:
+    tid = th.tid
+    t.sys("set_tid_address", th.clear_child_tid, tid=tid)
+    if th.robust_list:
+        t.sys("set_robust_list", th.robust_list, th.robust_list_len, tid=tid)
+    if th.rseq.pointer:
+        t.sys("rseq", th.rseq.pointer, th.rseq.size, 0, th.rseq.signature, tid=tid)
+    if th.altstack.sp or th.altstack.size:
+        ss = struct.pack("<Qi4xQ", th.altstack.sp, th.altstack.flags & ~1, th.altstack.size)
+        t.sys("sigaltstack", t.put(ss), 0, tid=tid)
+    for si in th.pending:
+        t.sys("rt_tgsigqueueinfo", p.pid, tid, struct.unpack_from("<i", si)[0], t.put(si), tid=tid)
+    t.sys("prctl", PR_SET_NAME, t.put(th.comm.encode()[:15] + b"\0"), tid=tid)
+
+
+def _drop_creds(t: Target, p: pb.Process) -> None:
+    c = p.creds
+    for tid in t.threads:
+        t.sys("setresgid", c.gid, c.egid, c.sgid, tid=tid)
+        t.sys("setresuid", c.uid, c.euid, c.suid, tid=tid)
+
+
+def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None) -> Restored:
+    """Recreate the process of an image set as our child, running; returns its PID."""
+    t0 = time.monotonic()
+    iset = ImageSet(images)
+    inv, p, pm = check_image(iset)
+    check_owner(iset, inv, p)
+    if p.root != "/":
+        raise RestoreError(f"process {p.pid} ran chrooted in {p.root}; not supported yet")
+    check_kernel(inv)
+    check_mapped_files(inv)
+    files.check_files(list(p.fds))
+    check_ids_free(p)
+    vmas = list(p.mm.vmas)
+    written = {v.start for v in vmas for r in pm.runs if v.start <= r.vaddr < v.end}
+    child = launch_stub(p.pid)
+    t = None
+    try:
+        t = Target(child, vmas)
+        _clear_stub(t, vmas)
+        _set_fs_creds(t, p.creds)
+        _set_mm(t, p.mm)
+        _map_vmas(t, vmas, written)
+        prog = Progress(f"restore {p.pid}", pm.pages_bytes, enabled=show_progress)
+        try:
+            memory.write_pages(child, list(pm.runs), str(iset.path / pm.pages_file), prog)
+        except OSError as e:
+            raise RestoreError(f"writing memory of process {p.pid} from {iset.path / pm.pages_file}: {e}") from None
+        prog.finish()
+        _finish_vmas(t, vmas, written)
+        _restore_fds(t, list(p.fds), iset)
+        _restore_process_state(t, p)
+        _create_threads(t, p)
+        for th in p.threads:
+            _restore_thread_state(t, p, th)
+        for si in p.shared_pending:
+            t.sys("rt_sigqueueinfo", p.pid, struct.unpack_from("<i", si)[0], t.put(si))
+        _drop_creds(t, p)
+        t.sys("munmap", t.scratch, SCRATCH)
+        for th in p.threads:
+            ptrace.set_regs(th.tid, arch.Regs.from_list(list(th.regs)))
+            try:
+                ptrace.set_regset(th.tid, arch.XSTATE_NOTE, th.xstate)
+            except HpcckptError:
+                raise RestoreError(
+                    f"this CPU cannot take thread {th.tid}'s vector state ({len(th.xstate)}-byte "
+                    "xsave area): restore on a node with the same CPU features") from None
+            ptrace.set_sigmask(th.tid, th.sigmask)
+        if on_ready:
+            on_ready(child)
+        for th in p.threads:
+            ptrace.detach(th.tid, 0)
+        t.mem.close()
+    except BaseException:
+        _kill_stub(child)
+        raise
+    return Restored(pid=child, threads=len(p.threads), pages_bytes=pm.pages_bytes,
+                    total_s=time.monotonic() - t0)
+
+
+def _kill_stub(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass

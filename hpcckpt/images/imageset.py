@@ -1,0 +1,121 @@
+"""Reading and writing one image set: a directory of framed messages and page files.
+
+Every message file carries its own length and CRC, and the inventory (written last)
+records the size and xxh3-128 digest of every other file, so damage anywhere is found
+before a restore touches a process, and named by file.
+"""
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import xxhash
+
+from ..errors import ImageError
+from . import FORMAT_VERSION, pb
+
+MAGIC = b"HPCK"
+_HEADER = struct.Struct("<4s4sII")
+KINDS = {"inventory": b"INVT", "process": b"PROC", "pagemap": b"PMAP"}
+_MSG_TYPES = {b"INVT": pb.Inventory, b"PROC": pb.Process, b"PMAP": pb.Pagemap}
+INVENTORY = "inventory.img"
+
+
+def digest_file(path: Path) -> pb.FileDigest:
+    h = xxhash.xxh3_128()
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(8 << 20)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            size += n
+    return pb.FileDigest(size=size, xxh3_128=h.hexdigest())
+
+
+class ImageSet:
+    """An image directory; `create=True` makes it, refusing to overwrite an image set."""
+
+    def __init__(self, path: str | os.PathLike, create: bool = False):
+        self.path = Path(path)
+        if create:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if (self.path / INVENTORY).exists():
+                raise ImageError(f"{self.path} already holds an image set; choose an empty directory")
+        elif not self.path.is_dir():
+            raise ImageError(f"image directory {self.path} does not exist")
+
+    # -- message files ---------------------------------------------------------------
+    def write_message(self, name: str, kind: str, msg) -> None:
+        payload = msg.SerializeToString()
+        header = _HEADER.pack(MAGIC, KINDS[kind], len(payload), zlib.crc32(payload))
+        tmp = self.path / (name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(header + payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / name)
+
+    def read_message(self, name: str, kind: str):
+        path = self.path / name
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ImageError(f"image file {path} is missing") from None
+        if len(data) < _HEADER.size:
+            raise ImageError(f"image file {path} is truncated ({len(data)} bytes, no header)")
+        magic, tag, length, crc = _HEADER.unpack_from(data)
+        if magic != MAGIC:
+            raise ImageError(f"{path} is not an hpcckpt image file (bad magic {magic!r})")
+        if tag != KINDS[kind]:
+            raise ImageError(f"{path} holds a {tag!r} message where {KINDS[kind]!r} was expected")
+        payload = data[_HEADER.size:]
+        if len(payload) != length:
+            raise ImageError(f"image file {path} is truncated: {len(payload)} of {length} payload bytes")
+        if zlib.crc32(payload) != crc:
+            raise ImageError(f"image file {path} is corrupt (CRC mismatch)")
+        msg = _MSG_TYPES[tag]()
+        try:
+            msg.ParseFromString(payload)
+        except Exception as e:  # protobuf's DecodeError and friends
+            raise ImageError(f"image file {path} does not decode: {e}") from None
+        return msg
+
+    # -- the inventory -----------------------------------------------------------------
+    def seal(self, inv: pb.Inventory) -> None:
+        """Record every file's digest and write the inventory last: the set is complete."""
+        for p in sorted(self.path.iterdir()):
+            if p.name != INVENTORY and p.is_file() and not p.name.endswith(".tmp"):
+                inv.digests[p.name].CopyFrom(digest_file(p))
+        inv.format_version = FORMAT_VERSION
+        self.write_message(INVENTORY, "inventory", inv)
+
+    def inventory(self) -> pb.Inventory:
+        if not (self.path / INVENTORY).exists():
+            raise ImageError(
+                f"{self.path} has no {INVENTORY}: not an image set, or a dump that did not finish")
+        inv = self.read_message(INVENTORY, "inventory")
+        if inv.format_version != FORMAT_VERSION:
+            raise ImageError(
+                f"{self.path} is image format version {inv.format_version}; this hpcckpt reads "
+                f"version {FORMAT_VERSION} (written by hpcckpt {inv.hpcckpt_version or 'unknown'})")
+        return inv
+
+    def verify(self, inv: pb.Inventory | None = None, digests: bool = True) -> None:
+        """Check every file the inventory names: present, full size, same digest."""
+        inv = inv or self.inventory()
+        for name, d in sorted(inv.digests.items()):
+            p = self.path / name
+            if not p.exists():
+                raise ImageError(f"image file {p} is missing")
+            size = p.stat().st_size
+            if size != d.size:
+                raise ImageError(f"image file {p} has {size} bytes, the inventory says {d.size}: truncated or overwritten")
+            if digests and digest_file(p).xxh3_128 != d.xxh3_128:
+                raise ImageError(f"image file {p} is corrupt (xxh3-128 digest differs from the inventory)")
+
+    def process(self, pid: int) -> pb.Process:
+        return self.read_message(f"process-{pid}.img", "process")
+
+    def pagemap(self, pid: int) -> pb.Pagemap:
+        return self.read_message(f"pagemap-{pid}.img", "pagemap")

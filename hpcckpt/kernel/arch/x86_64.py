@@ -1,0 +1,94 @@
+"""x86_64: the ptrace register block, the syscall ABI and the syscall numbers we inject."""
+import ctypes
+
+_REG_NAMES = (
+    "r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax "
+    "rip cs eflags rsp ss fs_base gs_base ds es fs gs"
+).split()
+
+
+class Regs(ctypes.Structure):
+    """struct user_regs_struct: what PTRACE_GETREGS returns (fs/gs base included)."""
+
+    _fields_ = [(name, ctypes.c_ulonglong) for name in _REG_NAMES]
+
+    def to_list(self) -> list[int]:
+        return [getattr(self, n) for n in _REG_NAMES]
+
+    @classmethod
+    def from_list(cls, values: list[int]) -> "Regs":
+        if len(values) != len(_REG_NAMES):
+            raise ValueError(f"x86_64 register block needs {len(_REG_NAMES)} values, got {len(values)}")
+        return cls(*values)
+
+    def copy(self) -> "Regs":
+        return Regs.from_buffer_copy(self)
+
+
+SYSCALL_INSN = b"\x0f\x05"
+# NT_X86_XSTATE: the whole xsave area (x87, SSE, AVX, AVX-512, AMX ...), variable size.
+XSTATE_NOTE = 0x202
+XSTATE_MAX = 16384
+
+SYSCALLS = {
+    "read": 0, "write": 1, "close": 3, "lseek": 8, "mmap": 9, "mprotect": 10,
+    "munmap": 11, "brk": 12, "rt_sigaction": 13, "rt_sigprocmask": 14,
+    "pread64": 17, "pwrite64": 18, "mremap": 25, "madvise": 28, "dup2": 33,
+    "getitimer": 36, "setitimer": 38, "getpid": 39, "exit": 60, "kill": 62,
+    "fcntl": 72, "ftruncate": 77, "chdir": 80, "fchdir": 81, "umask": 95,
+    "setgroups": 116, "setresuid": 117, "setresgid": 119, "setfsuid": 122,
+    "setfsgid": 123, "rt_sigqueueinfo": 129, "sigaltstack": 131, "personality": 135,
+    "chroot": 161, "prctl": 157, "arch_prctl": 158, "gettid": 186, "set_tid_address": 218,
+    "exit_group": 231, "tgkill": 234, "openat": 257, "set_robust_list": 273,
+    "get_robust_list": 274, "dup3": 292, "pipe2": 293, "rt_tgsigqueueinfo": 297, "prlimit64": 302,
+    "memfd_create": 319, "rseq": 334, "pidfd_open": 434, "clone3": 435,
+    "pidfd_getfd": 438,
+}
+
+
+def prepare_syscall(regs: Regs, nr: int, args: tuple[int, ...], ip: int) -> Regs:
+    """Registers that make the thread execute syscall `nr` at `ip`.
+
+    orig_rax = -1 keeps the kernel's syscall-restart logic from rewriting rax/rip
+    of a thread that was stopped inside an interrupted syscall.
+    """
+    r = regs.copy()
+    r.rax = nr
+    r.orig_rax = 0xFFFFFFFFFFFFFFFF
+    names = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+    for name, value in zip(names, args):
+        setattr(r, name, value & 0xFFFFFFFFFFFFFFFF)
+    r.rip = ip
+    return r
+
+
+def syscall_return(regs: Regs) -> int:
+    """The signed return value of the syscall just executed."""
+    v = regs.rax
+    return v - (1 << 64) if v >= (1 << 63) else v
+
+
+def ip(regs: Regs) -> int:
+    return regs.rip
+
+
+def sp(regs: Regs) -> int:
+    return regs.rsp
+
+# Kernel-internal "restart me" codes a thread stopped inside a syscall may show in rax.
+_RESTART_CODES = {-512, -513, -514, -516}  # ERESTARTSYS, NOINTR, NOHAND, RESTART_RESTARTBLOCK
+
+
+def rewind_interrupted_syscall(regs: Regs) -> Regs:
+    """Registers that re-issue the syscall a thread was stopped in, on any kernel.
+
+    The restart block of -ERESTART_RESTARTBLOCK is kernel state that a restore cannot
+    carry, so that case re-runs the original syscall too (a sleep restarts whole).
+    """
+    r = regs.copy()
+    orig = r.orig_rax - (1 << 64) if r.orig_rax >= (1 << 63) else r.orig_rax
+    if orig >= 0 and syscall_return(r) in _RESTART_CODES:
+        r.rax = orig
+        r.rip -= len(SYSCALL_INSN)
+    r.orig_rax = 0xFFFFFFFFFFFFFFFF
+    return r

@@ -1,0 +1,93 @@
+"""Syscall injection: make a ptrace-stopped thread execute one syscall for us.
+
+The thread's registers are pointed at an existing `syscall` instruction (found in the
+vDSO or any executable mapping, so nothing in the target is overwritten), single-stepped
+over it, and the result read from the return register. Every signal is blocked while we
+do this so none is delivered mid-injection; `restore()` puts registers and mask back.
+"""
+import os
+
+from ..errors import KernelError, ProcessGoneError
+from . import ptrace
+from .arch import current as arch
+from .libc import read_mem
+
+ALL_SIGNALS = (1 << 64) - 1
+
+
+def find_syscall_insn(pid: int, vmas) -> int:
+    """An address holding the syscall instruction, preferring the vDSO."""
+    ordered = sorted(vmas, key=lambda v: (v.path != "[vdso]", v.size))
+    for v in ordered:
+        if "x" not in v.prot or "r" not in v.prot and v.path != "[vdso]":
+            continue
+        length = min(v.size, 1 << 20)
+        try:
+            data = read_mem(pid, v.start, length)
+        except OSError:
+            continue
+        i = data.find(arch.SYSCALL_INSN)
+        if i >= 0:
+            return v.start + i
+    raise KernelError(f"process {pid}: no syscall instruction found in any executable mapping")
+
+
+class Mem:
+    """Read and write a process's memory through /proc/PID/mem (ignores protections)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        try:
+            self.fd = os.open(f"/proc/{pid}/mem", os.O_RDWR)
+        except FileNotFoundError:
+            raise ProcessGoneError(f"process {pid} does not exist (or exited)") from None
+
+    def read(self, addr: int, length: int) -> bytes:
+        return os.pread(self.fd, length, addr)
+
+    def write(self, addr: int, data: bytes) -> None:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], addr + done)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Injector:
+    """Runs syscalls in one stopped thread; remembers how to put the thread back."""
+
+    def __init__(self, tid: int, syscall_ip: int):
+        self.tid = tid
+        self.syscall_ip = syscall_ip
+        self.saved_regs = ptrace.get_regs(tid)
+        self.saved_mask = ptrace.get_sigmask(tid)
+        ptrace.set_sigmask(tid, ALL_SIGNALS)
+        self.pending_signals: list[int] = []
+
+    def syscall(self, name: str, *args: int, check: bool = True) -> int:
+        nr = arch.SYSCALLS[name]
+        ptrace.set_regs(self.tid, arch.prepare_syscall(self.saved_regs, nr, args, self.syscall_ip))
+        ptrace.singlestep(self.tid)
+        while True:
+            st = ptrace.wait_trap(self.tid)
+            if st.sig == 5 and st.event == 0:  # SIGTRAP from the single step
+                break
+            if st.event:  # an event stop (interrupt, group stop): step again
+                ptrace.singlestep(self.tid)
+                continue
+            # A signal that the all-blocking mask could not hold off (e.g. a synchronous
+            # fault): remember it, suppress it now, deliver it when the thread goes on.
+            self.pending_signals.append(st.sig)
+            ptrace.singlestep(self.tid)
+        res = arch.syscall_return(ptrace.get_regs(self.tid))
+        if check and -4096 < res < 0:
+            raise KernelError(f"{name}{args} in process {self.tid} failed: {os.strerror(-res)}")
+        return res
+
+    def restore(self, regs=None) -> None:
+        """Put back the registers (or the given ones) and the signal mask."""
+        ptrace.set_regs(self.tid, regs if regs is not None else self.saved_regs)
+        ptrace.set_sigmask(self.tid, self.saved_mask)

@@ -1,0 +1,157 @@
+"""/proc parsing: what the kernel tells about a process without stopping it.
+
+Laid out like psutil's _pslinux: one function per file, plain dataclasses out, and a
+process that vanished turned into ProcessGoneError naming its PID.
+"""
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import ProcessGoneError
+from .libc import PAGE_SIZE
+
+PM_PRESENT = 1 << 63
+PM_SWAPPED = 1 << 62
+PM_FILE = 1 << 61  # page is a page-cache page or shared anonymous
+
+
+def _read(pid: int, name: str) -> str:
+    try:
+        with open(f"/proc/{pid}/{name}") as f:
+            return f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessGoneError(f"process {pid} does not exist (or exited)") from None
+
+
+@dataclass
+class Vma:
+    start: int
+    end: int
+    prot: str            # "rwxp" / "rw-s" as in maps
+    pgoff: int
+    dev: str
+    inode: int
+    path: str            # "" for anonymous, "[heap]", "/lib/...", "/dev/zero (deleted)"
+    vmflags: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def shared(self) -> bool:
+        return self.prot[3] == "s"
+
+    @property
+    def special(self) -> bool:
+        return self.path.startswith("[") and self.path not in ("[heap]", "[stack]")
+
+    @property
+    def anonymous(self) -> bool:
+        return self.inode == 0 and not self.special
+
+
+_MAPS_RE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$")
+
+
+def maps(pid: int, with_flags: bool = True) -> list[Vma]:
+    """The mappings, with smaps' VmFlags when asked (they tell guard, dontfork, hugepage)."""
+    text = _read(pid, "smaps" if with_flags else "maps")
+    vmas: list[Vma] = []
+    for line in text.splitlines():
+        m = _MAPS_RE.match(line)
+        if m and "-" in line.split(" ", 1)[0]:
+            vmas.append(Vma(int(m[1], 16), int(m[2], 16), m[3], int(m[4], 16), m[5], int(m[6]), m[7]))
+        elif line.startswith("VmFlags:") and vmas:
+            vmas[-1].vmflags = line.split()[1:]
+    return vmas
+
+
+def threads(pid: int) -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:
+        raise ProcessGoneError(f"process {pid} does not exist (or exited)") from None
+
+
+def status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in _read(pid, "status").splitlines():
+        k, _, v = line.partition(":")
+        out[k] = v.strip()
+    return out
+
+
+def stat_fields(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat after the comm (index 0 is the state)."""
+    text = _read(pid, "stat")
+    return text[text.rindex(")") + 2:].split()
+
+
+def comm(pid: int, tid: int | None = None) -> str:
+    path = f"task/{tid}/comm" if tid else "comm"
+    return _read(pid, path).rstrip("\n")
+
+
+def link(pid: int, name: str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/{name}")
+    except FileNotFoundError:
+        raise ProcessGoneError(f"process {pid} does not exist (or exited)") from None
+
+
+def personality(pid: int) -> int:
+    return int(_read(pid, "personality"), 16)
+
+
+def auxv(pid: int) -> bytes:
+    with open(f"/proc/{pid}/auxv", "rb") as f:
+        return f.read()
+
+
+def posix_timers(pid: int) -> str:
+    return _read(pid, "timers")
+
+
+def fds(pid: int) -> list[int]:
+    try:
+        return sorted(int(x) for x in os.listdir(f"/proc/{pid}/fd"))
+    except FileNotFoundError:
+        raise ProcessGoneError(f"process {pid} does not exist (or exited)") from None
+
+
+def fdinfo(pid: int, fd: int) -> dict[str, str]:
+    out = {}
+    for line in _read(pid, f"fdinfo/{fd}").splitlines():
+        k, _, v = line.partition(":")
+        out[k] = v.strip()
+    return out
+
+
+def pagemap(pid: int, start: int, end: int) -> np.ndarray:
+    """The pagemap entries (u64 each) for [start, end)."""
+    n = (end - start) // PAGE_SIZE
+    try:
+        with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as f:
+            buf = bytearray(n * 8)
+            view = memoryview(buf)
+            got = 0
+            while got < len(buf):
+                k = f.readinto(view[got:]) if f.seek(start // PAGE_SIZE * 8 + got) >= 0 else 0
+                if not k:
+                    break
+                got += k
+    except FileNotFoundError:
+        raise ProcessGoneError(f"process {pid} does not exist (or exited)") from None
+    return np.frombuffer(buf, dtype=np.uint64, count=got // 8)
+
+
+def runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """Runs of True in a boolean array as (first index, length)."""
+    if not mask.any():
+        return []
+    m = np.concatenate(([False], mask, [False]))
+    d = np.flatnonzero(m[1:] != m[:-1])
+    return [(int(a), int(b - a)) for a, b in zip(d[::2], d[1::2])]
