@@ -44,7 +44,8 @@ def cmd_check(args) -> int:
     for r in rows:
         ok &= r.available or not r.required
         if not args.json:
-            print(f"{'yes' if r.available else 'no ':3}  {r.name:28} {r.detail if r.available else r.without}")
+            print(f"{'yes' if r.available else 'no ':3}  {r.name:38} {r.detail}"
+                  + ("" if r.available else f"; without it: {r.without}"))
     if not args.json:
         print("dump and restore can work here" if ok else "dump/restore cannot work here (see 'no' rows marked required)")
     return 0 if ok else 1

@@ -81,7 +81,7 @@ class _Scratch:
 
 
 def _thread_state(pid: int, tid: int, inj: Injector, scratch: _Scratch) -> pb.Thread:
-    t = pb.Thread(tid=tid, comm=proc.comm(pid, tid))
+    t = pb.Thread(tid=proc.ns_pids(pid, tid)[-1], comm=proc.comm(pid, tid))
     t.regs.extend(arch.rewind_interrupted_syscall(inj.saved_regs).to_list())
     t.xstate = ptrace.get_regset(tid, arch.XSTATE_NOTE, arch.XSTATE_MAX)
     t.sigmask = inj.saved_mask
@@ -103,7 +103,7 @@ def _thread_state(pid: int, tid: int, inj: Injector, scratch: _Scratch) -> pb.Th
 
 def _process_state(pid: int, st: dict[str, str], inj: Injector, scratch: _Scratch) -> pb.Process:
     f = proc.stat_fields(pid)
-    p = pb.Process(pid=pid, ppid=int(f[1]), pgid=int(f[2]), sid=int(f[3]),
+    p = pb.Process(pid=proc.ns_pids(pid)[-1], ppid=int(f[1]), pgid=int(f[2]), sid=int(f[3]),
                    creds=_creds(st), comm=proc.comm(pid), personality=proc.personality(pid),
                    umask=int(st.get("Umask", "0022"), 8), cwd=proc.link(pid, "cwd"),
                    root=proc.link(pid, "root"))
@@ -194,13 +194,14 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     """Checkpoint `pid` into `images`; kill it afterwards unless `leave_running`."""
     t0 = time.monotonic()
     st = check_owner(pid)
+    fresh_dir = not os.path.exists(images)
     iset = ImageSet(images, create=True)
     created = set(os.listdir(iset.path))
     fr = freeze(pid)
     t_frozen = time.monotonic()
     try:
         p, _ = _capture(fr, iset, policies or files.FilePolicies(), st)
-        pages = pb.Pagemap(pages_file=f"pages-{pid}.img")
+        pages = pb.Pagemap(pages_file=f"pages-{p.pid}.img")
         plan = [(v, memory.pages_to_save(pid, v)) for v in p.mm.vmas]
         total = sum(n for _, runs in plan for _, n in runs)
         prog = Progress(f"dump {pid}", total, enabled=show_progress)
@@ -222,8 +223,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             os.close(fd)
         prog.finish()
         pages.pages_bytes = writer.offset
-        iset.write_message(f"process-{pid}.img", "process", p)
-        iset.write_message(f"pagemap-{pid}.img", "pagemap", pages)
+        iset.write_message(f"process-{p.pid}.img", "process", p)
+        iset.write_message(f"pagemap-{p.pid}.img", "pagemap", pages)
         inv = _inventory(p, pid)
         if leave_running:
             fr.thaw()
@@ -236,6 +237,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     except BaseException:
         fr.thaw()
         _remove_new(iset.path, created)
+        if fresh_dir:
+            shutil.rmtree(iset.path, ignore_errors=True)
         raise
     return DumpResult(pid=pid, images=iset.path, threads=len(fr.tids),
                       memory_bytes=sum(v.end - v.start for v in p.mm.vmas),
@@ -248,7 +251,8 @@ def _inventory(p: pb.Process, pid: int) -> pb.Inventory:
     return pb.Inventory(
         hpcckpt_version=__version__, kernel=platform.release(), arch=platform.machine(),
         cpu_flags=_cpu_flags(), xsave_size=len(p.threads[0].xstate), created=time.time(),
-        host=socket.gethostname(), root_pid=pid, pids=[pid],
+        host=socket.gethostname(), root_pid=p.pid, pids=[p.pid],
+        own_pid_namespace=len(proc.ns_pids(pid)) > len(proc.ns_pids(os.getpid())),
         files=_mapped_files(list(p.mm.vmas), p.mm.exe), uid=p.creds.uid,
         vdso_size=sizes.get(pb.VDSO, 0), vvar_size=sizes.get(pb.VVAR, 0),
         vvar_vclock_size=sizes.get(pb.VVAR_VCLOCK, 0), vdso_xxh3=vdso.digest(pid))

@@ -24,7 +24,7 @@ from ..kernel.arch import current as arch
 from ..kernel.inject import Injector, Mem, find_syscall_insn
 from ..kernel.libc import PAGE_SIZE, pidfd_getfd, pidfd_open
 from ..progress import Progress
-from . import files, memory
+from . import files, memory, pidns
 from .launch import launch_stub
 
 SCRATCH = 1 << 16
@@ -127,12 +127,13 @@ def check_ids_free(p: pb.Process) -> None:
 class Target:
     """The stub being turned into the process: injectors per thread and a scratch block."""
 
-    def __init__(self, pid: int, image_vmas):
-        self.pid = pid
+    def __init__(self, pid: int, ns_pid: int, image_vmas):
+        self.pid = pid                      # as we see it
         self.mem = Mem(pid)
         svmas = proc.maps(pid)
         self.main = Injector(pid, find_syscall_insn(pid, svmas))
-        self.threads = {pid: self.main}
+        self.threads = {ns_pid: self.main}  # by the TIDs the process itself sees
+        self.host = {ns_pid: pid}           # ... and as we see them
         self.window = _free_window(list(image_vmas) + svmas)
         self.scratch = self.window
         self.sys("mmap", self.scratch, SCRATCH, 3, MAP_PRIVATE | MAP_ANON | MAP_FIXED_NOREPLACE, -1, 0)
@@ -140,7 +141,7 @@ class Target:
         self.stub_vmas = svmas
 
     def sys(self, name: str, *args: int, tid: int | None = None, check: bool = True) -> int:
-        return self.threads[tid or self.pid].syscall(name, *args, check=check)
+        return (self.threads[tid] if tid else self.main).syscall(name, *args, check=check)
 
     def put(self, data: bytes) -> int:
         """Copy bytes into the scratch block; the address stays valid until it wraps."""
@@ -355,10 +356,12 @@ def _create_threads(t: Target, p: pb.Process) -> None:
         if res != th.tid:
             raise RestoreError(f"cannot recreate thread {th.tid} of process {p.pid}: "
                                + (os.strerror(-res) if res < 0 else f"got TID {res}"))
-        st = ptrace.wait_trap(th.tid)
+        host = (set(proc.threads(t.pid)) - set(t.host.values())).pop()
+        st = ptrace.wait_trap(host)
         if st.sig != signal.SIGSTOP:
             raise RestoreError(f"new thread {th.tid} stopped unexpectedly ({st})")
-        t.threads[th.tid] = Injector(th.tid, t.main.syscall_ip)
+        t.threads[th.tid] = Injector(host, t.main.syscall_ip)
+        t.host[th.tid] = host
 
 
 def _restore_thread_state(t: Target, p: pb.Process, th: pb.Thread) -> None:
@@ -394,13 +397,16 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
     check_kernel(inv)
     check_mapped_files(inv)
     files.check_files(list(p.fds))
-    check_ids_free(p)
+    if inv.own_pid_namespace:
+        pidns.ensure()
+    else:
+        check_ids_free(p)
     vmas = list(p.mm.vmas)
     written = {v.start for v in vmas for r in pm.runs if v.start <= r.vaddr < v.end}
     child = launch_stub(p.pid)
     t = None
     try:
-        t = Target(child, vmas)
+        t = Target(child, p.pid, vmas)
         _clear_stub(t, vmas)
         _set_fs_creds(t, p.creds)
         _set_mm(t, p.mm)
@@ -422,18 +428,19 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
         _drop_creds(t, p)
         t.sys("munmap", t.scratch, SCRATCH)
         for th in p.threads:
-            ptrace.set_regs(th.tid, arch.Regs.from_list(list(th.regs)))
+            tid = t.host[th.tid]
+            ptrace.set_regs(tid, arch.Regs.from_list(list(th.regs)))
             try:
-                ptrace.set_regset(th.tid, arch.XSTATE_NOTE, th.xstate)
+                ptrace.set_regset(tid, arch.XSTATE_NOTE, th.xstate)
             except HpcckptError:
                 raise RestoreError(
                     f"this CPU cannot take thread {th.tid}'s vector state ({len(th.xstate)}-byte "
                     "xsave area): restore on a node with the same CPU features") from None
-            ptrace.set_sigmask(th.tid, th.sigmask)
+            ptrace.set_sigmask(tid, th.sigmask)
         if on_ready:
             on_ready(child)
-        for th in p.threads:
-            ptrace.detach(th.tid, 0)
+        for tid in t.host.values():
+            ptrace.detach(tid, 0)
         t.mem.close()
     except BaseException:
         _kill_stub(child)

@@ -155,3 +155,12 @@ def runs(mask: np.ndarray) -> list[tuple[int, int]]:
     m = np.concatenate(([False], mask, [False]))
     d = np.flatnonzero(m[1:] != m[:-1])
     return [(int(a), int(b - a)) for a, b in zip(d[::2], d[1::2])]
+
+
+def ns_pids(pid: int, tid: int | None = None) -> list[int]:
+    """The PID in each nested PID namespace, outermost first (NSpid)."""
+    st = _read(pid, f"task/{tid}/status" if tid else "status")
+    for line in st.splitlines():
+        if line.startswith("NSpid:"):
+            return [int(x) for x in line.split()[1:]]
+    return [tid or pid]

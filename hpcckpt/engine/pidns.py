@@ -1,0 +1,66 @@
+"""A PID namespace of our own, so a restored process always gets its PIDs back.
+
+The monitor unshares CLONE_NEWPID and forks a minimal init (PID 1 in the namespace)
+that reaps orphans at once; the job is then created as PID 2, by fork for a fresh run
+or by clone3(set_tid) for a restore. The monitor stays the job's parent, so it gets the
+job's exit status. If the monitor dies, the init dies (PDEATHSIG) and with it the job.
+"""
+import ctypes
+import os
+import signal
+
+from ..errors import KernelError
+from ..kernel.libc import libc
+
+CLONE_NEWPID = 0x20000000
+PR_SET_PDEATHSIG = 1
+JOB_PID = 2  # the job's PID inside its namespace
+
+_init_pid: int | None = None
+
+
+def _init_loop() -> None:
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT):
+        signal.signal(s, signal.SIG_IGN)
+
+    def reap(_sig, _frame):
+        while True:
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    return
+            except ChildProcessError:
+                return
+    signal.signal(signal.SIGCHLD, reap)
+    while True:
+        signal.pause()
+
+
+def ensure() -> int:
+    """Enter a new PID namespace (once per process) with its init; returns the init's PID."""
+    global _init_pid
+    if _init_pid is not None:
+        return _init_pid
+    if libc.unshare(CLONE_NEWPID) != 0:
+        raise KernelError(f"cannot create a PID namespace: {os.strerror(ctypes.get_errno())} (needs root)")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _init_loop()
+        finally:
+            os._exit(0)
+    _init_pid = pid
+    return pid
+
+
+def shutdown() -> None:
+    """Kill the namespace's init, and with it anything left in the namespace."""
+    global _init_pid
+    if _init_pid is None:
+        return
+    try:
+        os.kill(_init_pid, signal.SIGKILL)
+        os.waitpid(_init_pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+    _init_pid = None

@@ -1,0 +1,52 @@
+"""`hpcckpt show`: an image set decoded for people (text) and tools (JSON)."""
+import json
+
+from google.protobuf.json_format import MessageToDict
+
+from . import pb
+from .imageset import ImageSet
+
+
+def _dict(msg) -> dict:
+    return MessageToDict(msg, preserving_proto_field_name=True)
+
+
+def load(path) -> dict:
+    iset = ImageSet(path)
+    inv = iset.inventory()
+    out = {"inventory": _dict(inv), "processes": []}
+    for pid in inv.pids:
+        p, pm = iset.process(pid), iset.pagemap(pid)
+        d = _dict(p)
+        for t in d.get("threads", []):
+            t.pop("xstate", None)  # kilobytes of vector registers help no reader
+            t["regs"] = [f"{int(r):#x}" for r in t.get("regs", [])]
+        d["mm"].pop("auxv", None)
+        d["pagemap"] = _dict(pm)
+        out["processes"].append(d)
+    return out
+
+
+def show(path, as_json: bool = False) -> str:
+    if as_json:
+        return json.dumps(load(path), indent=1)
+    iset = ImageSet(path)
+    inv = iset.inventory()
+    lines = [f"image set {iset.path}: format {inv.format_version}, hpcckpt {inv.hpcckpt_version}, "
+             f"{inv.arch} kernel {inv.kernel} on {inv.host}, uid {inv.uid}"
+             + (", own PID namespace" if inv.own_pid_namespace else "")]
+    for pid in inv.pids:
+        p, pm = iset.process(pid), iset.pagemap(pid)
+        lines.append(f"process {p.pid} '{p.comm}' ppid {p.ppid} exe {p.mm.exe} cwd {p.cwd}")
+        lines.append(f"  threads: {', '.join(str(t.tid) for t in p.threads)}")
+        lines.append(f"  pages: {pm.pages_bytes / 2**20:.1f} MiB in {len(pm.runs)} runs ({pm.pages_file})")
+        for v in p.mm.vmas:
+            saved = sum(r.nr_pages for r in pm.runs if v.start <= r.vaddr < v.end)
+            prot = "".join(c if v.prot & b else "-" for c, b in (("r", 1), ("w", 2), ("x", 4)))
+            lines.append(f"  {v.start:012x}-{v.end:012x} {prot}{'s' if v.shared else 'p'} "
+                         f"{pb.VmaKind.Name(v.kind):12} {saved:7} pages  {v.path}")
+        for f in p.fds:
+            lines.append(f"  fd {f.fd:3} {pb.FdKind.Name(f.kind):12} {f.path}"
+                         + (f" pos {f.pos}" if f.kind == pb.REGULAR else ""))
+        lines.append(f"  signal handlers: {len(p.sigactions)}, pending: {len(p.shared_pending)}")
+    return "\n".join(lines)
