@@ -6,13 +6,14 @@ measured behaviour rather than on the manual.
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 
 import pytest
 
 from hpcckpt.scheduler import CommandsBackend, JobSubmitDescription
-from tests.slurm_cluster.jobs import kill_node, wait_for_line
+from tests.slurm_cluster.jobs import PRINT_CONTEXT, kill_node, wait_for_line
 
 # Generous: the first test's set-up may include apt-get install on a fresh machine
 # (pytest-timeout counts fixture set-up); every wait inside has its own bound.
@@ -118,3 +119,49 @@ def test_killed_node_requeues_job_on_other_node(backend: CommandsBackend, cluste
     t1 = time.monotonic()
     cluster.start()
     print(f"killed node idle again {time.monotonic() - t1:.1f} s after restarting slurmd")
+
+
+def test_time_limit_warning_then_self_requeue(backend: CommandsBackend, cluster, tmp_path):
+    """The walltime path: --signal warns before the limit, the job requeues itself.
+
+    The job sees how much time it has left through JobContext (22.05 has no
+    SLURM_JOB_END_TIME, so the backend asked the controller), and after the warning
+    runs ``scontrol requeue`` on itself: the next run is generation 1.
+    """
+    out = tmp_path / "walltime.out"
+    script = f"""#!/bin/bash
+gen=${{SLURM_RESTART_COUNT:-0}}
+echo "START gen=$gen t=$(date +%s.%N)"
+{PRINT_CONTEXT}
+if [ "$gen" -ge 1 ]; then echo DONE; exit 0; fi
+warned=0
+trap 'warned=1; echo "SIG USR1 gen=$gen t=$(date +%s.%N)"' USR1
+for i in $(seq 400); do
+  sleep 0.25
+  if [ $warned = 1 ]; then
+    echo "REQUEUING t=$(date +%s.%N)"   # before: the requeue SIGTERMs us at once
+    scontrol requeue "$SLURM_JOB_ID"
+    sleep 30   # requeue kills this run; never exit on our own (that would COMPLETE)
+  fi
+done
+"""
+    job_id = backend.submit(JobSubmitDescription(
+        script=script, name="walltime", time_limit=1, signal="B:USR1@40", requeue=True,
+        output=str(out), extra_options=["--open-mode=append"]))
+    backend.wait_state(job_id, {"RUNNING"}, timeout=30)
+    start = _epoch(wait_for_line(out, "START gen=0", timeout=30)[0])
+    ctx = json.loads(wait_for_line(out, "CTX ", timeout=30)[0].split(" ", 1)[1])
+    assert ctx["time_limit"] == "0:01:00" and ctx["generation"] == 0
+
+    # Slurm checks for due warnings periodically (the notes saw one a minute early;
+    # here it came ~7 s late): only "before the limit" is certain.
+    warned = _epoch(wait_for_line(out, "SIG USR1 gen=0", timeout=40)[0])
+    wait_for_line(out, "REQUEUING", timeout=10)
+    done = backend.wait_state(job_id, {"COMPLETED"}, timeout=60,
+                              where=lambda j: j.restart_count >= 1)
+    print(f"walltime: USR1 {warned - start:.1f} s after start (limit 60 s, asked 40 s "
+          f"before); self-requeued run done after {time.time() - start:.1f} s")
+    assert done.restart_count == 1
+    assert warned - start < 60
+    wait_for_line(out, "START gen=1", timeout=10)
+    wait_for_line(out, "DONE", timeout=10)

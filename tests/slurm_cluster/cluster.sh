@@ -200,7 +200,7 @@ wait_idle() {
   done
   log "nodes not idle after 60 s:"
   SLURM_CONF="$conf" sinfo -N >&2 || true
-  tail -5 "$logs"/slurm*.log >&2 || true
+  tail -n 5 "$logs"/slurm*.log >&2 || true
   die "cluster did not become ready"
 }
 
@@ -237,7 +237,7 @@ do_start() {
   for n in "${NODES[@]}"; do mkdir -p "$state/spool/$n"; done
   write_config
   start_munge
-  slurmctld -i || die "slurmctld failed; see $logs/slurmctld.log"
+  slurmctld -i || { tail -n 20 "$logs/slurmctld.log" >&2; die "slurmctld failed; see $logs/slurmctld.log"; }
   for n in "${NODES[@]}"; do
     slurmd -N "$n" || die "slurmd -N $n failed; see $logs/slurmd-$n.log"
   done
