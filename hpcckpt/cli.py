@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     except HpcckptError as e:
         print(f"hpcckpt {args.cmd}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # one we did not foresee: still a message, not a traceback
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"hpcckpt {args.cmd}: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -7,7 +7,6 @@ without --leave-running the process is killed only after the image is sealed on 
 """
 import os
 import platform
-import resource
 import shutil
 import socket
 import struct
@@ -120,9 +119,10 @@ def _process_state(pid: int, st: dict[str, str], inj: Injector, scratch: _Scratc
         if vsec or vusec:
             p.itimers.append(pb.ITimer(which=which, interval_sec=isec, interval_usec=iusec,
                                        value_sec=vsec, value_usec=vusec))
-    for r in range(16):  # RLIMIT_CPU .. RLIMIT_RTTIME
-        cur, mx = resource.prlimit(pid, r)
-        p.rlimits.append(pb.Rlimit(resource=r, cur=cur & (2**64 - 1), max=mx & (2**64 - 1)))
+    for r in range(16):  # RLIMIT_CPU .. RLIMIT_RTTIME; from inside: prlimit on another
+        inj.syscall("prlimit64", 0, r, 0, a)  # user's process would need CAP_SYS_RESOURCE
+        cur, mx = scratch.read_u64s(2)
+        p.rlimits.append(pb.Rlimit(resource=r, cur=cur, max=mx))
     p.shared_pending.extend(ptrace.peek_siginfo(pid, shared=True))
     brk = inj.syscall("brk", 0)
     p.mm.CopyFrom(pb.Mm(start_code=int(f[23]), end_code=int(f[24]), start_stack=int(f[25]),

@@ -85,8 +85,8 @@ class PageWriter:
     offset: int = 0
 
     def __post_init__(self):
-        self.buf = mmap.mmap(-1, CHUNK)
-        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
+        self.buf = ctypes.create_string_buffer(CHUNK)
+        self.addr = ctypes.addressof(self.buf)
         self.mem_fd = -1
 
     def copy(self, addr: int, length: int) -> int:
@@ -129,7 +129,6 @@ class PageWriter:
         return n
 
     def close(self) -> None:
-        self.buf.close()
         if self.mem_fd >= 0:
             os.close(self.mem_fd)
 

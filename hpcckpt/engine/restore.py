@@ -9,7 +9,6 @@ follow, and the registers last. Any failure kills the stub: never a half-restore
 """
 import os
 import platform
-import resource
 import signal
 import struct
 import time
@@ -336,14 +335,13 @@ def _restore_process_state(t: Target, p: pb.Process) -> None:
         t.sys("setitimer", it.which, t.put(struct.pack("<4Q", it.interval_sec, it.interval_usec,
                                                        it.value_sec, it.value_usec)), 0)
     for r in p.rlimits:
-        want = tuple(resource.RLIM_INFINITY if x == 2**64 - 1 else x for x in (r.cur, r.max))
-        try:
-            resource.prlimit(t.pid, r.resource, want)
-        except (PermissionError, ValueError):
-            # raising a hard limit needs CAP_SYS_RESOURCE: keep ours, capped soft limit
-            cur, mx = resource.prlimit(t.pid, r.resource)
-            soft = want[0] if mx == resource.RLIM_INFINITY or 0 <= want[0] <= mx else mx
-            resource.prlimit(t.pid, r.resource, (soft, mx))
+        # Raising a hard limit needs CAP_SYS_RESOURCE, which we may lack: then keep the
+        # hard limit we have and cap the soft one by it, rather than fail the restore.
+        a = t.put(bytes(16))
+        t.sys("prlimit64", 0, r.resource, 0, a)
+        cur, mx = struct.unpack("<2Q", t.mem.read(a, 16))
+        if t.sys("prlimit64", 0, r.resource, t.put(struct.pack("<2Q", r.cur, r.max)), 0, check=False) < 0:
+            t.sys("prlimit64", 0, r.resource, t.put(struct.pack("<2Q", min(r.cur, mx), mx)), 0, check=False)
 
 
 def _create_threads(t: Target, p: pb.Process) -> None:

@@ -42,7 +42,7 @@ SYSCALLS = {
     "exit_group": 231, "tgkill": 234, "openat": 257, "set_robust_list": 273,
     "get_robust_list": 274, "dup3": 292, "pipe2": 293, "rt_tgsigqueueinfo": 297, "prlimit64": 302,
     "memfd_create": 319, "rseq": 334, "pidfd_open": 434, "clone3": 435,
-    "pidfd_getfd": 438,
+    "pidfd_getfd": 438, "userfaultfd": 323,
 }
 
 

@@ -1,0 +1,122 @@
+"""The one interface every dirty-page tracking backend offers, and what they share.
+
+Life cycle, driven by the dump (the target is frozen around arm and collect):
+
+    t = choose()                       # or a named backend
+    t.arm(pid, injector_or_frozen, vmas)   # from now on every write is seen
+    ... the process runs ...
+    dirty = t.collect(pid, vmas)       # {vma.start: page indices written since}, re-armed
+    ... the process runs ...
+    dirty = t.collect(pid, vmas)
+    t.disarm()
+
+`collect` reports, for every mapping passed in, the pages of that mapping that may
+differ from what the previous checkpoint saved: exact for mappings that are unchanged
+since the previous arm/collect, the whole mapping for new or changed ones and for
+shared ones. A page reported dirty may be absent now (dropped by MADV_DONTNEED,
+unmapped); a page not reported was present-and-saved before with the same content, or
+absent both times. See docs/tracking.md for how the dump turns this into an image.
+"""
+import os
+import select as _select
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import numpy as np
+
+from ..errors import HpcckptError, ProcessGoneError
+from ..kernel.libc import pidfd_open
+from .regions import NO_PAGES, Region, regions
+
+Dirty = dict[int, np.ndarray]
+
+
+class TrackingError(HpcckptError):
+    """A tracking backend cannot work here or failed; the caller takes a full dump."""
+
+
+class TrackingLostError(TrackingError):
+    """Tracking state no longer describes the process (it exited, exec'd, was restarted):
+    the next dump must be full and the tracker armed again."""
+
+
+class Tracker(ABC):
+    """Base of the backends: keeps the mapping layout seen at the last arm/collect."""
+
+    name: ClassVar[str] = "?"
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.layout: dict[int, tuple] = {}     # start -> Region.key at the last arm/collect
+        self._pidfd = -1
+
+    # -- the interface ------------------------------------------------------------------
+    @abstractmethod
+    def arm(self, pid: int, target, vmas) -> None:
+        """Start tracking `pid`. `target` is the dump's Injector on the frozen process, a
+        Frozen, or None (then the tracker freezes and thaws the process itself if it must
+        run code in it)."""
+
+    @abstractmethod
+    def collect(self, pid: int, vmas) -> Dirty:
+        """Pages written since the last arm/collect, per mapping start; re-arms."""
+
+    def disarm(self) -> None:
+        """Stop tracking and release every kernel object held; safe to call twice."""
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+        self.pid = None
+        self.layout = {}
+
+    # -- shared helpers -----------------------------------------------------------------
+    def _start(self, pid: int) -> None:
+        """Remember which process we track (a pidfd, so a reused PID is noticed)."""
+        self.disarm()
+        try:
+            self._pidfd = pidfd_open(pid)
+        except OSError:
+            raise ProcessGoneError(f"process {pid} does not exist (or exited)") from None
+        self.pid = pid
+
+    def _check_same(self, pid: int) -> None:
+        if self.pid is None:
+            raise TrackingLostError(f"{self.name} tracker is not armed (arm process {pid} first; "
+                                    "a fresh hpcckpt process has no tracking state: take a full dump)")
+        if pid != self.pid:
+            raise TrackingLostError(f"{self.name} tracker is armed on process {self.pid}, not {pid}")
+        if self._pidfd >= 0 and _select.select([self._pidfd], [], [], 0)[0]:
+            raise ProcessGoneError(f"process {pid} exited since tracking was armed; "
+                                   "its tracking state is lost")
+
+    def _split(self, regs: list[Region]) -> tuple[list[Region], Dirty]:
+        """Regions that the backend must answer for (trackable and unchanged) and the
+        answers already known: whole for new/changed/shared ones, none for the vDSO."""
+        keep, known = [], {}
+        for r in regs:
+            if r.special:
+                known[r.start] = NO_PAGES
+            elif not r.trackable or self.layout.get(r.start) != r.key:
+                known[r.start] = r.all_pages()
+            else:
+                keep.append(r)
+        return keep, known
+
+    def _remember(self, regs: list[Region]) -> None:
+        self.layout = {r.start: r.key for r in regs}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.disarm()
+
+    def __del__(self):
+        try:
+            self.disarm()
+        except Exception:
+            pass
+
+
+def as_regions(vmas) -> list[Region]:
+    return regions(vmas)

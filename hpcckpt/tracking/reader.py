@@ -1,0 +1,63 @@
+"""Reading a process's pages in big chunks into one reused buffer.
+
+process_vm_readv is the fastest route measured here (6+ GB/s); it stops at pages the
+target cannot read (PROT_NONE, exec-only), which /proc/PID/mem, ignoring protections,
+then fills in.
+"""
+import ctypes
+import errno
+import mmap
+import os
+
+from ..errors import ProcessGoneError
+from ..kernel.libc import PAGE_SIZE, vm_read
+
+CHUNK = 4 << 20
+
+
+class Reader:
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.buf = mmap.mmap(-1, CHUNK)
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
+        self.view = memoryview(self.buf)
+        self.mem_fd = -1
+
+    def read(self, addr: int, length: int) -> memoryview:
+        """Up to CHUNK bytes at addr, valid until the next read."""
+        assert length <= CHUNK
+        try:
+            got = vm_read(self.pid, self.addr, addr, length)
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                raise ProcessGoneError(f"process {self.pid} exited while its memory was read") from None
+            if e.errno not in (errno.EFAULT, errno.EIO, errno.ENOMEM):
+                raise
+            got = 0
+        if got < length:
+            self._forced(addr + got, length - got, got)
+        return self.view[:length]
+
+    def _forced(self, addr: int, n: int, into: int) -> None:
+        if self.mem_fd < 0:
+            try:
+                self.mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            except (FileNotFoundError, ProcessLookupError):
+                raise ProcessGoneError(f"process {self.pid} exited while its memory was read") from None
+        got = 0
+        while got < n:
+            try:
+                k = os.preadv(self.mem_fd, [self.view[into + got:into + n]], addr + got)
+            except OSError:
+                k = 0
+            if k <= 0:  # nothing backs this page: it reads as zeros
+                k = min(PAGE_SIZE, n - got)
+                self.view[into + got:into + got + k] = bytes(k)
+            got += k
+
+    def close(self) -> None:
+        self.view.release()
+        self.buf.close()
+        if self.mem_fd >= 0:
+            os.close(self.mem_fd)
+            self.mem_fd = -1
