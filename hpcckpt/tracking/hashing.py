@@ -20,7 +20,7 @@ from ..kernel import proc
 from ..kernel.libc import PAGE_SIZE
 from .base import Dirty, Tracker, TrackingLostError
 from .reader import CHUNK, Reader
-from .regions import Region, regions
+from .regions import NO_PAGES, Region, regions
 
 NOT_SAVED = np.uint64(0)
 
@@ -71,19 +71,45 @@ class HashingTracker(Tracker):
         self._remember(regs)
 
     def collect(self, pid: int, vmas) -> Dirty:
+        """Pages whose digest changed, compared address by address: content decides, so
+        a mapping that grew, shrank, was split or merged is still exact; pages at
+        addresses that had no digest before (new or moved mappings) are all reported."""
         self._check_same(pid)
         regs = regions(vmas)
-        keep, out = self._split(regs)
-        new = self._digest_all(pid, [r for r in regs if r.trackable])
-        for r in keep:
-            old = self.digests.get(r.start)
-            if old is None or len(old) != r.npages:
+        out: Dirty = {}
+        for r in regs:
+            if r.special:
+                out[r.start] = NO_PAGES
+            elif not r.trackable:
                 out[r.start] = r.all_pages()
-            else:
+        new = self._digest_all(pid, [r for r in regs if r.trackable])
+        old_addrs, old_digests = None, None
+        for r in regs:
+            if not r.trackable:
+                continue
+            old = self.digests.get(r.start)
+            if old is not None and self.layout.get(r.start) == r.key and len(old) == r.npages:
                 out[r.start] = np.flatnonzero(new[r.start] != old).astype(np.int64)
+                continue
+            if old_addrs is None:
+                old_addrs, old_digests = self._by_address()
+            addrs = r.start + np.arange(r.npages, dtype=np.int64) * PAGE_SIZE
+            i = np.minimum(np.searchsorted(old_addrs, addrs), max(len(old_addrs) - 1, 0))
+            found = (old_addrs[i] == addrs) if len(old_addrs) else np.zeros(r.npages, bool)
+            same = found & (old_digests[i] == new[r.start]) if len(old_addrs) else found
+            out[r.start] = np.flatnonzero(~same).astype(np.int64)
         self.digests = new
         self._remember(regs)
         return out
+
+    def _by_address(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every page address that had a digest, sorted, and its digest."""
+        starts = sorted(self.digests)
+        if not starts:
+            return np.zeros(0, np.int64), np.zeros(0, np.uint64)
+        addrs = np.concatenate([s + np.arange(len(self.digests[s]), dtype=np.int64) * PAGE_SIZE
+                                for s in starts])
+        return addrs, np.concatenate([self.digests[s] for s in starts])
 
     def disarm(self) -> None:
         super().disarm()

@@ -40,7 +40,7 @@ SYSCALLS = {
     "setfsgid": 123, "rt_sigqueueinfo": 129, "sigaltstack": 131, "personality": 135,
     "chroot": 161, "prctl": 157, "arch_prctl": 158, "gettid": 186, "set_tid_address": 218,
     "exit_group": 231, "tgkill": 234, "openat": 257, "set_robust_list": 273,
-    "get_robust_list": 274, "dup3": 292, "pipe2": 293, "rt_tgsigqueueinfo": 297, "prlimit64": 302,
+    "get_robust_list": 274, "dup3": 292, "pipe2": 293, "preadv": 295, "pwritev": 296, "rt_tgsigqueueinfo": 297, "prlimit64": 302,
     "memfd_create": 319, "rseq": 334, "pidfd_open": 434, "clone3": 435,
     "pidfd_getfd": 438, "userfaultfd": 323,
 }

@@ -1,0 +1,119 @@
+"""Soft-dirty tracking: the kernel's per-page "written since clear_refs" bit.
+
+Arm writes 4 to /proc/PID/clear_refs (clears every soft-dirty bit and write-protects
+the pages); collect reads bit 55 of /proc/PID/pagemap (or, on kernels that have both,
+PAGEMAP_SCAN with PAGE_IS_SOFT_DIRTY) and clears again. Reading and clearing are two
+steps, so the target must be frozen during collect or a write between them is lost;
+collect checks that. Needs CONFIG_MEM_SOFT_DIRTY (absent on our 6.18 machines; Debian's
+kernels have it).
+
+One gap of the bit is closed here: a page dropped by MADV_DONTNEED and then read again
+is the shared zero page without the soft-dirty bit, although its content changed. Such
+pages are reported too (PFN of the zero page, visible to root, or PAGE_IS_PFNZERO).
+"""
+import mmap
+import os
+from functools import lru_cache
+
+import numpy as np
+
+from ..errors import KernelError, ProcessGoneError
+from ..kernel import proc
+from .base import Dirty, Tracker, TrackingError
+from .regions import Region, pages_from_ranges, regions, split_by_region
+from .scan import MAX_END, PAGE_IS_PFNZERO, PAGE_IS_SOFT_DIRTY, Scanner, supported
+
+PM_SOFT_DIRTY = np.uint64(1 << 55)
+PFN_MASK = np.uint64((1 << 55) - 1)
+
+
+def clear_refs(pid: int) -> None:
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("4")
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessGoneError(f"process {pid} does not exist (or exited)") from None
+    except OSError as e:
+        raise KernelError(f"clear_refs of process {pid}: {e.strerror}") from None
+
+
+@lru_cache(maxsize=1)
+def zero_pfn() -> int:
+    """The zero page's PFN as pagemap shows it (0 when PFNs are hidden: not root)."""
+    m = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        _ = m[0]  # a read fault maps the zero page
+        import ctypes
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        pm = proc.pagemap(os.getpid(), addr, addr + 4096)
+        del addr
+        if len(pm) and pm[0] & np.uint64(proc.PM_PRESENT):
+            return int(pm[0] & PFN_MASK)
+        return 0
+    finally:
+        try:
+            m.close()
+        except BufferError:
+            pass
+
+
+def _frozen(pid: int) -> bool:
+    """Every thread in a ptrace stop (state 't')."""
+    try:
+        return all(proc.stat_fields(t)[0] in ("t", "T") for t in proc.threads(pid))
+    except ProcessGoneError:
+        raise
+
+
+class SoftDirtyTracker(Tracker):
+    name = "soft-dirty"
+
+    def __init__(self, use_scan: bool | None = None) -> None:
+        super().__init__()
+        self.use_scan = use_scan
+
+    def arm(self, pid: int, target, vmas) -> None:
+        self._start(pid)
+        if self.use_scan is None:
+            self.use_scan = supported(pid)
+        clear_refs(pid)
+        self._remember(regions(vmas))
+
+    def collect(self, pid: int, vmas) -> Dirty:
+        self._check_same(pid)
+        if not _frozen(pid):
+            raise TrackingError(f"soft-dirty collect needs process {pid} frozen: a write between "
+                                "reading the bits and clearing them would be lost")
+        regs = regions(vmas)
+        keep, out = self._split(regs)
+        out.update(self._scan(pid, keep) if self.use_scan else self._pagemap(pid, keep))
+        clear_refs(pid)
+        self._remember(regs)
+        return out
+
+    def _pagemap(self, pid: int, keep: list[Region]) -> Dirty:
+        zp = np.uint64(zero_pfn())
+        out = {}
+        for r in keep:
+            pm = proc.pagemap(pid, r.start, r.end)
+            if len(pm) != r.npages:
+                raise ProcessGoneError(f"process {pid} exited during the collect")
+            dirty = (pm & PM_SOFT_DIRTY) != 0
+            if zp:
+                present = (pm & np.uint64(proc.PM_PRESENT)) != 0
+                dirty |= present & ((pm & PFN_MASK) == zp)
+            out[r.start] = np.flatnonzero(dirty).astype(np.int64)
+        return out
+
+    def _scan(self, pid: int, keep: list[Region]) -> Dirty:
+        keep = [r for r in keep if r.end <= MAX_END]
+        if not keep:
+            return {}
+        sc = Scanner(pid)
+        try:
+            mask = PAGE_IS_SOFT_DIRTY | PAGE_IS_PFNZERO
+            s, e, _ = sc.scan(min(r.start for r in keep), max(r.end for r in keep), 0, mask,
+                              anyof_mask=mask)
+        finally:
+            sc.close()
+        return split_by_region(pages_from_ranges(s, e), keep)

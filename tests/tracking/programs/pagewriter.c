@@ -1,0 +1,82 @@
+/* A target for the tracking tests: it changes its memory only when told to, so the
+ * tests know exactly which pages were written. One command per line on stdin, one
+ * answer line on stdout ("ok" or an address in hex). Addresses are absolute.
+ *   a NPAGES HUGE     map NPAGES anonymous pages (2 MiB aligned; HUGE=1 asks for THP,
+ *                     0 forbids it), write every page; answer the address
+ *   w ADDR N STEP     write one byte in N pages: ADDR, ADDR+STEP pages, ...
+ *   r ADDR N          read N pages (touch without writing)
+ *   d ADDR N          madvise(MADV_DONTNEED)
+ *   u ADDR N          munmap
+ *   f ADDR N          munmap and map again at the same place (MAP_FIXED), no writes
+ *   g ADDR N M        mremap N pages to M pages, may move; answer the new address
+ *   p ADDR N PROT     mprotect (PROT as a number)
+ *   b NBYTES          grow the heap with sbrk and write it; answer the old break
+ *   x                 exit(0) at once
+ */
+#define _GNU_SOURCE
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define PG 4096UL
+
+static void reply_addr(void *p) { printf("%lx\n", (unsigned long)p); fflush(stdout); }
+static void ok(void) { puts("ok"); fflush(stdout); }
+
+int main(void) {
+    char line[256];
+    volatile unsigned long sink = 0;
+    unsigned long counter = 1;
+    setvbuf(stdin, NULL, _IONBF, 0);
+    puts("ready");
+    fflush(stdout);
+    while (fgets(line, sizeof line, stdin)) {
+        unsigned long a = 0, n = 0, m = 0;
+        char c = line[0];
+        sscanf(line + 1, "%lx %lu %lu", &a, &n, &m);
+        if (c == 'a') {
+            unsigned long np = strtoul(line + 2, NULL, 10), huge = 0;
+            sscanf(line + 2, "%lu %lu", &np, &huge);
+            size_t len = np * PG, align = 2UL << 20;
+            char *raw = mmap(NULL, len + align, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (raw == MAP_FAILED) { puts("err"); fflush(stdout); continue; }
+            char *p = (char *)(((uintptr_t)raw + align - 1) & ~(align - 1));
+            if (p > raw) munmap(raw, p - raw);
+            munmap(p + len, raw + len + align - (p + len));
+            madvise(p, len, huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+            for (size_t i = 0; i < len; i += PG) p[i] = 1;
+            reply_addr(p);
+        } else if (c == 'w') {
+            for (unsigned long i = 0; i < n; i++) ((volatile char *)a)[i * (m ? m : 1) * PG + 7] = (char)++counter;
+            ok();
+        } else if (c == 'r') {
+            for (unsigned long i = 0; i < n; i++) sink += ((volatile char *)a)[i * PG];
+            ok();
+        } else if (c == 'd') {
+            madvise((void *)a, n * PG, MADV_DONTNEED); ok();
+        } else if (c == 'u') {
+            munmap((void *)a, n * PG); ok();
+        } else if (c == 'f') {
+            munmap((void *)a, n * PG);
+            void *p = mmap((void *)a, n * PG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+            madvise(p, n * PG, MADV_NOHUGEPAGE);
+            ok();
+        } else if (c == 'g') {
+            void *p = mremap((void *)a, n * PG, m * PG, MREMAP_MAYMOVE);
+            reply_addr(p);
+        } else if (c == 'p') {
+            mprotect((void *)a, n * PG, (int)m); ok();
+        } else if (c == 'b') {
+            unsigned long nb = strtoul(line + 2, NULL, 10);
+            char *old = sbrk(nb);
+            for (unsigned long i = 0; i < nb; i += PG) old[i] = 1;
+            reply_addr(old);
+        } else if (c == 'x') {
+            _exit(0);
+        }
+    }
+    return 0;
+}
