@@ -60,11 +60,18 @@ do_install() {
 
 # --- helpers -------------------------------------------------------------------------
 
+proc_alive() {  # proc_alive PID: a live process, not a zombie
+  local pid=$1 stat
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  # A dead daemon stays a zombie until init reaps it (here up to ~2 s), and kill -0
+  # still succeeds on a zombie.
+  stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  [ "${stat%% *}" != Z ]
+}
+
 pid_alive() {  # pid_alive FILE: the pid in FILE names a live process
-  local f=$1 pid
-  [ -s "$f" ] || return 1
-  pid=$(cat "$f")
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
+  [ -s "$1" ] && proc_alive "$(cat "$1")"
 }
 
 all_alive() {
@@ -257,12 +264,12 @@ kill_pidfiles() {  # kill_pidfiles FILE...: TERM all, wait up to 10 s, KILL what
   done
   for i in $(seq 100); do
     local alive=0
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    for pid in "${pids[@]}"; do proc_alive "$pid" && alive=1; done
     [ $alive -eq 0 ] && break
     sleep 0.1
   done
   for pid in "${pids[@]}"; do
-    if kill -0 "$pid" 2>/dev/null; then
+    if proc_alive "$pid"; then
       log "pid $pid ignored SIGTERM for 10 s; SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
     fi

@@ -96,7 +96,10 @@ def start_cluster(state_dir: Path) -> SlurmCluster:
 def slurm_cluster() -> Iterator[SlurmCluster]:
     """Session-wide Slurm cluster; fails (never skips) when it cannot start."""
     keep = os.environ.get("HPCCKPT_SLURM_STATE")
-    state_dir = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="hpcckpt-slurm-"))
+    # Under /tmp, not $TMPDIR: munged runs as user munge and must traverse every parent
+    # directory, and its socket path must stay under the 108-byte sun_path limit.
+    state_dir = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="hpcckpt-slurm-",
+                                                              dir="/tmp"))
     failure = None
     try:
         cluster = start_cluster(state_dir)
