@@ -69,8 +69,9 @@ def run(command: list[str], images: str | None = None, every: float | None = Non
     try:
         if latest:
             pidns.ensure()
-            pid = restore(latest, show_progress=not quiet).pid
-            _say(quiet, f"resumed from {latest} as PID {pid}")
+            r = restore(latest, show_progress=not quiet)
+            pid = r.pid
+            _say(quiet, f"resumed from {latest} as PID {pid} in {r.total_s:.3f} s")
         else:
             pid = start(command)
             _say(quiet, f"started {' '.join(command)} as PID {pid} (PID {pidns.JOB_PID} in its namespace)")

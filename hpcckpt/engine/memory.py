@@ -9,6 +9,7 @@ import ctypes
 import errno
 import mmap
 import os
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,7 @@ import numpy as np
 from ..errors import UnsupportedError
 from ..images import pb
 from ..kernel import proc
-from ..kernel.libc import PAGE_SIZE, vm_read, vm_write
+from ..kernel.libc import PAGE_SIZE, vm_read
 
 PROT = {"r": mmap.PROT_READ, "w": mmap.PROT_WRITE, "x": mmap.PROT_EXEC}
 SPECIAL = {"[vdso]": pb.VDSO, "[vvar]": pb.VVAR, "[vvar_vclock]": pb.VVAR_VCLOCK,
@@ -133,27 +134,39 @@ class PageWriter:
             os.close(self.mem_fd)
 
 
-def write_pages(pid: int, runs: list[pb.PageRun], pages_path: str, progress=None) -> None:
-    """Copy saved pages into a restored process, straight from the page file's mapping."""
-    if not runs:
-        return
-    fd = os.open(pages_path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        m = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
-        try:
-            base = ctypes.addressof(ctypes.c_char.from_buffer(m))
-            for r in runs:
+IOV_BATCH = 512
+MAX_BATCH_BYTES = 1 << 30
+
+
+def fill_pages(t, fd: int, runs: list[pb.PageRun], progress=None) -> None:
+    """Have the restored process read its own pages from the page file (fd is its own).
+
+    One copy, page cache to its memory, done by the kernel; consecutive runs are batched
+    into one injected preadv, so a fragmented heap costs a few syscalls, not thousands.
+    """
+    i = 0
+    while i < len(runs):
+        batch = [runs[i]]
+        total = runs[i].nr_pages * PAGE_SIZE
+        while (i + len(batch) < len(runs) and len(batch) < IOV_BATCH and total < MAX_BATCH_BYTES
+               and runs[i + len(batch)].offset == batch[-1].offset + batch[-1].nr_pages * PAGE_SIZE):
+            batch.append(runs[i + len(batch)])
+            total += batch[-1].nr_pages * PAGE_SIZE
+        iov = b"".join(struct.pack("<QQ", r.vaddr, r.nr_pages * PAGE_SIZE) for r in batch)
+        got = t.sys("preadv", fd, t.put(iov), len(batch), batch[0].offset, check=False)
+        if got != total:  # short or failed: finish run by run, so the error names a run
+            done = max(got, 0)
+            for r in batch:
                 length = r.nr_pages * PAGE_SIZE
-                done = 0
-                while done < length:
-                    n = vm_write(pid, base + r.offset + done, r.vaddr + done, length - done)
+                skip = min(done, length)
+                done -= skip
+                while skip < length:
+                    n = t.sys("pread64", fd, r.vaddr + skip, length - skip, r.offset + skip, check=False)
                     if n <= 0:
-                        raise OSError(errno.EFAULT, f"short write at {r.vaddr + done:#x}")
-                    done += n
-                if progress:
-                    progress(length)
-        finally:
-            m.close()
-    finally:
-        os.close(fd)
+                        raise OSError(errno.EIO if n == 0 else -n,
+                                      f"page file ends early or unreadable at run {r.vaddr:#x} "
+                                      f"(offset {r.offset + skip})")
+                    skip += n
+        if progress:
+            progress(total)
+        i += len(batch)

@@ -54,7 +54,11 @@ def check_image(iset: ImageSet) -> tuple[pb.Inventory, pb.Process, pb.Pagemap]:
     if inv.arch != platform.machine():
         raise RestoreError(f"{iset.path} was dumped on {inv.arch}; this machine is {platform.machine()}")
     pid = inv.root_pid
-    return inv, iset.process(pid), iset.pagemap(pid)
+    p, pm = iset.process(pid), iset.pagemap(pid)
+    if pm.pages_file != f"pages-{pid}.img" or pm.pages_file not in inv.digests:
+        raise ImageError(f"{iset.path}: pagemap names page file {pm.pages_file!r}, which is not "
+                         f"this image's pages-{pid}.img")
+    return inv, p, pm
 
 
 def check_owner(iset: ImageSet, inv: pb.Inventory, p: pb.Process) -> None:
@@ -406,14 +410,20 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
     try:
         t = Target(child, p.pid, vmas)
         _clear_stub(t, vmas)
+        # opened before the image owner's file credentials apply: the page file belongs
+        # to whoever made the image, and its name was checked against the inventory
+        pages_fd = t.sys("openat", AT_FDCWD, t.cstr(str((iset.path / pm.pages_file).resolve())),
+                         os.O_RDONLY | os.O_CLOEXEC)
         _set_fs_creds(t, p.creds)
         _set_mm(t, p.mm)
         _map_vmas(t, vmas, written)
         prog = Progress(f"restore {p.pid}", pm.pages_bytes, enabled=show_progress)
         try:
-            memory.write_pages(child, list(pm.runs), str(iset.path / pm.pages_file), prog)
+            memory.fill_pages(t, pages_fd, list(pm.runs), prog)
         except OSError as e:
-            raise RestoreError(f"writing memory of process {p.pid} from {iset.path / pm.pages_file}: {e}") from None
+            raise RestoreError(f"reading memory of process {p.pid} from {iset.path / pm.pages_file}: "
+                               f"{e.strerror}") from None
+        t.sys("close", pages_fd)
         prog.finish()
         _finish_vmas(t, vmas, written)
         _restore_fds(t, list(p.fds), iset)

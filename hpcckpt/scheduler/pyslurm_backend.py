@@ -147,9 +147,10 @@ class PyslurmBackend:
             self.load(job_id)
             self._call("cancel", job_id, job.cancel)
             return
+        # Same meaning as `scancel [--batch] [--signal=SIG]`: KILL unless told otherwise.
         steps = "batch" if batch_only else "children"
         self._call("send_signal", job_id,
-                   lambda: job.send_signal(signal if signal is not None else "SIGTERM",
+                   lambda: job.send_signal(signal if signal is not None else "SIGKILL",
                                            steps=steps))
 
     def wait_state(self, job_id: int, states: Collection[str], timeout: float,

@@ -61,3 +61,16 @@ class Reader:
         if self.mem_fd >= 0:
             os.close(self.mem_fd)
             self.mem_fd = -1
+
+
+def pagemap(pid: int, start: int, end: int):
+    """proc.pagemap, with a process that died under us reported as ProcessGoneError
+    (proc.pagemap lets ProcessLookupError through) and a short read refused."""
+    from ..kernel import proc
+    try:
+        pm = proc.pagemap(pid, start, end)
+    except ProcessLookupError:
+        pm = None
+    if pm is None or len(pm) != (end - start) // PAGE_SIZE:
+        raise ProcessGoneError(f"process {pid} exited (or unmapped {start:#x}) while its pagemap was read")
+    return pm

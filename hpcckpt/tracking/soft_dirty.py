@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import KernelError, ProcessGoneError
 from ..kernel import proc
 from .base import Dirty, Tracker, TrackingError
+from .reader import pagemap
 from .regions import Region, pages_from_ranges, regions, split_by_region
 from .scan import MAX_END, PAGE_IS_PFNZERO, PAGE_IS_SOFT_DIRTY, Scanner, supported
 
@@ -95,9 +96,7 @@ class SoftDirtyTracker(Tracker):
         zp = np.uint64(zero_pfn())
         out = {}
         for r in keep:
-            pm = proc.pagemap(pid, r.start, r.end)
-            if len(pm) != r.npages:
-                raise ProcessGoneError(f"process {pid} exited during the collect")
+            pm = pagemap(pid, r.start, r.end)
             dirty = (pm & PM_SOFT_DIRTY) != 0
             if zp:
                 present = (pm & np.uint64(proc.PM_PRESENT)) != 0
