@@ -21,7 +21,7 @@ from ..errors import KernelError, ProcessGoneError
 from ..kernel import proc
 from .base import Dirty, Tracker, TrackingError
 from .reader import pagemap
-from .regions import Region, pages_from_ranges, regions, split_by_region
+from .regions import NO_PAGES, Region, pages_from_ranges, regions, split_by_region
 from .scan import MAX_END, PAGE_IS_PFNZERO, PAGE_IS_SOFT_DIRTY, Scanner, supported
 
 PM_SOFT_DIRTY = np.uint64(1 << 55)
@@ -72,13 +72,17 @@ class SoftDirtyTracker(Tracker):
     def __init__(self, use_scan: bool | None = None) -> None:
         super().__init__()
         self.use_scan = use_scan
+        self.zero_pages: dict[int, np.ndarray] = {}  # start -> page indices on the zero page
 
     def arm(self, pid: int, target, vmas) -> None:
         self._start(pid)
         if self.use_scan is None:
             self.use_scan = supported(pid)
+        regs = regions(vmas)
+        tr = [r for r in regs if r.trackable]
+        _, self.zero_pages = self._scan(pid, tr) if self.use_scan else self._pagemap(pid, tr)
         clear_refs(pid)
-        self._remember(regions(vmas))
+        self._remember(regs)
 
     def collect(self, pid: int, vmas) -> Dirty:
         self._check_same(pid)
@@ -87,32 +91,46 @@ class SoftDirtyTracker(Tracker):
                                 "reading the bits and clearing them would be lost")
         regs = regions(vmas)
         keep, out = self._split(regs)
-        out.update(self._scan(pid, keep) if self.use_scan else self._pagemap(pid, keep))
+        tr = [r for r in regs if r.trackable]
+        sd, zero = self._scan(pid, tr) if self.use_scan else self._pagemap(pid, tr)
+        for r in keep:
+            # a page that became the zero page since the last collect changed (to zeros)
+            became_zero = np.setdiff1d(zero[r.start], self.zero_pages.get(r.start, NO_PAGES))
+            out[r.start] = np.union1d(sd[r.start], became_zero).astype(np.int64)
         clear_refs(pid)
+        self.zero_pages = zero
         self._remember(regs)
         return out
 
-    def _pagemap(self, pid: int, keep: list[Region]) -> Dirty:
+    def disarm(self) -> None:
+        super().disarm()
+        self.zero_pages = {}
+
+    def _pagemap(self, pid: int, regs: list[Region]) -> tuple[Dirty, Dirty]:
+        """(soft-dirty pages, zero-page pages) per mapping, from pagemap entries."""
         zp = np.uint64(zero_pfn())
-        out = {}
-        for r in keep:
+        sd, zero = {}, {}
+        for r in regs:
             pm = pagemap(pid, r.start, r.end)
-            dirty = (pm & PM_SOFT_DIRTY) != 0
+            sd[r.start] = np.flatnonzero((pm & PM_SOFT_DIRTY) != 0).astype(np.int64)
             if zp:
                 present = (pm & np.uint64(proc.PM_PRESENT)) != 0
-                dirty |= present & ((pm & PFN_MASK) == zp)
-            out[r.start] = np.flatnonzero(dirty).astype(np.int64)
-        return out
+                zero[r.start] = np.flatnonzero(present & ((pm & PFN_MASK) == zp)).astype(np.int64)
+            else:
+                zero[r.start] = NO_PAGES
+        return sd, zero
 
-    def _scan(self, pid: int, keep: list[Region]) -> Dirty:
-        keep = [r for r in keep if r.end <= MAX_END]
-        if not keep:
-            return {}
+    def _scan(self, pid: int, regs: list[Region]) -> tuple[Dirty, Dirty]:
+        """The same through PAGEMAP_SCAN (kernels with both soft-dirty and the ioctl)."""
+        regs = [r for r in regs if r.end <= MAX_END]
+        if not regs:
+            return {}, {}
         sc = Scanner(pid)
         try:
-            mask = PAGE_IS_SOFT_DIRTY | PAGE_IS_PFNZERO
-            s, e, _ = sc.scan(min(r.start for r in keep), max(r.end for r in keep), 0, mask,
-                              anyof_mask=mask)
+            lo, hi = min(r.start for r in regs), max(r.end for r in regs)
+            s, e, _ = sc.scan(lo, hi, PAGE_IS_SOFT_DIRTY, PAGE_IS_SOFT_DIRTY)
+            zs, ze, _ = sc.scan(lo, hi, PAGE_IS_PFNZERO, PAGE_IS_PFNZERO)
         finally:
             sc.close()
-        return split_by_region(pages_from_ranges(s, e), keep)
+        return (split_by_region(pages_from_ranges(s, e), regs),
+                split_by_region(pages_from_ranges(zs, ze), regs))

@@ -204,7 +204,7 @@ def host_khz() -> int:
 
 
 def run(command: str, timeout: float = 120, env: dict[str, str] | None = None,
-        rw_dir: str | None = None, memory_mb: int = 1024) -> tuple[int, str]:
+        rw_dir: str | None = None, memory_mb: int = 1024, cwd: str | None = None) -> tuple[int, str]:
     """Run `command` (a shell command line) in the guest: (exit status, output).
 
     Raises GuestError when the guest cannot be prepared or does not come up."""
@@ -219,7 +219,7 @@ def run(command: str, timeout: float = 120, env: dict[str, str] | None = None,
         initrd = work / "initrd.cpio"
         build_initramfs(moddir, rw_dir, cmdfile, initrd)
         lines = [f"export {k}={shlex.quote(v)}" for k, v in (env or {}).items()]
-        lines += ["export PYTHONDONTWRITEBYTECODE=1 HOME=/tmp", f"cd {shlex.quote(os.getcwd())}",
+        lines += ["export PYTHONDONTWRITEBYTECODE=1 HOME=/tmp", f"cd {shlex.quote(cwd or os.getcwd())}",
                   command, f'echo "{MARK}$?"', "/bin/busybox poweroff -f"]
         cmdfile.write_text("\n".join(lines) + "\n")
         append = " ".join([

@@ -11,6 +11,8 @@
  *   g ADDR N M        mremap N pages to M pages, may move; answer the new address
  *   p ADDR N PROT     mprotect (PROT as a number)
  *   b NBYTES          grow the heap with sbrk and write it; answer the old break
+ *   U ADDR N          register the range with a userfaultfd of our own (missing mode),
+ *                     so nobody else can register it (the fallback test)
  *   x                 exit(0) at once
  */
 #define _GNU_SOURCE
@@ -20,6 +22,10 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <linux/userfaultfd.h>
+#include <fcntl.h>
 
 #define PG 4096UL
 
@@ -50,7 +56,7 @@ int main(void) {
             for (size_t i = 0; i < len; i += PG) p[i] = 1;
             reply_addr(p);
         } else if (c == 'w') {
-            for (unsigned long i = 0; i < n; i++) ((volatile char *)a)[i * (m ? m : 1) * PG + 7] = (char)++counter;
+            for (unsigned long i = 0; i < n; i++) *(volatile unsigned long *)(a + i * (m ? m : 1) * PG + 8) = ++counter;  /* always a new value */
             ok();
         } else if (c == 'r') {
             for (unsigned long i = 0; i < n; i++) sink += ((volatile char *)a)[i * PG];
@@ -74,6 +80,13 @@ int main(void) {
             char *old = sbrk(nb);
             for (unsigned long i = 0; i < nb; i += PG) old[i] = 1;
             reply_addr(old);
+        } else if (c == 'U') {
+            int fd = syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+            struct uffdio_api api = {.api = UFFD_API};
+            struct uffdio_register reg = {.range = {a, n * PG}, .mode = UFFDIO_REGISTER_MODE_MISSING};
+            if (fd < 0 || ioctl(fd, UFFDIO_API, &api) || ioctl(fd, UFFDIO_REGISTER, &reg)) puts("err");
+            else puts("ok");
+            fflush(stdout);
         } else if (c == 'x') {
             _exit(0);
         }
