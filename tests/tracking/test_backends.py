@@ -7,6 +7,7 @@ not checked.
 """
 import os
 import random
+import select
 import signal
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 from hpcckpt.engine.freeze import freeze
 from hpcckpt.errors import HpcckptError, ProcessGoneError
 from hpcckpt.kernel import proc
+from hpcckpt.kernel.libc import pidfd_open
 from hpcckpt.tracking.scan import Scanner
 
 from .helpers import PAGE, Target, arm, collect, pages
@@ -146,7 +148,10 @@ def test_process_exits_mid_collect(backend, target, monkeypatch):
 
     def killing(orig):
         def wrapper(*a, **kw):
+            pidfd = pidfd_open(target.pid)
             os.kill(target.pid, signal.SIGKILL)
+            select.select([pidfd], [], [], 5)  # readable once it has exited
+            os.close(pidfd)
             return orig(*a, **kw)
         return wrapper
 

@@ -13,6 +13,7 @@
  *   b NBYTES          grow the heap with sbrk and write it; answer the old break
  *   U ADDR N          register the range with a userfaultfd of our own (missing mode),
  *                     so nobody else can register it (the fallback test)
+ *   t ADDR N STEP     like w, but answer the nanoseconds the writes took (benchmarks)
  *   x                 exit(0) at once
  */
 #define _GNU_SOURCE
@@ -26,6 +27,7 @@
 #include <sys/syscall.h>
 #include <linux/userfaultfd.h>
 #include <fcntl.h>
+#include <time.h>
 
 #define PG 4096UL
 
@@ -58,6 +60,13 @@ int main(void) {
         } else if (c == 'w') {
             for (unsigned long i = 0; i < n; i++) *(volatile unsigned long *)(a + i * (m ? m : 1) * PG + 8) = ++counter;  /* always a new value */
             ok();
+        } else if (c == 't') {
+            struct timespec t0, t1;
+            clock_gettime(CLOCK_MONOTONIC, &t0);
+            for (unsigned long i = 0; i < n; i++) *(volatile unsigned long *)(a + i * (m ? m : 1) * PG + 8) = ++counter;
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+            printf("%ld\n", (t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec));
+            fflush(stdout);
         } else if (c == 'r') {
             for (unsigned long i = 0; i < n; i++) sink += ((volatile char *)a)[i * PG];
             ok();
