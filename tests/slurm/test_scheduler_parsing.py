@@ -12,8 +12,10 @@ from datetime import timedelta
 
 import pytest
 
+from hpcckpt.errors import HpcckptError
 from hpcckpt.scheduler import (CommandsBackend, JobContext, JobSubmitDescription,
-                               NotInJobError, SchedulerError, select_backend)
+                               NotInJobError, SchedulerBackend, SchedulerError,
+                               select_backend)
 from hpcckpt.scheduler.commands import sbatch_options
 from hpcckpt.scheduler.hostlist import expand
 from hpcckpt.scheduler.pyslurm_backend import same_release
@@ -160,3 +162,8 @@ def test_select_backend_says_why_it_uses_commands(caplog):
     assert select_backend(prefer="commands").name == "commands"
     with pytest.raises(ValueError):
         select_backend(prefer="nope")
+
+
+def test_command_backend_fits_the_protocol_and_errors_fit_the_hierarchy():
+    assert isinstance(CommandsBackend(), SchedulerBackend)
+    assert issubclass(SchedulerError, HpcckptError)

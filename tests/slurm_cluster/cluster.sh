@@ -19,7 +19,7 @@
 #   HPCCKPT_SLURM_EXTRA_CONF a file whose lines are appended to slurm.conf
 #                            (Prolog=, PlugStackConfig=, ... for the integration tests)
 #
-# The settings are the ones measured in /work/shared/notes/slurm-test-cluster.md to make
+# The settings (why each: docs/slurm.md) are the measured ones that make
 # requeue, preemption and node failure take seconds instead of minutes.
 set -euo pipefail
 
