@@ -19,7 +19,7 @@ from ..errors import ProcessGoneError
 from ..kernel import proc
 from ..kernel.libc import PAGE_SIZE
 from .base import Dirty, Tracker, TrackingLostError
-from .reader import CHUNK, Reader, pagemap
+from .reader import CHUNK, Reader, pagemap, saved_mask
 from .regions import NO_PAGES, Region, regions
 
 NOT_SAVED = np.uint64(0)
@@ -28,12 +28,7 @@ NOT_SAVED = np.uint64(0)
 def _saved_mask(pid: int, r: Region) -> np.ndarray:
     """Which pages of the mapping the dump saves (engine.memory.pages_to_save's rule)."""
     pm = pagemap(pid, r.start, r.end)
-    present = (pm & np.uint64(proc.PM_PRESENT)) != 0
-    swapped = (pm & np.uint64(proc.PM_SWAPPED)) != 0
-    file_backed = r.inode > 0 or (r.inode == -1 and r.path.startswith("/"))
-    if file_backed:
-        return (present & ((pm & np.uint64(proc.PM_FILE)) == 0)) | swapped
-    return present | swapped
+    return saved_mask(pm, r.inode > 0 or (r.inode == -1 and r.path.startswith("/")))
 
 
 def region_digests(pid: int, r: Region, reader: Reader) -> np.ndarray:

@@ -74,3 +74,23 @@ def pagemap(pid: int, start: int, end: int):
     if pm is None or len(pm) != (end - start) // PAGE_SIZE:
         raise ProcessGoneError(f"process {pid} exited (or unmapped {start:#x}) while its pagemap was read")
     return pm
+
+
+PM_SWAP_TYPE_MASK = 0x1F
+PTE_MARKER_TYPE = 0x1F          # x86_64: the swap type pagemap shows for a pte marker
+
+
+def saved_mask(pm, file_backed: bool):
+    """The pages a dump must hold, from pagemap entries: present, or swapped out; of a
+    private file mapping only the process's own (anonymous) copies. A userfaultfd-wp pte
+    marker (left where a page was dropped while tracking, shown as a "swapped" entry of
+    type 31, a type no swap device gets) is an absent page, not a swapped one."""
+    import numpy as np
+    from ..kernel import proc
+    present = (pm & np.uint64(proc.PM_PRESENT)) != 0
+    swapped = (pm & np.uint64(proc.PM_SWAPPED)) != 0
+    marker = swapped & ((pm & np.uint64(PM_SWAP_TYPE_MASK)) == PTE_MARKER_TYPE)
+    swapped &= ~marker
+    if file_backed:
+        return (present & ((pm & np.uint64(proc.PM_FILE)) == 0)) | swapped
+    return present | swapped
