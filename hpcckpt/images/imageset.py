@@ -84,8 +84,8 @@ class ImageSet:
     # -- the inventory -----------------------------------------------------------------
     def seal(self, inv: pb.Inventory) -> None:
         """Record every file's digest and write the inventory last: the set is complete."""
-        for p in sorted(self.path.iterdir()):
-            if p.name != INVENTORY and p.is_file() and not p.name.endswith(".tmp"):
+        for p in sorted(self.path.iterdir()):  # ours only: a store may keep files beside them
+            if p.name != INVENTORY and p.is_file() and p.suffix in (".img", ".data"):
                 inv.digests[p.name].CopyFrom(digest_file(p))
         inv.format_version = FORMAT_VERSION
         self.write_message(INVENTORY, "inventory", inv)
