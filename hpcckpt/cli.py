@@ -54,18 +54,37 @@ def cmd_check(args) -> int:
 def cmd_dump(args) -> int:
     from .engine.dump import dump
     from .engine.files import FilePolicies
-    r = dump(args.pid, args.images, leave_running=args.leave_running,
-             policies=FilePolicies.parse(args.file_policy), show_progress=not args.quiet)
+    policies = FilePolicies.parse(args.file_policy)
+    where, r = _destination(args, True).checkpoint(
+        lambda path: dump(args.pid, path, leave_running=args.leave_running, policies=policies,
+                          show_progress=not args.quiet))
     if not args.quiet:
-        print(f"dumped process {r.pid} ({r.threads} threads) to {r.images}: "
+        print(f"dumped process {r.pid} ({r.threads} threads) to {where}: "
               f"{r.pages_bytes / 2**20:.1f} MiB of pages in {r.total_s:.3f} s, frozen {r.frozen_s:.3f} s"
               + ("" if args.leave_running else "; process killed"), file=sys.stderr)
     return 0
 
 
+def _images_to_restore(args) -> str:
+    if args.store:
+        from .store import Store
+        store = Store(args.store)
+        if args.job is None:
+            raise HpcckptError("--store needs --job NAME")
+        if args.checkpoint is not None:
+            return str(store.get(args.job, args.checkpoint).path)
+        c = store.restore_candidate(args.job)
+        for seq, problems in c.skipped:
+            print(f"hpcckpt: skipped damaged checkpoint {args.job}/{seq:08d}: {'; '.join(problems)}", file=sys.stderr)
+        return str(c.path)
+    if not args.images:
+        raise HpcckptError("say what to restore: --images DIR or --store ROOT --job NAME")
+    return args.images
+
+
 def cmd_restore(args) -> int:
     from .engine.restore import restore
-    r = restore(args.images, show_progress=not args.quiet)
+    r = restore(_images_to_restore(args), show_progress=not args.quiet)
     if not args.quiet:
         print(f"restored process {r.pid} ({r.threads} threads, {r.pages_bytes / 2**20:.1f} MiB) "
               f"in {r.total_s:.3f} s", file=sys.stderr)
@@ -81,9 +100,63 @@ def cmd_show(args) -> int:
     return 0
 
 
+def _signal(name: str) -> int:
+    try:
+        return int(getattr(signal, "SIG" + name.upper().removeprefix("SIG")))
+    except AttributeError:
+        raise argparse.ArgumentTypeError(f"unknown signal {name!r}") from None
+
+
+def _destination(args, required: bool):
+    from .destinations import open_destination
+    dest = open_destination(args.images, args.store, args.job, keep_last=getattr(args, "keep_last", None))
+    if required and dest is None:
+        from .errors import HpcckptError
+        raise HpcckptError("say where the images go: --images DIR or --store ROOT [--job NAME]")
+    return dest
+
+
 def cmd_run(args) -> int:
     from .runner import run
-    return run(args.command, images=args.images, every=args.every, quiet=args.quiet)
+    return run(args.command, dest=_destination(args, False), every=args.every, quiet=args.quiet,
+               checkpoint_signal=args.checkpoint_signal, final_signal=args.final_signal,
+               requeue=args.requeue)
+
+
+def cmd_ls(args) -> int:
+    from .store import Store, format_listing
+    print(format_listing(Store(args.store).list(args.job)))
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from .store import Store, plot_stats
+    print(plot_stats(Store(args.store), args.job, args.png))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    if args.store:
+        from .store import Store
+        store = Store(args.store)
+        ckpt = store.get(args.job, args.checkpoint) if args.checkpoint is not None else store.latest(args.job)
+        if ckpt is None:
+            raise HpcckptError(f"job {args.job!r} has no checkpoint in {args.store}")
+        problems = store.verify(ckpt)
+        target = str(ckpt.path)
+    else:
+        from .images.imageset import ImageSet
+        problems = []
+        try:
+            ImageSet(args.images).verify()
+        except HpcckptError as e:
+            problems = [str(e)]
+        target = args.images
+    for p in problems:
+        print(f"{target}: {p}")
+    if not problems:
+        print(f"{target}: verified")
+    return 1 if problems else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,13 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_check)
     d = sub.add_parser("dump", help="checkpoint a process into an image directory")
     d.add_argument("--pid", "-t", type=int, required=True)
-    d.add_argument("--images", "-D", required=True)
+    _where(d)
     d.add_argument("--leave-running", "-R", action="store_true", help="let the process run on after the dump")
     d.add_argument("--file-policy", action="append", metavar="PATH=rollback|keep|refuse",
                    help="what a restore does with files open for writing under PATH (default rollback)")
     d.set_defaults(func=cmd_dump)
     r = sub.add_parser("restore", help="restore a process; stays its parent unless --detach")
-    r.add_argument("--images", "-D", required=True)
+    _where(r)
+    r.add_argument("--checkpoint", type=int, help="with --store: this sequence number, not the newest")
     r.add_argument("--detach", "-d", action="store_true", help="print the PID and leave it running")
     r.set_defaults(func=cmd_restore)
     s = sub.add_parser("show", help="decode an image set")
@@ -109,11 +183,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_show)
     u = sub.add_parser("run", help="run a program in its own PID namespace, checkpointing it")
-    u.add_argument("--images", "-D", help="directory for the checkpoints (one subdirectory each)")
+    _where(u)
     u.add_argument("--every", type=float, help="seconds between checkpoints")
+    u.add_argument("--keep-last", type=int, help="with --store: keep only the newest N checkpoints")
+    u.add_argument("--checkpoint-signal", type=_signal, default=signal.SIGUSR1,
+                   help="take a checkpoint and run on (default USR1; not forwarded to the job)")
+    u.add_argument("--final-signal", type=_signal, default=signal.SIGTERM,
+                   help="take a checkpoint and stop the job (default TERM)")
+    u.add_argument("--requeue", action=argparse.BooleanOptionalAction, default=None,
+                   help="after a final checkpoint, requeue the Slurm job (default: inside Slurm)")
     u.add_argument("command", nargs=argparse.REMAINDER)
     u.set_defaults(func=cmd_run)
+    ls = sub.add_parser("ls", help="list the checkpoints in a store")
+    ls.add_argument("--store", required=True)
+    ls.add_argument("--job")
+    ls.set_defaults(func=cmd_ls)
+    st = sub.add_parser("stats", help="plot a job's checkpoint sizes and durations (PNG)")
+    st.add_argument("--store", required=True)
+    st.add_argument("--job", required=True)
+    st.add_argument("--png", default="hpcckpt-stats.png")
+    st.set_defaults(func=cmd_stats)
+    v = sub.add_parser("verify", help="check an image set (and its parents) against its digests")
+    _where(v)
+    v.add_argument("--checkpoint", type=int)
+    v.set_defaults(func=cmd_verify)
     return ap
+
+
+def _where(p) -> None:
+    p.add_argument("--images", "-D", help="image directory")
+    p.add_argument("--store", help="image store root (shared filesystem)")
+    p.add_argument("--job", help="job name in the store (inside Slurm: slurm-JOBID)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,115 @@
+"""Where `hpcckpt run` and `dump` put checkpoints and where a resume finds them.
+
+Two kinds, one interface: a plain directory (DIR/ckpt-NNNN plus an atomically switched
+DIR/latest link), or a job in the image store (atomic publish, checksums, fencing by
+generation, catalog, retention). Both promise the same thing: a resume only ever sees a
+complete image.
+"""
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .engine.dump import DumpResult
+from .errors import HpcckptError
+from .store import NoRestorableCheckpointError, Store
+
+
+class ImageDir:
+    """DIR/ckpt-NNNN, with DIR/latest pointing at the newest sealed one."""
+
+    notes: list[str] = []
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def latest(self) -> Path | None:
+        link = self.root / "latest"
+        return self.root / os.readlink(link) if link.is_symlink() else None
+
+    def checkpoint(self, do_dump: Callable[[Path], DumpResult]) -> tuple[str, DumpResult]:
+        seqs = [int(p.name[5:]) for p in self.root.glob("ckpt-*") if p.name[5:].isdigit()]
+        name = f"ckpt-{max(seqs, default=0) + 1:04d}"
+        r = do_dump(self.root / name)
+        tmp = self.root / f".latest.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        os.symlink(name, tmp)
+        os.replace(tmp, self.root / "latest")
+        return str(self.root / name), r
+
+
+@dataclass
+class StoreJob:
+    """One job in an image store, written as one generation of it."""
+    store: Store
+    job: str
+    generation: int
+    keep_last: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, root: str, job: str | None, generation: int | None, keep_last: int | None) -> "StoreJob":
+        store = Store(root)
+        job = job or default_job_name()
+        if generation is None:
+            generation = slurm_generation()
+        if generation is None:
+            generation = store.next_generation(job)
+        return cls(store, job, generation, keep_last)
+
+    def latest(self) -> Path | None:
+        try:
+            c = self.store.restore_candidate(self.job)
+        except NoRestorableCheckpointError as e:
+            if e.args and "no checkpoints" in str(e):
+                return None
+            raise
+        # said after the restore: restoring rolls a shared stderr file back to its size at
+        # the checkpoint, which would erase anything printed before
+        self.notes = [f"skipped damaged checkpoint {self.job}/{seq:08d}: {'; '.join(problems)}"
+                      for seq, problems in c.skipped]
+        return c.path
+
+    def checkpoint(self, do_dump: Callable[[Path], DumpResult]) -> tuple[str, DumpResult]:
+        w = self.store.begin(self.job, self.generation)
+        try:
+            r = do_dump(w.path)
+        except BaseException:
+            w.abort()
+            raise
+        c = w.publish({"host": socket.gethostname(), "nprocs": 1, "memory_bytes": r.memory_bytes,
+                       "pages_written": r.pages_bytes // 4096, "freeze_s": r.frozen_s,
+                       "dump_s": r.total_s, "backend": "full",
+                       "write_rate_gbs": np.array([r.pages_bytes / max(r.total_s, 1e-9) / 1e9])})
+        if self.keep_last:
+            self.store.apply_retention(self.job, keep_last=self.keep_last)
+        return f"{self.job}/{c.seq:08d}", r
+
+
+def slurm_generation() -> int | None:
+    """Inside a Slurm job: its restart count, the fencing generation of this run."""
+    if not (os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID")):
+        return None
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
+def default_job_name() -> str:
+    jid = os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID")
+    if jid:
+        return f"slurm-{jid}"
+    raise HpcckptError("name the job with --job NAME (outside Slurm there is no job id to name it by)")
+
+
+def open_destination(images: str | None, store: str | None, job: str | None, generation: int | None = None,
+                     keep_last: int | None = None):
+    if images and store:
+        raise HpcckptError("give either --images DIR or --store ROOT, not both")
+    if store:
+        return StoreJob.open(store, job, generation, keep_last)
+    if images:
+        return ImageDir(images)
+    return None
