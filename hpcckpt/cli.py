@@ -55,9 +55,14 @@ def cmd_dump(args) -> int:
     from .engine.dump import dump
     from .engine.files import FilePolicies
     policies = FilePolicies.parse(args.file_policy)
-    where, r = _destination(args, True).checkpoint(
-        lambda path: dump(args.pid, path, leave_running=args.leave_running, policies=policies,
-                          show_progress=not args.quiet))
+
+    def do_dump(path):
+        return dump(args.pid, path, leave_running=args.leave_running, policies=policies,
+                    show_progress=not args.quiet)
+    if args.images and not args.store:  # the image set itself, as CRIU's -D
+        where, r = args.images, do_dump(args.images)
+    else:
+        where, r = _destination(args, True).checkpoint(do_dump)
     if not args.quiet:
         print(f"dumped process {r.pid} ({r.threads} threads) to {where}: "
               f"{r.pages_bytes / 2**20:.1f} MiB of pages in {r.total_s:.3f} s, frozen {r.frozen_s:.3f} s"
