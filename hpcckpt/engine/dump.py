@@ -1,4 +1,4 @@
-"""Dump one process (all its threads) to an image set.
+"""Dump a process tree (every process with all its threads) to an image set.
 
 Order matters for the promises we make: everything that can refuse (unsupported fds,
 mappings, timers) is looked at while the process is frozen but before anything is
@@ -22,12 +22,14 @@ from ..kernel import elf, proc, ptrace, vdso
 from ..kernel.arch import current as arch
 from ..kernel.inject import Injector, Mem, find_syscall_insn
 from ..progress import Progress
-from . import files, memory
-from .freeze import Frozen, freeze
+from . import files, memory, shared
+from . import tree as ptree
+from .freeze import Frozen
 
 SCRATCH = 1 << 16
 MAP_PRIVATE_ANON = 0x22
 PR_GET_TID_ADDRESS = 40
+PR_GET_CHILD_SUBREAPER = 37
 SIG_NUMBERS = [s for s in range(1, 65) if s not in (9, 19)]
 
 
@@ -40,6 +42,7 @@ class DumpResult:
     pages_bytes: int       # bytes of page data written
     frozen_s: float        # how long the process could not run
     total_s: float
+    processes: int = 1     # processes in the tree (zombies included)
 
 
 def _creds(st: dict[str, str]) -> pb.Creds:
@@ -102,8 +105,7 @@ def _thread_state(pid: int, tid: int, inj: Injector, scratch: _Scratch) -> pb.Th
 
 def _process_state(pid: int, st: dict[str, str], inj: Injector, scratch: _Scratch) -> pb.Process:
     f = proc.stat_fields(pid)
-    p = pb.Process(pid=proc.ns_pids(pid)[-1], ppid=int(f[1]), pgid=int(f[2]), sid=int(f[3]),
-                   creds=_creds(st), comm=proc.comm(pid), personality=proc.personality(pid),
+    p = pb.Process(pid=proc.ns_pids(pid)[-1], creds=_creds(st), comm=proc.comm(pid), personality=proc.personality(pid),
                    umask=int(st.get("Umask", "0022"), 8), cwd=proc.link(pid, "cwd"),
                    root=proc.link(pid, "root"))
     a = scratch.addr
@@ -125,6 +127,8 @@ def _process_state(pid: int, st: dict[str, str], inj: Injector, scratch: _Scratc
         p.rlimits.append(pb.Rlimit(resource=r, cur=cur, max=mx))
     p.shared_pending.extend(ptrace.peek_siginfo(pid, shared=True))
     brk = inj.syscall("brk", 0)
+    inj.syscall("prctl", PR_GET_CHILD_SUBREAPER, a)
+    p.subreaper = struct.unpack("<i", scratch.mem.read(a, 4))[0] != 0
     p.mm.CopyFrom(pb.Mm(start_code=int(f[23]), end_code=int(f[24]), start_stack=int(f[25]),
                         start_data=int(f[42]), end_data=int(f[43]), start_brk=int(f[44]),
                         arg_start=int(f[45]), arg_end=int(f[46]), env_start=int(f[47]),
@@ -151,14 +155,20 @@ def _cpu_flags() -> list[str]:
     return []
 
 
-def _capture(fr: Frozen, iset: ImageSet, policies: files.FilePolicies, st: dict) -> tuple[pb.Process, list]:
+def _capture(fr: Frozen, iset: ImageSet, policies: files.FilePolicies, st: dict,
+             descs: shared.Descriptions | None = None,
+             shm: "ShmemTable | None" = None) -> tuple[pb.Process, list]:
     """Everything but the pages, while frozen. Leaves the target exactly as found."""
     pid = fr.pid
     vmas = proc.maps(pid)
     pvmas = [memory.describe(pid, v) for v in vmas]
+    if shm is not None:
+        for v, pv in zip(vmas, pvmas):
+            if shared.is_shared_object(v):
+                pv.shmid = shm.add(pid, v)
     if proc.posix_timers(pid).strip():
         raise UnsupportedError(f"process {pid} has POSIX timers (timer_create), not supported yet")
-    fds = files.dump_fds(pid, iset.path, policies)
+    fds = files.dump_fds(pid, iset.path, policies, descs)
     ip = find_syscall_insn(pid, vmas)
     mem = Mem(pid)
     injectors = {}
@@ -189,61 +199,154 @@ def _capture(fr: Frozen, iset: ImageSet, policies: files.FilePolicies, st: dict)
     return p, vmas
 
 
+class ShmemTable:
+    """Shared memory objects of the tree, by inode; each saved once to shmem-ID.img."""
+
+    def __init__(self, images: Path):
+        self.images = images
+        self.ids: dict[tuple[str, int], int] = {}
+        self.objects: list[pb.ShmemObject] = []
+
+    def add(self, pid: int, v: proc.Vma) -> int:
+        key = (v.dev, v.inode)
+        if key not in self.ids:
+            oid = len(self.objects) + 1
+            name = f"shmem-{oid}.img"
+            try:
+                size = shared.save_object(pid, v, self.images / name)
+            except OSError as e:
+                raise KernelError(f"process {pid}: cannot save shared memory {v.path} at "
+                                  f"{v.start:#x}: {e.strerror}") from None
+            self.objects.append(pb.ShmemObject(id=oid, size=size, data_file=name,
+                                               path=shared.named_shm_path(v.path)))
+            self.ids[key] = oid
+        return self.ids[key]
+
+
+def _tree_ids(ft: ptree.FrozenTree) -> dict[int, int]:
+    """Host PID -> PID in the tree's own namespace, for every member."""
+    out = {}
+    depth = len(proc.ns_pids(ft.root))
+    for pid in ft.order:
+        ns = proc.ns_pids(pid)
+        if len(ns) != depth:
+            raise UnsupportedError(f"process {pid} runs in a PID namespace of its own inside the tree; "
+                                   "not supported")
+        out[pid] = ns[-1]
+    return out
+
+
+def _relations(ft: ptree.FrozenTree, pid: int, ns: dict[int, int], p: pb.Process) -> None:
+    """ppid, pgid and sid as the tree's namespace numbers them; 0 means 'outside the
+    tree: whatever the restoring parent has', which is legal only where the root has it."""
+    e, r = ft.table[pid], ft.table[ft.root]
+    p.orphan = pid in ft.orphans
+    p.ppid = ns.get(e.ppid, 1 if p.orphan else 0) if pid != ft.root else 0
+    for name in ("pgid", "sid"):
+        host = getattr(e, name)
+        if host in ns:
+            setattr(p, name, ns[host])
+        elif host == getattr(r, name):
+            setattr(p, name, 0)
+        else:
+            kind = "process group" if name == "pgid" else "session"
+            raise UnsupportedError(
+                f"process {pid} is in {kind} {host}, whose leader is neither in the tree nor "
+                f"shared with the tree's root {ft.root}; not supported yet")
+
+
+def _zombie(pid: int, ns: dict[int, int]) -> pb.Process:
+    f = proc.stat_fields(pid)
+    code = int(f[49]) if len(f) > 49 else 0   # /proc/PID/stat field 52: exit_code (wait status)
+    return pb.Process(pid=ns[pid], comm=proc.comm(pid), zombie=True,
+                      exit_code=(code >> 8) & 0xFF, exit_signal=code & 0x7F)
+
+
 def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
-         policies: files.FilePolicies | None = None, show_progress: bool = True) -> DumpResult:
-    """Checkpoint `pid` into `images`; kill it afterwards unless `leave_running`."""
+         policies: files.FilePolicies | None = None, show_progress: bool = True,
+         tree: bool = True) -> DumpResult:
+    """Checkpoint `pid` and (unless `tree=False`) all its descendants into `images`;
+    kill them all afterwards unless `leave_running`."""
     t0 = time.monotonic()
-    st = check_owner(pid)
+    check_owner(pid)
     fresh_dir = not os.path.exists(images)
     iset = ImageSet(images, create=True)
     created = set(os.listdir(iset.path))
-    fr = freeze(pid)
+    ft = ptree.freeze_tree(pid, tree)
     t_frozen = time.monotonic()
     try:
-        p, _ = _capture(fr, iset, policies or files.FilePolicies(), st)
-        pages = pb.Pagemap(pages_file=f"pages-{p.pid}.img")
-        plan = [(v, memory.pages_to_save(pid, v)) for v in p.mm.vmas]
-        total = sum(n for _, runs in plan for _, n in runs)
+        ns = _tree_ids(ft)
+        statuses = {p: check_owner(p) for p in ft.frozen}
+        descs = shared.Descriptions.collect(list(ft.frozen))
+        shm = ShmemTable(iset.path)
+        procs: dict[int, pb.Process] = {}
+        for p_host in ft.order:
+            if p_host in ft.zombies:
+                procs[p_host] = _zombie(p_host, ns)
+            else:
+                procs[p_host] = _capture(ft.frozen[p_host], iset, policies or files.FilePolicies(),
+                                         statuses[p_host], descs, shm)[0]
+            _relations(ft, p_host, ns, procs[p_host])
+        plans = {h: [(v, memory.pages_to_save(h, v)) for v in procs[h].mm.vmas]
+                 for h in ft.order if h not in ft.zombies}
+        total = sum(n for plan in plans.values() for _, runs in plan for _, n in runs)
         prog = Progress(f"dump {pid}", total, enabled=show_progress)
-        fd = os.open(iset.path / pages.pages_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        writer = memory.PageWriter(pid, fd)
-        try:
-            for _, runs in plan:
-                for addr, n in runs:
-                    off = writer.copy(addr, n)
-                    pages.runs.append(pb.PageRun(vaddr=addr, nr_pages=n // memory.PAGE_SIZE, offset=off))
-                    prog(n)
-            os.fsync(fd)
-        except OSError as e:
-            if e.errno == 3:
-                raise ProcessGoneError(f"process {pid} exited during the dump") from None
-            raise KernelError(f"writing pages of process {pid} to {iset.path}: {e.strerror}") from None
-        finally:
-            writer.close()
-            os.close(fd)
+        pages_bytes = 0
+        for h in ft.order:
+            p = procs[h]
+            pages = pb.Pagemap(pages_file=f"pages-{p.pid}.img")
+            if h not in ft.zombies:
+                _write_pages(h, iset, pages, plans[h], prog)
+                pages_bytes += pages.pages_bytes
+            iset.write_message(f"process-{p.pid}.img", "process", p)
+            iset.write_message(f"pagemap-{p.pid}.img", "pagemap", pages)
         prog.finish()
-        pages.pages_bytes = writer.offset
-        iset.write_message(f"process-{p.pid}.img", "process", p)
-        iset.write_message(f"pagemap-{p.pid}.img", "pagemap", pages)
-        inv = _inventory(p, pid)
+        root = procs[pid]
+        inv = _inventory(root, pid)
+        inv.pids[:] = [procs[h].pid for h in ft.order]
+        inv.shmem.extend(shm.objects)
+        for h in ft.order:
+            if h not in ft.zombies and h != pid:
+                inv.files.extend(f for f in _mapped_files(list(procs[h].mm.vmas), procs[h].mm.exe)
+                                 if f.path not in {x.path for x in inv.files})
         if leave_running:
-            fr.thaw()
+            ft.thaw()
             t_thawed = time.monotonic()
             iset.seal(inv)
         else:
             iset.seal(inv)
             t_thawed = time.monotonic()
-            fr.kill()
+            ft.kill()
     except BaseException:
-        fr.thaw()
+        ft.thaw()
         _remove_new(iset.path, created)
         if fresh_dir:
             shutil.rmtree(iset.path, ignore_errors=True)
         raise
-    return DumpResult(pid=pid, images=iset.path, threads=len(fr.tids),
-                      memory_bytes=sum(v.end - v.start for v in p.mm.vmas),
-                      pages_bytes=pages.pages_bytes, frozen_s=t_thawed - t_frozen,
-                      total_s=time.monotonic() - t0)
+    return DumpResult(pid=pid, images=iset.path, threads=ft.threads,
+                      memory_bytes=sum(v.end - v.start for p in procs.values() for v in p.mm.vmas),
+                      pages_bytes=pages_bytes, frozen_s=t_thawed - t_frozen,
+                      total_s=time.monotonic() - t0, processes=len(ft.order))
+
+
+def _write_pages(pid: int, iset: ImageSet, pages: pb.Pagemap, plan, prog) -> None:
+    fd = os.open(iset.path / pages.pages_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    writer = memory.PageWriter(pid, fd)
+    try:
+        for _, runs in plan:
+            for addr, n in runs:
+                off = writer.copy(addr, n)
+                pages.runs.append(pb.PageRun(vaddr=addr, nr_pages=n // memory.PAGE_SIZE, offset=off))
+                prog(n)
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno == 3:
+            raise ProcessGoneError(f"process {pid} exited during the dump") from None
+        raise KernelError(f"writing pages of process {pid} to {iset.path}: {e.strerror}") from None
+    finally:
+        writer.close()
+        os.close(fd)
+    pages.pages_bytes = writer.offset
 
 
 def _inventory(p: pb.Process, pid: int) -> pb.Inventory:

@@ -73,46 +73,48 @@ def peek_pipe(pid: int, fd: int) -> bytes:
             os.close(x)
 
 
-def dump_fds(pid: int, images: Path, policies: FilePolicies) -> list[pb.Fd]:
-    """Describe every open descriptor; refuse kinds we cannot restore, naming them."""
-    fds = proc.fds(pid)
-    targets = {fd: proc.link(pid, f"fd/{fd}") for fd in fds}
-    pipe_ends: dict[str, list[int]] = {}
-    for fd, t in targets.items():
-        if t.startswith("pipe:"):
-            pipe_ends.setdefault(t, []).append(fd)
+def dump_fds(pid: int, images: Path, policies: FilePolicies, descs=None) -> list[pb.Fd]:
+    """Describe every open descriptor; refuse kinds we cannot restore, naming them.
+
+    `descs` (shared.Descriptions of the whole tree) says which fds share a description
+    and which pipes have both ends inside the tree; content shared by several fds
+    (pipe data, a deleted file) is saved with the first of them only.
+    """
+    from .shared import Descriptions
+    if descs is None:
+        descs = Descriptions.collect([pid])
     out = []
-    for fd in fds:
-        t = targets[fd]
-        info = proc.fdinfo(pid, fd)
-        flags = int(info["flags"], 8)
+    for (p, fd), ref in sorted(descs.fds.items()):
+        if p != pid:
+            continue
+        t, st, info = ref.target, ref.st, ref.info
+        flags = ref.flags
+        fid = descs.ids[(p, fd)]
         e = pb.Fd(fd=fd, flags=flags & ~O_CLOEXEC, cloexec=bool(flags & O_CLOEXEC),
-                  pos=int(info.get("pos", 0)), path=t)
-        try:
-            st = os.stat(f"/proc/{pid}/fd/{fd}")
-        except FileNotFoundError:
-            raise UnsupportedError(f"process {pid}: fd {fd} ({t}) vanished during the dump") from None
-        leads_out = t.startswith(("pipe:", "socket:")) or (
+                  pos=int(info.get("pos", 0)), path=t, file_id=fid)
+        leads_out = (t.startswith("pipe:") and not descs.pipe_inside(st.st_ino)) or t.startswith("socket:") or (
             stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) in TTY_MAJORS)
-        if fd <= 2 and leads_out and not (t.startswith("pipe:") and len(pipe_ends[t]) > 1):
+        if fd <= 2 and leads_out:
             e.kind = pb.INHERITED
         elif t.startswith("pipe:"):
-            if len(pipe_ends[t]) < 2:
+            if not descs.pipe_inside(st.st_ino):
                 raise UnsupportedError(
-                    f"process {pid}: fd {fd} is a pipe ({t}) leading outside the process; "
-                    "only pipes with both ends inside are supported so far")
+                    f"process {pid}: fd {fd} is a pipe ({t}) leading outside the process tree; "
+                    "only pipes with both ends inside the tree are supported so far")
             e.kind = pb.PIPE
             e.pipe_id = st.st_ino
-            if flags & O_ACCMODE == os.O_RDONLY:
+            e.pipe_size = fcntl_pipe_size(pid, fd)
+            if flags & O_ACCMODE == os.O_RDONLY and descs.first(("pipe", st.st_ino)):
                 e.pipe_data = peek_pipe(pid, fd)
         elif stat.S_ISREG(st.st_mode):
             e.size, e.mtime_ns, e.mode = st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)
             if st.st_nlink == 0:
                 e.kind = pb.DELETED_FILE
-                e.data_file = f"file-{pid}-{fd}.data"
-                with open(f"/proc/{pid}/fd/{fd}", "rb") as src, open(images / e.data_file, "wb") as dst:
-                    while chunk := src.read(1 << 20):
-                        dst.write(chunk)
+                e.data_file = f"file-{fid}.data"
+                if descs.first(("file", fid)):
+                    with open(f"/proc/{pid}/fd/{fd}", "rb") as src, open(images / e.data_file, "wb") as dst:
+                        while chunk := src.read(1 << 20):
+                            dst.write(chunk)
             else:
                 e.kind = pb.REGULAR
                 e.policy = policies.for_path(t) if flags & O_ACCMODE else pb.KEEP
@@ -122,10 +124,24 @@ def dump_fds(pid: int, images: Path, policies: FilePolicies) -> list[pb.Fd]:
             e.kind = pb.CHAR_DEVICE
         else:
             kind = t.split(":", 1)[0] if ":" in t else stat.filemode(st.st_mode)
+            if t.startswith("anon_inode:"):
+                kind = t.split(":", 1)[1].strip("[]")
             raise UnsupportedError(
                 f"process {pid}: fd {fd} is a {kind} ({t}), which hpcckpt cannot checkpoint yet")
         out.append(e)
     return out
+
+
+def fcntl_pipe_size(pid: int, fd: int) -> int:
+    pidfd = pidfd_open(pid)
+    try:
+        local = pidfd_getfd(pidfd, fd)
+    finally:
+        os.close(pidfd)
+    try:
+        return fcntl.fcntl(local, F_GETPIPE_SZ)
+    finally:
+        os.close(local)
 
 
 def check_files(fds: list[pb.Fd]) -> None:

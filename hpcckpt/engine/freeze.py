@@ -34,6 +34,10 @@ class Frozen:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             return
+        self.reap()
+
+    def reap(self) -> None:
+        """After a SIGKILL: take the exit notifications owed to us as tracer."""
         # Collect the exit notifications we are owed as tracer; the leader's comes only
         # after every other thread's has been collected.
         for tid in sorted(self.tids, key=lambda t: t == self.pid):

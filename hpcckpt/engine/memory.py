@@ -65,6 +65,8 @@ def pages_to_save(pid: int, vma: pb.Vma) -> list[tuple[int, int]]:
     """(address, length) runs of one mapping whose content the image must hold."""
     if vma.kind in (pb.VDSO, pb.VVAR, pb.VVAR_VCLOCK, pb.VSYSCALL, pb.FILE_SHARED):
         return []
+    if vma.shmid:      # saved once for the whole tree, in shmem-ID.img
+        return []
     if vma.kind == pb.ANON_SHARED:
         return [(vma.start, vma.end - vma.start)]
     pm = proc.pagemap(pid, vma.start, vma.end)

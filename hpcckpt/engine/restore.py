@@ -1,4 +1,4 @@
-"""Restore one process from an image set.
+"""Restore a process tree from an image set.
 
 Everything that can be checked without touching a process is checked first (digests,
 format, kernel and vDSO, mapped files, files to reopen, PIDs, ownership). Then a traced
@@ -24,7 +24,7 @@ from ..kernel.inject import Injector, Mem, find_syscall_insn
 from ..kernel.libc import PAGE_SIZE, pidfd_getfd, pidfd_open
 from ..progress import Progress
 from . import files, memory, pidns
-from .launch import launch_stub
+from .create import create_tree
 
 SCRATCH = 1 << 16
 WINDOW = 32 << 20           # scratch plus room to park the vDSO family while moving it
@@ -33,7 +33,8 @@ MAP_PRIVATE, MAP_SHARED, MAP_FIXED, MAP_ANON, MAP_GROWSDOWN = 0x2, 0x1, 0x10, 0x
 MAP_FIXED_NOREPLACE = 0x100000
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 PR_SET_MM, PR_SET_MM_MAP, PR_SET_NAME = 35, 14, 15
-F_DUPFD_CLOEXEC, F_SETFL = 1030, 4
+F_DUPFD_CLOEXEC, F_SETFL, F_SETPIPE_SZ = 1030, 4, 1031
+PR_SET_CHILD_SUBREAPER = 36
 CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000
 KIND_NAMES = {pb.VDSO: "[vdso]", pb.VVAR: "[vvar]", pb.VVAR_VCLOCK: "[vvar_vclock]"}
 
@@ -44,6 +45,7 @@ class Restored:
     threads: int
     pages_bytes: int
     total_s: float
+    processes: int = 1
 
 
 # -- checks that touch nothing ---------------------------------------------------------
@@ -142,6 +144,18 @@ class Target:
         self.sys("mmap", self.scratch, SCRATCH, 3, MAP_PRIVATE | MAP_ANON | MAP_FIXED_NOREPLACE, -1, 0)
         self._off = 0
         self.stub_vmas = svmas
+        self.ns_pid = ns_pid
+        self.shm_fds: dict[int, int] = {}       # shared memory object id -> fd here
+        self.pidfds: dict[int, int] = {}        # other tree member's PID -> pidfd here
+        self.extra_fds: list[int] = []          # staged fds others may take; closed at install
+
+    def take_fd(self, owner: "Target", fd: int) -> int:
+        """Duplicate `owner`'s fd into this process: the same open file description."""
+        if owner is self:
+            return self.sys("fcntl", fd, F_DUPFD_CLOEXEC, 0)
+        if owner.ns_pid not in self.pidfds:
+            self.pidfds[owner.ns_pid] = self.sys("pidfd_open", owner.ns_pid, 0)
+        return self.sys("pidfd_getfd", self.pidfds[owner.ns_pid], fd, 0)
 
     def sys(self, name: str, *args: int, tid: int | None = None, check: bool = True) -> int:
         return (self.threads[tid] if tid else self.main).syscall(name, *args, check=check)
@@ -230,7 +244,7 @@ def _map_vmas(t: Target, vmas: list[pb.Vma], written: set[int]) -> None:
             prot = v.prot | (memory.PROT["w"] if v.start in written else 0)
             size = v.end - v.start
             fd, flags = -1, MAP_FIXED
-            if v.kind in (pb.FILE_PRIVATE, pb.FILE_SHARED):
+            if v.kind in (pb.FILE_PRIVATE, pb.FILE_SHARED) and not v.shmid:
                 mode = os.O_RDWR if v.kind == pb.FILE_SHARED and v.prot & memory.PROT["w"] else os.O_RDONLY
                 if (v.path, mode) not in opened:
                     res = t.sys("openat", AT_FDCWD, t.cstr(v.path), mode | os.O_CLOEXEC, check=False)
@@ -239,6 +253,8 @@ def _map_vmas(t: Target, vmas: list[pb.Vma], written: set[int]) -> None:
                     opened[(v.path, mode)] = res
                 fd = opened[(v.path, mode)]
                 flags |= MAP_SHARED if v.kind == pb.FILE_SHARED else MAP_PRIVATE
+            elif v.shmid:
+                fd, flags = t.shm_fds[v.shmid], MAP_FIXED | MAP_SHARED
             elif v.kind == pb.ANON_SHARED:
                 flags |= MAP_SHARED | MAP_ANON
             else:
@@ -262,71 +278,137 @@ def _finish_vmas(t: Target, vmas: list[pb.Vma], written: set[int]) -> None:
             t.sys("madvise", v.start, v.end - v.start, memory.MADVISE[flag], check=False)
 
 
-def _restore_fds(t: Target, fds: list[pb.Fd], iset: ImageSet) -> None:
-    """Open everything at high numbers first, then move each to its own number."""
-    have = set(proc.fds(t.pid))
-    base = max([e.fd for e in fds] + list(have) + [2]) + 1
-    keep = {e.fd for e in fds if e.kind == pb.INHERITED and e.fd in have}
+@dataclass
+class Shared:
+    """What processes of the tree share, as recreated so far: the first process that
+    needs a description or shared memory object makes it, the others take it from there."""
+    desc: dict[int, tuple["Target", int]]            # file id -> (owner, its staged fd)
+    pipes: dict[int, tuple["Target", int, int]]      # pipe inode -> (owner, read fd, write fd)
+    shm: dict[int, tuple["Target", int]]             # object id -> (owner, fd)
+    objects: dict[int, pb.ShmemObject]
+
+
+def _local_copy(t: Target, fd: int) -> int:
+    """The target's fd, duplicated into this (the restoring) process."""
     pidfd = pidfd_open(t.pid)
-    staged: list[tuple[int, pb.Fd]] = []
-    pipes: dict[int, tuple[int, int]] = {}
     try:
-        for e in fds:
-            if e.kind == pb.INHERITED:
-                if e.fd in keep:
-                    continue
-                fd = t.sys("openat", AT_FDCWD, t.cstr("/dev/null"), os.O_RDWR)
-            elif e.kind == pb.PIPE:
-                if e.pipe_id not in pipes:
-                    ends = t.put(bytes(8))
-                    t.sys("pipe2", ends, 0)
-                    r, w = struct.unpack("<ii", t.mem.read(ends, 8))
-                    pipes[e.pipe_id] = (r, w)
-                r, w = pipes[e.pipe_id]
-                fd = t.sys("fcntl", r if e.flags & files.O_ACCMODE == os.O_RDONLY else w, F_DUPFD_CLOEXEC, base)
-                if e.pipe_data:
-                    local = pidfd_getfd(pidfd, w)
-                    try:
-                        os.write(local, e.pipe_data)
-                    finally:
-                        os.close(local)
-                t.sys("fcntl", fd, F_SETFL, e.flags & ~files.O_ACCMODE)
-            elif e.kind == pb.DELETED_FILE:
-                d = os.path.dirname(e.path.removesuffix(" (deleted)")) or "/tmp"
-                fd = t.sys("openat", AT_FDCWD, t.cstr(d if os.path.isdir(d) else "/tmp"),
-                           files.O_TMPFILE | os.O_RDWR, e.mode or 0o600)
-                local = pidfd_getfd(pidfd, fd)
-                try:
-                    with open(iset.path / e.data_file, "rb") as src:
-                        while chunk := src.read(1 << 20):
-                            os.write(local, chunk)
-                finally:
-                    os.close(local)
-                t.sys("lseek", fd, e.pos, 0)
-            else:
-                flags = e.flags & ~(files.O_CREAT | files.O_EXCL | files.O_TRUNC)
-                if e.kind == pb.DIRECTORY:
-                    flags |= files.O_DIRECTORY
-                fd = t.sys("openat", AT_FDCWD, t.cstr(e.path), flags, check=False)
-                if fd < 0:
-                    raise RestoreError(f"fd {e.fd}: cannot open {e.path}: {os.strerror(-fd)}")
-                if e.kind == pb.REGULAR and e.policy == pb.ROLLBACK and e.flags & files.O_ACCMODE:
-                    t.sys("ftruncate", fd, e.size)
-                if e.kind == pb.REGULAR:
-                    t.sys("lseek", fd, e.pos, 0)
-            high = t.sys("fcntl", fd, F_DUPFD_CLOEXEC, base)
-            t.sys("close", fd)
-            staged.append((high, e))
-        for r, w in pipes.values():
-            t.sys("close", r)
-            t.sys("close", w)
-        for fd in have - keep:
-            t.sys("close", fd, check=False)
-        for high, e in staged:
-            t.sys("dup3", high, e.fd, os.O_CLOEXEC if e.cloexec else 0)
-            t.sys("close", high)
+        return pidfd_getfd(pidfd, fd)
     finally:
         os.close(pidfd)
+
+
+def _open_shmem(t: Target, vmas: list[pb.Vma], sh: Shared, iset: ImageSet) -> None:
+    """An fd in `t` for every shared memory object it maps; made and filled once."""
+    for oid in sorted({v.shmid for v in vmas if v.shmid}):
+        if oid in sh.shm:
+            t.shm_fds[oid] = t.take_fd(*sh.shm[oid])
+            continue
+        obj = sh.objects.get(oid)
+        if obj is None:
+            raise ImageError(f"{iset.path}: process {t.ns_pid} maps shared memory object {oid}, "
+                             "which the inventory does not list")
+        if obj.path:
+            fd = t.sys("openat", AT_FDCWD, t.cstr(obj.path), os.O_RDWR | files.O_CREAT | os.O_CLOEXEC, 0o600)
+        else:
+            fd = t.sys("memfd_create", t.cstr("hpcckpt-shmem"), 1)  # MFD_CLOEXEC
+        t.sys("ftruncate", fd, obj.size)
+        local = _local_copy(t, fd)
+        try:
+            with open(iset.path / obj.data_file, "rb") as src:
+                off = 0
+                while chunk := src.read(4 << 20):
+                    os.pwrite(local, chunk, off)
+                    off += len(chunk)
+        except OSError as e:
+            raise RestoreError(f"filling shared memory object {oid} from {iset.path / obj.data_file}: "
+                               f"{e.strerror}") from None
+        finally:
+            os.close(local)
+        sh.shm[oid] = (t, fd)
+        t.shm_fds[oid] = fd
+
+
+def _stage_fds(t: Target, fds: list[pb.Fd], iset: ImageSet, sh: Shared) -> list[tuple[int, pb.Fd]]:
+    """Open (or take from the process that already has it) every fd, at high numbers."""
+    have = set(proc.fds(t.pid))
+    base = max([e.fd for e in fds] + list(have) + [2]) + 1
+    t.fd_base, t.fd_have = base, have
+    t.fd_keep = {e.fd for e in fds if e.kind == pb.INHERITED and e.fd in have}
+    staged: list[tuple[int, pb.Fd]] = []
+    for e in fds:
+        if e.kind == pb.INHERITED:
+            if e.fd in t.fd_keep:
+                continue
+            fd = t.sys("openat", AT_FDCWD, t.cstr("/dev/null"), os.O_RDWR)
+        elif e.file_id and e.file_id in sh.desc:
+            fd = t.take_fd(*sh.desc[e.file_id])
+        elif e.kind == pb.PIPE:
+            if e.pipe_id not in sh.pipes:
+                ends = t.put(bytes(8))
+                t.sys("pipe2", ends, 0)
+                r, w = struct.unpack("<ii", t.mem.read(ends, 8))
+                if e.pipe_size:
+                    t.sys("fcntl", w, F_SETPIPE_SZ, e.pipe_size, check=False)
+                hr, hw = (t.sys("fcntl", x, F_DUPFD_CLOEXEC, base) for x in (r, w))
+                t.sys("close", r)
+                t.sys("close", w)
+                t.extra_fds += [hr, hw]
+                sh.pipes[e.pipe_id] = (t, hr, hw)
+            owner, r, w = sh.pipes[e.pipe_id]
+            fd = t.take_fd(owner, r if e.flags & files.O_ACCMODE == os.O_RDONLY else w)
+            if e.pipe_data:
+                local = _local_copy(owner, w)
+                try:
+                    os.write(local, e.pipe_data)
+                finally:
+                    os.close(local)
+            t.sys("fcntl", fd, F_SETFL, e.flags & ~files.O_ACCMODE)
+        elif e.kind == pb.DELETED_FILE:
+            d = os.path.dirname(e.path.removesuffix(" (deleted)")) or "/tmp"
+            fd = t.sys("openat", AT_FDCWD, t.cstr(d if os.path.isdir(d) else "/tmp"),
+                       files.O_TMPFILE | os.O_RDWR, e.mode or 0o600)
+            local = _local_copy(t, fd)
+            try:
+                with open(iset.path / e.data_file, "rb") as src:
+                    while chunk := src.read(1 << 20):
+                        os.write(local, chunk)
+            finally:
+                os.close(local)
+            t.sys("lseek", fd, e.pos, 0)
+        else:
+            flags = e.flags & ~(files.O_CREAT | files.O_EXCL | files.O_TRUNC)
+            if e.kind == pb.DIRECTORY:
+                flags |= files.O_DIRECTORY
+            fd = t.sys("openat", AT_FDCWD, t.cstr(e.path), flags, check=False)
+            if fd < 0:
+                raise RestoreError(f"process {t.ns_pid} fd {e.fd}: cannot open {e.path}: {os.strerror(-fd)}")
+            if e.kind == pb.REGULAR and e.policy == pb.ROLLBACK and e.flags & files.O_ACCMODE:
+                t.sys("ftruncate", fd, e.size)
+            if e.kind == pb.REGULAR:
+                t.sys("lseek", fd, e.pos, 0)
+        high = t.sys("fcntl", fd, F_DUPFD_CLOEXEC, base)
+        t.sys("close", fd)
+        staged.append((high, e))
+        if e.file_id and e.kind != pb.INHERITED and e.file_id not in sh.desc:
+            sh.desc[e.file_id] = (t, high)
+    return staged
+
+
+def _install_fds(t: Target, staged: list[tuple[int, pb.Fd]]) -> None:
+    """Move every staged fd to its number; close what the stub had and we no longer need."""
+    for fd in t.extra_fds + list(t.pidfds.values()):
+        t.sys("close", fd, check=False)
+    for fd in t.fd_have - t.fd_keep:
+        t.sys("close", fd, check=False)
+    for high, e in staged:
+        t.sys("dup3", high, e.fd, os.O_CLOEXEC if e.cloexec else 0)
+        t.sys("close", high)
+
+
+def _restore_fds(t: Target, fds: list[pb.Fd], iset: ImageSet) -> None:
+    """One process on its own (kept for callers of the single-process path)."""
+    sh = Shared({}, {}, {}, {})
+    _install_fds(t, _stage_fds(t, fds, iset, sh))
 
 
 def _restore_process_state(t: Target, p: pb.Process) -> None:
@@ -388,73 +470,117 @@ def _drop_creds(t: Target, p: pb.Process) -> None:
         t.sys("setresuid", c.uid, c.euid, c.suid, tid=tid)
 
 
+def _fill_memory(t: Target, p: pb.Process, pm: pb.Pagemap, iset: ImageSet, sh: Shared, prog) -> None:
+    """The stub's own mappings go, the image's come back with their content."""
+    vmas = list(p.mm.vmas)
+    written = {v.start for v in vmas for r in pm.runs if v.start <= r.vaddr < v.end}
+    _clear_stub(t, vmas)
+    # opened before the image owner's file credentials apply: the page file belongs
+    # to whoever made the image, and its name was checked against the inventory
+    pages_fd = t.sys("openat", AT_FDCWD, t.cstr(str((iset.path / pm.pages_file).resolve())),
+                     os.O_RDONLY | os.O_CLOEXEC)
+    _open_shmem(t, vmas, sh, iset)
+    _set_fs_creds(t, p.creds)
+    _set_mm(t, p.mm)
+    _map_vmas(t, vmas, written)
+    try:
+        memory.fill_pages(t, pages_fd, list(pm.runs), prog)
+    except OSError as e:
+        raise RestoreError(f"reading memory of process {p.pid} from {iset.path / pm.pages_file}: "
+                           f"{e.strerror}") from None
+    t.sys("close", pages_fd)
+    _finish_vmas(t, vmas, written)
+
+
+def _finish_process(t: Target, p: pb.Process) -> None:
+    """Everything after the fds: process and thread state, credentials, registers."""
+    _restore_process_state(t, p)
+    if p.subreaper:
+        t.sys("prctl", PR_SET_CHILD_SUBREAPER, 1)
+    _create_threads(t, p)
+    for th in p.threads:
+        _restore_thread_state(t, p, th)
+    for si in p.shared_pending:
+        t.sys("rt_sigqueueinfo", p.pid, struct.unpack_from("<i", si)[0], t.put(si))
+    _drop_creds(t, p)
+    t.sys("munmap", t.scratch, SCRATCH)
+    for th in p.threads:
+        tid = t.host[th.tid]
+        ptrace.set_regs(tid, arch.Regs.from_list(list(th.regs)))
+        try:
+            ptrace.set_regset(tid, arch.XSTATE_NOTE, th.xstate)
+        except HpcckptError:
+            raise RestoreError(
+                f"this CPU cannot take thread {th.tid}'s vector state ({len(th.xstate)}-byte "
+                "xsave area): restore on a node with the same CPU features") from None
+        ptrace.set_sigmask(tid, th.sigmask)
+
+
+def _load_tree(iset: ImageSet, inv: pb.Inventory, root: pb.Process) -> list[pb.Process]:
+    """Every process of the image, parents before children, root first."""
+    procs = [root] + [iset.process(pid) for pid in inv.pids if pid != root.pid]
+    for p in procs:
+        if p.zombie:
+            continue
+        check_owner(iset, inv, p)
+        if p.root != "/":
+            raise RestoreError(f"process {p.pid} ran chrooted in {p.root}; not supported yet")
+        files.check_files(list(p.fds))
+    return procs
+
+
 def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None) -> Restored:
-    """Recreate the process of an image set as our child, running; returns its PID."""
+    """Recreate the process tree of an image set, running, its root our child; returns
+    the root's PID. Nothing runs before every process is fully restored; any failure
+    kills every process the restore made."""
     t0 = time.monotonic()
     iset = ImageSet(images)
-    inv, p, pm = check_image(iset)
-    check_owner(iset, inv, p)
-    if p.root != "/":
-        raise RestoreError(f"process {p.pid} ran chrooted in {p.root}; not supported yet")
+    inv, root, _ = check_image(iset)
+    procs = _load_tree(iset, inv, root)
     check_kernel(inv)
     check_mapped_files(inv)
-    files.check_files(list(p.fds))
     if inv.own_pid_namespace:
         pidns.ensure()
     else:
-        check_ids_free(p)
-    vmas = list(p.mm.vmas)
-    written = {v.start for v in vmas for r in pm.runs if v.start <= r.vaddr < v.end}
-    child = launch_stub(p.pid)
-    t = None
+        for p in procs:
+            check_ids_free(p) if not p.zombie else None
+    pms = {p.pid: iset.pagemap(p.pid) for p in procs if not p.zombie}
+    for p in procs:
+        if not p.zombie and pms[p.pid].pages_file != f"pages-{p.pid}.img":
+            raise ImageError(f"{iset.path}: pagemap of process {p.pid} names {pms[p.pid].pages_file!r}")
+    live = [p for p in procs if not p.zombie]
+    ctree = create_tree(procs)
+    targets: dict[int, Target] = {}
     try:
-        t = Target(child, p.pid, vmas)
-        _clear_stub(t, vmas)
-        # opened before the image owner's file credentials apply: the page file belongs
-        # to whoever made the image, and its name was checked against the inventory
-        pages_fd = t.sys("openat", AT_FDCWD, t.cstr(str((iset.path / pm.pages_file).resolve())),
-                         os.O_RDONLY | os.O_CLOEXEC)
-        _set_fs_creds(t, p.creds)
-        _set_mm(t, p.mm)
-        _map_vmas(t, vmas, written)
-        prog = Progress(f"restore {p.pid}", pm.pages_bytes, enabled=show_progress)
-        try:
-            memory.fill_pages(t, pages_fd, list(pm.runs), prog)
-        except OSError as e:
-            raise RestoreError(f"reading memory of process {p.pid} from {iset.path / pm.pages_file}: "
-                               f"{e.strerror}") from None
-        t.sys("close", pages_fd)
+        sh = Shared({}, {}, {}, {o.id: o for o in inv.shmem})
+        prog = Progress(f"restore {root.pid}", sum(pm.pages_bytes for pm in pms.values()),
+                        enabled=show_progress)
+        for p in live:
+            targets[p.pid] = Target(ctree.host(p.pid), p.pid, list(p.mm.vmas))
+            _fill_memory(targets[p.pid], p, pms[p.pid], iset, sh, prog)
         prog.finish()
-        _finish_vmas(t, vmas, written)
-        _restore_fds(t, list(p.fds), iset)
-        _restore_process_state(t, p)
-        _create_threads(t, p)
-        for th in p.threads:
-            _restore_thread_state(t, p, th)
-        for si in p.shared_pending:
-            t.sys("rt_sigqueueinfo", p.pid, struct.unpack_from("<i", si)[0], t.put(si))
-        _drop_creds(t, p)
-        t.sys("munmap", t.scratch, SCRATCH)
-        for th in p.threads:
-            tid = t.host[th.tid]
-            ptrace.set_regs(tid, arch.Regs.from_list(list(th.regs)))
-            try:
-                ptrace.set_regset(tid, arch.XSTATE_NOTE, th.xstate)
-            except HpcckptError:
-                raise RestoreError(
-                    f"this CPU cannot take thread {th.tid}'s vector state ({len(th.xstate)}-byte "
-                    "xsave area): restore on a node with the same CPU features") from None
-            ptrace.set_sigmask(tid, th.sigmask)
+        for t in targets.values():
+            for fd in t.shm_fds.values():
+                t.sys("close", fd)
+        staged = {p.pid: _stage_fds(targets[p.pid], list(p.fds), iset, sh) for p in live}
+        for p in live:
+            _install_fds(targets[p.pid], staged[p.pid])
+        for p in live:
+            _finish_process(targets[p.pid], p)
         if on_ready:
-            on_ready(child)
-        for tid in t.host.values():
-            ptrace.detach(tid, 0)
-        t.mem.close()
+            on_ready(ctree.root_host)
+        for p in reversed(live):      # children first: no parent runs to find a stopped child
+            t = targets[p.pid]
+            for tid in t.host.values():
+                ptrace.detach(tid, 0)
+            t.mem.close()
     except BaseException:
-        _kill_stub(child)
+        ctree.kill_all()
+        _kill_stub(ctree.root_host)
         raise
-    return Restored(pid=child, threads=len(p.threads), pages_bytes=pm.pages_bytes,
-                    total_s=time.monotonic() - t0)
+    return Restored(pid=ctree.root_host, threads=sum(len(p.threads) for p in live),
+                    pages_bytes=sum(pm.pages_bytes for pm in pms.values()),
+                    total_s=time.monotonic() - t0, processes=len(procs))
 
 
 def _kill_stub(pid: int) -> None:

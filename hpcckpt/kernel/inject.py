@@ -66,6 +66,7 @@ class Injector:
         self.saved_mask = ptrace.get_sigmask(tid)
         ptrace.set_sigmask(tid, ALL_SIGNALS)
         self.pending_signals: list[int] = []
+        self.new_child: int | None = None  # PID (as we see it) of the last fork/clone it made
 
     def syscall(self, name: str, *args: int, check: bool = True) -> int:
         nr = arch.SYSCALLS[name]
@@ -75,7 +76,9 @@ class Injector:
             st = ptrace.wait_trap(self.tid)
             if st.sig == 5 and st.event == 0:  # SIGTRAP from the single step
                 break
-            if st.event:  # an event stop (interrupt, group stop): step again
+            if st.event in (ptrace.EVENT_FORK, ptrace.EVENT_VFORK, ptrace.EVENT_CLONE):
+                self.new_child = ptrace.event_msg(self.tid)  # in our PID namespace
+            if st.event:  # an event stop (fork, interrupt, group stop): step again
                 ptrace.singlestep(self.tid)
                 continue
             # A signal that the all-blocking mask could not hold off (e.g. a synchronous

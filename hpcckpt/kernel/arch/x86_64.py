@@ -45,6 +45,9 @@ SYSCALLS = {
     "pidfd_getfd": 438, "userfaultfd": 323,
 }
 
+# used by the process-tree engine (sessions, groups, zombies, shared descriptions)
+SYSCALLS.update({"wait4": 61, "setpgid": 109, "setsid": 112, "rt_sigtimedwait": 128, "kcmp": 312})
+
 
 def prepare_syscall(regs: Regs, nr: int, args: tuple[int, ...], ip: int) -> Regs:
     """Registers that make the thread execute syscall `nr` at `ip`.

@@ -1,0 +1,125 @@
+"""What processes of a tree share: open file descriptions and shared memory objects.
+
+fork() gives the child the parent's open file descriptions, not copies: one file
+position, one set of flags. The image keeps that by giving every description a file id;
+fds (in any process) with the same id are one description, found with
+kcmp(KCMP_FILE) among fds that lead to the same inode. A pipe is "inside" the tree when
+both its ends are. Shared memory objects (MAP_SHARED|MAP_ANONYMOUS, memfd, /dev/shm
+files) are keyed by their inode, saved once, and restored as one object mapped by each.
+"""
+import os
+from dataclasses import dataclass, field
+
+from ..errors import ProcessGoneError
+from ..kernel import proc
+from ..kernel.arch import current as arch
+from ..kernel.libc import raw_syscall
+
+KCMP_FILE = 0
+O_ACCMODE = 0o3
+
+
+def same_description(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
+    try:
+        return raw_syscall(arch.SYSCALLS["kcmp"], pid1, pid2, KCMP_FILE, fd1, fd2) == 0
+    except OSError:
+        return False
+
+
+@dataclass
+class FdRef:
+    """One fd of one process (host PID), with what /proc says about it."""
+    pid: int
+    fd: int
+    target: str
+    st: os.stat_result
+    info: dict[str, str]
+
+    @property
+    def flags(self) -> int:
+        return int(self.info["flags"], 8)
+
+
+@dataclass
+class Descriptions:
+    """Every fd of every process of the tree, grouped into open file descriptions."""
+    fds: dict[tuple[int, int], FdRef] = field(default_factory=dict)
+    ids: dict[tuple[int, int], int] = field(default_factory=dict)
+    pipe_modes: dict[int, set[int]] = field(default_factory=dict)   # pipe inode -> access modes
+    _saved: set = field(default_factory=set)
+
+    @classmethod
+    def collect(cls, pids: list[int]) -> "Descriptions":
+        d = cls()
+        groups: dict[tuple, list[tuple[int, int]]] = {}
+        for pid in pids:
+            for fd in proc.fds(pid):
+                try:
+                    target = proc.link(pid, f"fd/{fd}")
+                    st = os.stat(f"/proc/{pid}/fd/{fd}")
+                    info = proc.fdinfo(pid, fd)
+                except (FileNotFoundError, ProcessGoneError):
+                    continue  # closed under us: the frozen process cannot, so a race with exit
+                ref = FdRef(pid, fd, target, st, info)
+                d.fds[(pid, fd)] = ref
+                groups.setdefault((st.st_dev, st.st_ino, target), []).append((pid, fd))
+                if target.startswith("pipe:"):
+                    d.pipe_modes.setdefault(st.st_ino, set()).add(ref.flags & O_ACCMODE)
+        next_id = 1
+        for members in groups.values():
+            reps: list[tuple[tuple[int, int], int]] = []
+            for key in members:
+                for rep, fid in reps:
+                    if same_description(rep[0], rep[1], key[0], key[1]):
+                        d.ids[key] = fid
+                        break
+                else:
+                    reps.append((key, next_id))
+                    d.ids[key] = next_id
+                    next_id += 1
+        return d
+
+    def pipe_inside(self, ino: int) -> bool:
+        """Both ends of the pipe are held by processes of the tree."""
+        return {os.O_RDONLY, os.O_WRONLY} <= self.pipe_modes.get(ino, set())
+
+    def first(self, what: object) -> bool:
+        """True the first time `what` is asked about: save shared content only once."""
+        if what in self._saved:
+            return False
+        self._saved.add(what)
+        return True
+
+
+def is_shared_object(v: proc.Vma) -> bool:
+    """A shared mapping whose memory lives in a tmpfs/shmem object we must save."""
+    return v.shared and v.inode != 0 and (
+        v.path.startswith(("/dev/zero", "/memfd:", "/dev/shm/")) or v.path.endswith(" (deleted)"))
+
+
+def named_shm_path(path: str) -> str:
+    """The /dev/shm file a restore recreates, or '' for anonymous objects."""
+    return path if path.startswith("/dev/shm/") and not path.endswith(" (deleted)") else ""
+
+
+def object_size(pid: int, v: proc.Vma) -> int:
+    return os.stat(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}").st_size
+
+
+def save_object(pid: int, v: proc.Vma, dest) -> int:
+    """Copy a shared memory object's whole content into `dest`; returns its size."""
+    fd = os.open(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}", os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        with open(dest, "wb") as out:
+            off = 0
+            while off < size:
+                chunk = os.pread(fd, min(4 << 20, size - off), off)
+                if not chunk:
+                    break
+                out.write(chunk)
+                off += len(chunk)
+            out.truncate(size)
+        return size
+    finally:
+        os.close(fd)
