@@ -1,0 +1,90 @@
+"""Slurm jobs under `hpcckpt run --store`: requeued, preempted, or killed with their node,
+each resumes from its newest image and ends with exactly the uninterrupted output."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hpcckpt.scheduler import CommandsBackend, JobSubmitDescription
+from hpcckpt.store import Store
+from tests.engine.helpers import PROGRAMS, reference
+from tests.slurm_cluster.jobs import kill_node, wait_for_line
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
+
+STEPS, PAUSE = 80, 0.1
+
+
+def script(store: Path, final_signal: str = "TERM") -> str:
+    # `exec` so the batch shell's signals (B:...) reach hpcckpt run itself
+    return (f"#!/bin/bash\nexec {sys.executable} -m hpcckpt.cli run --store {store} --every 1 "
+            f"--final-signal {final_signal} -- {sys.executable} {PROGRAMS / 'compute.py'} {STEPS} {PAUSE}\n")
+
+
+def submit(backend, tmp_path, name, **kw) -> tuple[int, Path, Path]:
+    out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+    job = backend.submit(JobSubmitDescription(
+        name=name, output=str(out), error=str(err), requeue=True, time_limit=10,
+        extra_options=["--open-mode=append"], **kw))
+    return job, out, err
+
+
+def wait_checkpoints(store: Path, job: int, n: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while len(list((store / f"slurm-{job}").glob("0*"))) < n:
+        assert time.monotonic() < deadline, f"no {n} checkpoints of job {job}"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def ref(tmp_path) -> bytes:
+    return reference([sys.executable, PROGRAMS / "compute.py", STEPS, PAUSE], tmp_path / "ref.txt")
+
+
+def test_requeued_job_resumes(backend: CommandsBackend, cluster, tmp_path, ref):
+    store = tmp_path / "store"
+    job, out, err = submit(backend, tmp_path, "requeue", script=script(store))
+    backend.wait_state(job, {"RUNNING"}, timeout=30)
+    wait_checkpoints(store, job, 2)
+    wait_for_line(out, "step 20 ", timeout=60)
+    backend.requeue(job)               # SIGTERM: final checkpoint, then Slurm runs it again
+    done = backend.wait_state(job, {"COMPLETED"}, timeout=120, where=lambda j: j.restart_count >= 1)
+    assert done.restart_count == 1
+    log = err.read_text()
+    assert "resumed from" in log, log
+    assert out.read_bytes() == ref     # each line once, though the first run printed more
+    gens = {c.generation for c in Store(store).scan(f"slurm-{job}")}
+    assert gens >= {1}
+
+
+def test_preempted_job_checkpoints_in_grace_time_and_resumes(backend, cluster, tmp_path, ref):
+    store, node = tmp_path / "store", cluster.nodes[0]
+    job, out, err = submit(backend, tmp_path, "low", script=script(store, "USR2"), partition="low",
+                           nodelist=node, signal="B:USR2@30")
+    backend.wait_state(job, {"RUNNING"}, timeout=30)
+    wait_checkpoints(store, job, 1)
+    wait_for_line(out, "step 10 ", timeout=60)
+    high = backend.submit(JobSubmitDescription(
+        script="#!/bin/bash\nsleep 2\n", name="high", partition=cluster.preemptor_partition,
+        nodelist=node, output=str(tmp_path / "high.out"), time_limit=2))
+    backend.wait_state(high, {"COMPLETED"}, timeout=90)
+    done = backend.wait_state(job, {"COMPLETED"}, timeout=120, where=lambda j: j.restart_count >= 1)
+    log = err.read_text()
+    assert "resumed from" in log, log
+    assert out.read_bytes() == ref
+
+
+def test_job_on_crashed_node_resumes_elsewhere(backend, cluster, tmp_path, ref):
+    store = tmp_path / "store"
+    job, out, err = submit(backend, tmp_path, "crash", script=script(store))
+    first = backend.wait_state(job, {"RUNNING"}, timeout=30)
+    wait_checkpoints(store, job, 2)
+    wait_for_line(out, "step 15 ", timeout=60)
+    kill_node(cluster.slurmd_pid(first.batch_host), job, cluster.conf)
+    done = backend.wait_state(job, {"COMPLETED"}, timeout=150, where=lambda j: j.restart_count >= 1)
+    assert done.batch_host != first.batch_host
+    assert "resumed from" in err.read_text()
+    assert out.read_bytes() == ref     # lost at most the time since the last checkpoint
