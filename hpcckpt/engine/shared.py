@@ -47,6 +47,7 @@ class Descriptions:
     ids: dict[tuple[int, int], int] = field(default_factory=dict)
     pipe_modes: dict[int, set[int]] = field(default_factory=dict)   # pipe inode -> access modes
     _saved: set = field(default_factory=set)
+    _outside: dict[int, bool] = field(default_factory=dict)
 
     @classmethod
     def collect(cls, pids: list[int]) -> "Descriptions":
@@ -80,8 +81,13 @@ class Descriptions:
         return d
 
     def pipe_inside(self, ino: int) -> bool:
-        """Both ends of the pipe are held by processes of the tree."""
-        return {os.O_RDONLY, os.O_WRONLY} <= self.pipe_modes.get(ino, set())
+        """Both ends of the pipe are held by processes of the tree, or the end the tree
+        lacks is closed everywhere (make hands its jobs such a pipe as stdin)."""
+        if {os.O_RDONLY, os.O_WRONLY} <= self.pipe_modes.get(ino, set()):
+            return True
+        if ino not in self._outside:
+            self._outside[ino] = _held_outside(f"pipe:[{ino}]", {p for p, _ in self.fds})
+        return not self._outside[ino]
 
     def first(self, what: object) -> bool:
         """True the first time `what` is asked about: save shared content only once."""
@@ -89,6 +95,25 @@ class Descriptions:
             return False
         self._saved.add(what)
         return True
+
+
+def _held_outside(target: str, tree: set[int]) -> bool:
+    """Does any process outside `tree` (other than us) have an fd leading to `target`?"""
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in tree or int(name) == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{name}/fd/{fd}") == target:
+                    return True
+            except OSError:
+                continue
+    return False
 
 
 def is_shared_object(v: proc.Vma) -> bool:
