@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Regenerate hpcckpt/images/hpcckpt_pb2.py from the format's .proto (needs grpcio-tools).
+# Regenerate hpcckpt/images/*_pb2.py from the .proto files (needs grpcio-tools).
 set -euo pipefail
 cd "$(dirname "$0")/../hpcckpt/images"
-../../.venv/bin/python -m grpc_tools.protoc -I. --python_out=. hpcckpt.proto
+for p in *.proto; do
+  ../../.venv/bin/python -m grpc_tools.protoc -I. --python_out=. "$p"
+done

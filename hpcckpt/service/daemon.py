@@ -1,0 +1,203 @@
+"""hpcckptd: accept requests on a Unix socket, authorize them by the caller's kernel
+credentials, run dumps and restores in worker processes, enforce limits.
+
+Usage: hpcckptd [--socket PATH] [--per-user N] [--total N] [--time-limit SECONDS]
+"""
+import argparse
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..errors import HpcckptError, PermissionDeniedError
+from ..images import service_pb2 as spb
+from . import auth, framing
+
+DEFAULT_SOCKET = "/run/hpcckpt/hpcckptd.sock"
+VERSION = 1
+log = logging.getLogger("hpcckptd")
+
+
+class LimitError(HpcckptError):
+    """Too many requests at once, for this user or in total."""
+
+
+@dataclass
+class Active:
+    info: spb.RequestInfo
+    worker: subprocess.Popen | None = None
+    cancelled: bool = False
+
+
+@dataclass
+class Daemon:
+    socket_path: str = DEFAULT_SOCKET
+    per_user: int = 4
+    total: int = 16
+    time_limit: float = 3600.0
+    active: dict[int, Active] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.lock = threading.Lock()
+        self.ids = itertools.count(1)
+        self._features: list[spb.Feature] | None = None
+        self.sock: socket.socket | None = None
+
+    # -- serving -------------------------------------------------------------------
+    def bind(self) -> None:
+        os.makedirs(os.path.dirname(self.socket_path), exist_ok=True)
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(self.socket_path)
+        os.chmod(self.socket_path, 0o666)  # anyone may ask; SO_PEERCRED says who asked
+        self.sock.listen(64)
+
+    def serve_forever(self) -> None:
+        if self.sock is None:
+            self.bind()
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def shutdown(self) -> None:
+        if self.sock:
+            self.sock.close()
+        with self.lock:
+            for a in self.active.values():
+                if a.worker and a.worker.poll() is None:
+                    a.worker.terminate()
+
+    def _serve(self, conn: socket.socket) -> None:
+        rid = next(self.ids)
+        try:
+            with conn:
+                caller = auth.peer(conn)
+                conn.settimeout(30)
+                payload = framing.read_frame(framing.sock_reader(conn))
+                if payload is None:
+                    return
+                req = framing.decode(spb.Request, payload)
+                conn.settimeout(None)
+                for resp in self.handle(caller, req, rid):
+                    resp.request_id = rid
+                    conn.sendall(framing.encode(resp))
+        except (OSError, framing.ProtocolError) as e:
+            log.info("request %d: %s", rid, e)
+
+    # -- requests ------------------------------------------------------------------
+    def handle(self, caller: auth.Caller, req: spb.Request, rid: int):
+        kind = req.WhichOneof("what")
+        try:
+            if req.version != VERSION:
+                raise framing.ProtocolError(f"protocol version {req.version}; this hpcckptd speaks {VERSION}")
+            if kind == "check":
+                yield spb.Response(final=True, ok=True, features=self.features())
+            elif kind in ("status", "list"):
+                with self.lock:
+                    mine = [a.info for a in self.active.values() if caller.root or a.info.uid == caller.uid]
+                yield spb.Response(final=True, ok=True, requests=mine, active=len(self.active))
+            elif kind == "cancel":
+                yield self.cancel(caller, req.cancel.request_id)
+            elif kind in ("dump", "restore"):
+                yield from self.run_worker(caller, req, rid, kind)
+            else:
+                raise framing.ProtocolError("empty request: say check, dump, restore, status, list or cancel")
+        except HpcckptError as e:
+            yield spb.Response(final=True, ok=False, error=str(e), error_kind=type(e).__name__)
+
+    def features(self) -> list[spb.Feature]:
+        if self._features is None:
+            from ..kernel.features import probe
+            self._features = [spb.Feature(name=f.name, available=f.available, detail=f.detail) for f in probe()]
+        return self._features
+
+    def cancel(self, caller: auth.Caller, target: int) -> spb.Response:
+        with self.lock:
+            a = self.active.get(target)
+            if a is None or not (caller.root or a.info.uid == caller.uid):
+                raise HpcckptError(f"no request {target} of yours is running")
+            a.cancelled = True
+            if a.worker and a.worker.poll() is None:
+                a.worker.terminate()
+        return spb.Response(final=True, ok=True)
+
+    def authorize(self, caller: auth.Caller, req: spb.Request, kind: str) -> str:
+        if kind == "dump":
+            auth.may_dump(caller, req.dump.pid)
+            auth.may_write_images(caller, req.dump.images)
+            return f"pid {req.dump.pid} -> {req.dump.images}"
+        auth.may_restore(caller, req.restore.images)
+        return req.restore.images
+
+    def run_worker(self, caller: auth.Caller, req: spb.Request, rid: int, kind: str):
+        target = self.authorize(caller, req, kind)
+        with self.lock:
+            mine = sum(1 for a in self.active.values() if a.info.uid == caller.uid)
+            if mine >= self.per_user:
+                raise LimitError(f"you already have {mine} requests running (limit {self.per_user}); wait for one")
+            if len(self.active) >= self.total:
+                raise LimitError(f"hpcckptd is busy with {len(self.active)} requests (limit {self.total}); retry soon")
+            a = Active(spb.RequestInfo(request_id=rid, uid=caller.uid, kind=kind, started=time.time(), target=target))
+            self.active[rid] = a
+        try:
+            yield spb.Response(notification=spb.Notification(event="accepted", detail=target))
+            w = subprocess.Popen([sys.executable, "-m", "hpcckpt.service.worker", str(caller.uid), str(caller.gid),
+                                  str(rid)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            with self.lock:
+                a.worker = w
+                if a.cancelled:  # cancelled before the worker existed
+                    w.terminate()
+            w.stdin.write(framing.encode(req))
+            w.stdin.close()
+            timer = threading.Timer(self.time_limit, w.terminate)
+            timer.start()
+            try:
+                while True:
+                    payload = framing.read_frame(w.stdout.read)
+                    if payload is None:
+                        w.wait()
+                        why = "cancelled" if a.cancelled else f"worker exited with status {w.returncode}"
+                        raise HpcckptError(f"{kind} of {target} did not finish ({why}); nothing was published")
+                    resp = framing.decode(spb.Response, payload)
+                    yield resp
+                    if resp.final:
+                        break
+            finally:
+                timer.cancel()
+                threading.Thread(target=w.wait, daemon=True).start()  # reap when it ends
+        finally:
+            with self.lock:
+                self.active.pop(rid, None)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="hpcckptd", description="hpcckpt's per-node checkpoint service")
+    ap.add_argument("--socket", default=DEFAULT_SOCKET)
+    ap.add_argument("--per-user", type=int, default=4)
+    ap.add_argument("--total", type=int, default=16)
+    ap.add_argument("--time-limit", type=float, default=3600)
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("hpcckptd: must run as root (it dumps and restores other users' processes for them)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="hpcckptd: %(message)s")
+    d = Daemon(args.socket, args.per_user, args.total, args.time_limit)
+    d.bind()
+    signal.signal(signal.SIGTERM, lambda *_: d.shutdown())
+    log.info("listening on %s", args.socket)
+    d.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
