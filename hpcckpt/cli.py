@@ -1,4 +1,4 @@
-"""The hpcckpt command line: check, dump, restore, show, run."""
+"""The hpcckpt command line: check, dump, restore, show, run, status, ls, stats, verify."""
 import argparse
 import json
 import os
@@ -122,10 +122,40 @@ def _destination(args, required: bool):
 
 
 def cmd_run(args) -> int:
+    """Inside a Slurm job nobody can fix the command line any more: a bad schedule or an
+    unusable store is reported (output and status) and the job runs anyway, without what
+    failed. Outside Slurm the same problems stop `run` at once."""
     from .runner import run
-    return run(args.command, dest=_destination(args, False), every=args.every, quiet=args.quiet,
+    from .schedules import ScheduleError, every, parse
+    in_job = bool(os.environ.get("SLURM_JOB_ID"))
+    if args.schedule and args.every:
+        raise HpcckptError("give --schedule SPEC or --every SECONDS, not both")
+    errors: list[str] = []
+    schedule = None
+    try:
+        schedule = parse(args.schedule) if args.schedule else every(args.every) if args.every else None
+    except ScheduleError as e:
+        if not in_job:
+            raise
+        errors.append(f"{e}; no periodic checkpoints (only on signals and before the walltime)")
+    try:
+        dest = _destination(args, False)
+    except (HpcckptError, OSError) as e:
+        if not in_job:
+            raise
+        msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
+        errors.append(f"cannot use the checkpoint destination: {msg}{where}; the job runs without checkpoints")
+        dest = None
+    return run(args.command, dest=dest, quiet=args.quiet, schedule=schedule,
                checkpoint_signal=args.checkpoint_signal, final_signal=args.final_signal,
-               requeue=args.requeue)
+               requeue=args.requeue, walltime=args.walltime, errors=errors)
+
+
+def cmd_status(args) -> int:
+    from .status import job_status
+    print(job_status(args.jobid, args.store, args.images, as_json=args.json))
+    return 0
 
 
 def cmd_ls(args) -> int:
@@ -189,7 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_show)
     u = sub.add_parser("run", help="run a program in its own PID namespace, checkpointing it")
     _where(u)
-    u.add_argument("--every", type=float, help="seconds between checkpoints")
+    u.add_argument("--every", type=float, help="seconds between checkpoints (short for --schedule every=SECONDS)")
+    u.add_argument("--schedule", metavar="SPEC",
+                   help="when to checkpoint: a name from schedules/ (hourly, daly-24h, adaptive, ...) or an "
+                        "inline spec (every=30m, 'young-daly mtbf=24h'); see docs/schedules.md")
+    u.add_argument("--walltime", action=argparse.BooleanOptionalAction, default=True,
+                   help="inside Slurm: final checkpoint and requeue shortly before the time limit (default on)")
     u.add_argument("--keep-last", type=int, help="with --store: keep only the newest N checkpoints")
     u.add_argument("--checkpoint-signal", type=_signal, default=signal.SIGUSR1,
                    help="take a checkpoint and run on (default USR1; not forwarded to the job)")
@@ -199,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after a final checkpoint, requeue the Slurm job (default: inside Slurm)")
     u.add_argument("command", nargs=argparse.REMAINDER)
     u.set_defaults(func=cmd_run)
+    so = sub.add_parser("status", help="a job's checkpoints, the schedule's next time and the measured costs")
+    so.add_argument("jobid", help="Slurm job id (job slurm-JOBID in the store) or the job's name")
+    so.add_argument("--store", help="image store root")
+    so.add_argument("--images", "-D", help="image directory (instead of --store)")
+    so.add_argument("--json", action="store_true")
+    so.set_defaults(func=cmd_status)
     ls = sub.add_parser("ls", help="list the checkpoints in a store")
     ls.add_argument("--store", required=True)
     ls.add_argument("--job")

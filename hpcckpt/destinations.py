@@ -5,9 +5,11 @@ DIR/latest link), or a job in the image store (atomic publish, checksums, fencin
 generation, catalog, retention). Both promise the same thing: a resume only ever sees a
 complete image.
 """
+import json
 import os
 import socket
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +18,63 @@ import numpy as np
 from .engine.dump import DumpResult
 from .errors import HpcckptError
 from .store import NoRestorableCheckpointError, Store
+from .store.layout import atomic_write_bytes
+
+#: The file `hpcckpt run` keeps up to date in the job's directory for `hpcckpt status`.
+STATUS_FILE = "RUN-STATUS.json"
+
+
+@dataclass
+class RunStatus:
+    """What a running (or ended) `hpcckpt run` says about itself, for `hpcckpt status`.
+
+    Written whole and renamed into place, so a reader sees the old or the new file. Times
+    are wall-clock seconds since the epoch, so another node can read them.
+    """
+    job: str
+    generation: int
+    host: str
+    pid: int
+    schedule: str
+    policy: str
+    state: str = "running"          # running | finished | requeued | stopped | failed
+    started: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+    next_checkpoint: float | None = None
+    walltime_end: float | None = None
+    final_checkpoint_by: float | None = None
+    checkpoints: int = 0
+    failures: int = 0
+    last: dict | None = None        # where, at, frozen_s, total_s, pages_bytes, dirty_rate
+    errors: list[str] = field(default_factory=list)
+    exit: str | None = None
+
+    def error(self, msg: str) -> None:
+        self.errors = (self.errors + [msg])[-5:]
+
+
+def write_status(path: Path, status: RunStatus) -> None:
+    """Atomically replace the status file, unless a newer generation of the job wrote it
+    (a stale copy on a cut-off node must not hide the live run's status)."""
+    try:
+        old = json.loads(path.read_text())
+        if int(old.get("generation", -1)) > status.generation:
+            return
+    except (OSError, ValueError):
+        pass
+    status.updated = time.time()
+    atomic_write_bytes(path, json.dumps(asdict(status), indent=1).encode(), durable=False)
+
+
+def read_status(path: Path) -> RunStatus | None:
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise HpcckptError(f"status file {path} is unreadable ({e}); the next checkpoint rewrites it") from None
+    known = RunStatus.__dataclass_fields__
+    return RunStatus(**{k: v for k, v in raw.items() if k in known})
 
 
 class ImageDir:
@@ -26,6 +85,12 @@ class ImageDir:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.job = self.root.name
+        self.generation = 0
+
+    @property
+    def status_path(self) -> Path:
+        return self.root / STATUS_FILE
 
     def latest(self) -> Path | None:
         link = self.root / "latest"
@@ -50,6 +115,12 @@ class StoreJob:
     generation: int
     keep_last: int | None = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def status_path(self) -> Path:
+        d = self.store.job_dir(self.job)
+        d.mkdir(exist_ok=True)
+        return d / STATUS_FILE
 
     @classmethod
     def open(cls, root: str, job: str | None, generation: int | None, keep_last: int | None) -> "StoreJob":

@@ -15,20 +15,36 @@ Signals: the checkpoint signal (default USR1) takes a checkpoint and lets the jo
 the final signal (default TERM: what Slurm sends when a grace time or a time limit ends)
 takes a checkpoint, stops the job and, inside Slurm with --requeue, requeues it. Every
 other forwarded signal (INT, HUP, USR1/USR2 when not taken) goes to the job.
+
+When: a schedule (hpcckpt/schedules.py) gives the interval to the next periodic
+checkpoint from the last measured one. Inside a Slurm job with a time limit the
+supervisor also reads the job's end time from the controller and, a margin before it
+(the schedule's margin=, else twice the measured checkpoint time plus 10 s), takes a
+final checkpoint and requeues the job, so a long job chains through allocations without
+relying on --signal (whose warning Slurm 22.05 sends up to a minute early or ~10 s late).
+After every checkpoint a status file (destinations.RunStatus) is rewritten atomically
+for `hpcckpt status`.
 """
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 from .cli import FORWARDED, exit_like
+from .destinations import RunStatus, write_status
 from .engine import pidns
-from .engine.dump import dump
+from .engine.dump import DumpResult, dump
 from .engine.restore import restore
 from .errors import HpcckptError
+from .schedules import Measurement, PreemptOnly, Schedule, format_duration
 
 POLL = 0.05
+#: The least time left for the last checkpoint before the walltime; Slurm's controller
+#: enforces limits on a timer, but a dump that starts too late is lost whole.
+MIN_MARGIN = 10.0
 
 
 def _say(quiet: bool, msg: str) -> None:
@@ -49,15 +65,39 @@ def start(command: list[str]) -> int:
     return pid
 
 
+def job_end_time(quiet: bool) -> float | None:
+    """Wall-clock end of this Slurm job's allocation, or None (no job, no limit, no answer)."""
+    if not (os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID")):
+        return None
+    from .scheduler import CommandsBackend, SchedulerError
+    try:
+        ctx = CommandsBackend(timeout=10).environment()
+    except SchedulerError as e:
+        _say(quiet, f"cannot read the job's time limit, no walltime checkpoint: {e}")
+        return None
+    return ctx.end_time.timestamp() if isinstance(ctx.end_time, datetime) else None
+
+
 def run(command: list[str], dest=None, every: float | None = None, quiet: bool = False,
         checkpoint_signal: int = signal.SIGUSR1, final_signal: int = signal.SIGTERM,
-        requeue: bool | None = None) -> int:
+        requeue: bool | None = None, schedule: Schedule | None = None, walltime: bool = True,
+        errors: list[str] | None = None) -> int:
+    """Start or resume `command`, supervise it, exit as it does.
+
+    `errors` are problems found before the job started (a bad schedule, a store that
+    cannot be written): they are reported in the output and in the status file, and the
+    job runs anyway, with what still works.
+    """
     if command and command[0] == "--":
         command = command[1:]
     if not command:
         raise HpcckptError("nothing to run: give a command after --")
     if requeue is None:
         requeue = bool(os.environ.get("SLURM_JOB_ID"))
+    if schedule is None and every:
+        from .schedules import every as every_schedule
+        schedule = every_schedule(every)
+    schedule = schedule or PreemptOnly(spec="signals only")
     latest = dest.latest() if dest else None
     try:
         if latest:
@@ -70,7 +110,10 @@ def run(command: list[str], dest=None, every: float | None = None, quiet: bool =
         else:
             pid = start(command)
             _say(quiet, f"started {' '.join(command)} as PID {pid} (PID {pidns.JOB_PID} in its namespace)")
-        sup = Supervisor(pid, dest, every, quiet, checkpoint_signal, final_signal, requeue)
+        for e in errors or []:  # after the restore: it rolls a shared output file back
+            _say(quiet, f"error: {e}")
+        end = job_end_time(quiet) if walltime and dest else None
+        sup = Supervisor(pid, dest, schedule, quiet, checkpoint_signal, final_signal, requeue, end, errors or [])
         status = sup.loop()
     finally:
         pidns.shutdown()
@@ -78,12 +121,23 @@ def run(command: list[str], dest=None, every: float | None = None, quiet: bool =
 
 
 class Supervisor:
-    """The job's parent: waits, checkpoints on time and on signals, forwards the rest."""
+    """The job's parent: waits, checkpoints per schedule, before the walltime and on
+    signals, forwards the rest, and keeps the status file current."""
 
-    def __init__(self, pid, dest, every, quiet, checkpoint_signal, final_signal, requeue):
-        self.pid, self.dest, self.every, self.quiet = pid, dest, every, quiet
+    def __init__(self, pid: int, dest, schedule: Schedule, quiet: bool, checkpoint_signal: int,
+                 final_signal: int, requeue: bool, end_time: float | None = None,
+                 errors: list[str] | None = None):
+        self.pid, self.dest, self.schedule, self.quiet = pid, dest, schedule, quiet
         self.ckpt_sig, self.final_sig, self.requeue = checkpoint_signal, final_signal, requeue
+        self.end_time = end_time
         self.pending: set[int] = set()
+        self.last: Measurement | None = None
+        self.since = time.monotonic()   # end of the last checkpoint (or start)
+        self.status = RunStatus(job=getattr(dest, "job", "-"), generation=getattr(dest, "generation", 0),
+                                host=socket.gethostname(), pid=os.getpid(), schedule=schedule.describe(),
+                                policy=schedule.kind, walltime_end=end_time)
+        for e in errors or []:
+            self.status.error(e)
         for s in set(FORWARDED) | {checkpoint_signal, final_signal}:
             signal.signal(s, self._on_signal)
 
@@ -91,48 +145,134 @@ class Supervisor:
         if self.dest and sig in (self.ckpt_sig, self.final_sig):
             self.pending.add(sig)
         else:
-            os.kill(self.pid, sig)
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
 
+    # -- when -------------------------------------------------------------------------
+    def next_due(self) -> float | None:
+        """Monotonic time of the next periodic checkpoint, None if there is none."""
+        if not self.dest:
+            return None
+        tau = self.schedule.interval(self.last)
+        return None if tau is None else self.since + tau
+
+    def margin(self) -> float:
+        if self.schedule.margin_s is not None:
+            return self.schedule.margin_s
+        cost = self.last.total_s if self.last else 0.0
+        return max(MIN_MARGIN, 2 * cost + MIN_MARGIN)
+
+    def final_deadline(self) -> float | None:
+        """Monotonic time at which the last checkpoint before the walltime starts."""
+        if self.end_time is None or not self.dest:
+            return None
+        return time.monotonic() + (self.end_time - time.time()) - self.margin()
+
+    def _publish_status(self, state: str = "running") -> None:
+        if not self.dest:
+            return
+        st, now = self.status, time.monotonic()
+        st.state = state
+        due, deadline = self.next_due(), self.final_deadline()
+        st.next_checkpoint = None if due is None or state != "running" else time.time() + (due - now)
+        st.final_checkpoint_by = None if deadline is None or state != "running" else time.time() + (deadline - now)
+        try:
+            write_status(self.dest.status_path, st)
+        except OSError as e:
+            _say(self.quiet, f"cannot write the status file: {e}")
+
+    # -- the loop ---------------------------------------------------------------------
     def loop(self) -> int | None:
         """The job's wait status, or None when we stopped it after a final checkpoint."""
-        next_at = time.monotonic() + self.every if self.every and self.dest else None
+        self._publish_status()
+        if self.end_time is not None and self.dest:
+            _say(self.quiet, f"walltime ends in {format_duration(self.end_time - time.time())}: "
+                             f"a final checkpoint and requeue {format_duration(self.margin())} before")
+        walltime_armed = True
         while True:
             done, status = os.waitpid(self.pid, os.WNOHANG)
             if done:
+                self.status.exit = _describe(status)
+                self._publish_status("finished")
                 return status
+            now = time.monotonic()
             if self.final_sig in self.pending:
-                if self._checkpoint(final=True):
-                    self._requeue()
+                if self._final("final signal"):
                     return None
                 self.pending.discard(self.final_sig)
                 os.kill(self.pid, self.final_sig)  # as if hpcckpt were not there
-            if self.ckpt_sig in self.pending or (next_at and time.monotonic() >= next_at):
+            deadline = self.final_deadline()
+            if walltime_armed and deadline is not None and now >= deadline:
+                walltime_armed = False  # one attempt: if it fails, the job runs to its limit
+                if self.requeue:
+                    if self._final("walltime"):
+                        return None
+                else:
+                    self._checkpoint(final=False)
+            due = self.next_due()
+            if self.ckpt_sig in self.pending or (due is not None and now >= due):
                 self.pending.discard(self.ckpt_sig)
                 self._checkpoint(final=False)
-                if self.every:
-                    next_at = time.monotonic() + self.every
             time.sleep(POLL)
 
-    def _checkpoint(self, final: bool) -> bool:
+    def _final(self, why: str) -> bool:
+        if not self._checkpoint(final=True, why=why):
+            return False
+        requeued = self._requeue()
+        self._publish_status("requeued" if requeued else "stopped")
+        return True
+
+    def _checkpoint(self, final: bool, why: str = "") -> bool:
+        run_s = time.monotonic() - self.since
+        label = f"{'final ' if final else ''}checkpoint" + (f" ({why})" if why and why != "final signal" else "")
+        t0 = time.monotonic()
         try:
             where, r = self.dest.checkpoint(
                 lambda path: dump(self.pid, path, leave_running=not final, show_progress=not self.quiet))
         except HpcckptError as e:  # the job runs on; the next interval tries again
-            _say(self.quiet, f"{'final ' if final else ''}checkpoint failed, job continues: {e}")
+            msg = f"{label} failed, job continues: {e}"
+            _say(self.quiet, msg)
+            self.status.failures += 1
+            self.status.error(msg)
+            self.since = time.monotonic()
+            self._publish_status()
             return False
-        _say(self.quiet, f"{'final ' if final else ''}checkpoint {where}: {r.pages_bytes / 2**20:.1f} MiB, "
-                         f"frozen {r.frozen_s * 1000:.0f} ms" + ("; job stopped" if final else ""))
+        total = time.monotonic() - t0
+        self._measured(where, r, total, run_s)
+        _say(self.quiet, f"{label} {where}: {r.pages_bytes / 2**20:.1f} MiB, "
+                         f"frozen {r.frozen_s * 1000:.0f} ms, {total:.2f} s in all" + ("; job stopped" if final else ""))
         if final:  # dump killed the job; as its tracer it may have collected it already
             try:
                 os.waitpid(self.pid, 0)
             except ChildProcessError:
                 pass
+        else:
+            self._publish_status()
         return True
 
-    def _requeue(self) -> None:
+    def _measured(self, where: str, r: DumpResult, total: float, run_s: float) -> None:
+        self.last = Measurement(at=time.time(), frozen_s=r.frozen_s, total_s=total,
+                                pages_bytes=r.pages_bytes, since_previous_s=run_s)
+        self.since = time.monotonic()
+        self.status.checkpoints += 1
+        self.status.last = {"where": where, "at": self.last.at, "frozen_s": r.frozen_s, "total_s": total,
+                            "pages_bytes": r.pages_bytes, "dirty_rate": self.last.dirty_rate}
+
+    def _requeue(self) -> bool:
         job = os.environ.get("SLURM_JOB_ID")
         if not (self.requeue and job):
-            return
+            return False
+        # say it first: requeueing ourselves SIGTERMs the batch shell (us) at once
+        self._publish_status("requeued")
         res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
         _say(self.quiet, f"requeued Slurm job {job}" if res.returncode == 0 else
              f"scontrol requeue {job}: {res.stderr.strip() or res.returncode} (Slurm may be requeueing it already)")
+        return res.returncode == 0
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit {os.WEXITSTATUS(status)}"
