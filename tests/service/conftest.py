@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.engine.conftest import threads_fp  # noqa: F401  (the compiled test program)
+
 NOBODY = 65534
 
 

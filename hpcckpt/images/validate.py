@@ -1,0 +1,81 @@
+"""Images are untrusted input: every field a restore acts on is bounded and checked first.
+
+A crafted image (kernel addresses, overlapping or unaligned mappings, page runs outside
+their mappings or beyond the page file, absurd counts, relative paths) is refused here
+with an error naming the image and the field, before any process exists.
+"""
+from ..errors import ImageError
+from ..kernel.arch import current as arch
+from . import pb
+
+PAGE = 4096
+USER_TOP = 0x7FFFFFFFF000          # x86_64, 4-level paging
+VSYSCALL = 0xFFFFFFFFFF600000
+PID_MAX = 1 << 22
+FD_MAX = 1 << 20
+REGS = len(arch.Regs._fields_)
+
+
+def _fail(where: str, what: str) -> None:
+    raise ImageError(f"image {where} is invalid: {what}")
+
+
+def validate(where: str, p: pb.Process, pm: pb.Pagemap, pages_size: int) -> None:
+    if not 0 < p.pid < PID_MAX:
+        _fail(where, f"PID {p.pid}")
+    tids = [t.tid for t in p.threads]
+    if not tids or tids[0] != p.pid or len(set(tids)) != len(tids) or not all(0 < t < PID_MAX for t in tids):
+        _fail(where, f"thread list {tids[:8]} (the first must be the process {p.pid}, all distinct)")
+    for t in p.threads:
+        if len(t.regs) != REGS:
+            _fail(where, f"thread {t.tid} has {len(t.regs)} registers, this architecture {REGS}")
+        if len(t.xstate) > arch.XSTATE_MAX:
+            _fail(where, f"thread {t.tid}'s vector state is {len(t.xstate)} bytes")
+    prev_end = 0
+    usable = []
+    for v in p.mm.vmas:
+        span = f"mapping {v.start:#x}-{v.end:#x}"
+        if v.kind not in pb.VmaKind.values():
+            _fail(where, f"{span} has unknown kind {v.kind}")
+        if v.start % PAGE or v.end % PAGE or v.pgoff % PAGE or v.start >= v.end:
+            _fail(where, f"{span} is not page-aligned or is empty")
+        if v.kind == pb.VSYSCALL:
+            if v.start != VSYSCALL:
+                _fail(where, f"{span} is no vsyscall page")
+            continue
+        if v.end > USER_TOP or v.start < PAGE:
+            _fail(where, f"{span} lies outside user space")
+        if v.start < prev_end:
+            _fail(where, f"{span} overlaps the mapping before it")
+        prev_end = v.end
+        if v.kind in (pb.FILE_PRIVATE, pb.FILE_SHARED) and not v.path.startswith("/"):
+            _fail(where, f"{span} names a file by a relative path {v.path!r}")
+        if v.kind in (pb.ANON_PRIVATE, pb.FILE_PRIVATE, pb.ANON_SHARED):
+            usable.append((v.start, v.end))
+    for r in pm.runs:
+        end = r.vaddr + r.nr_pages * PAGE
+        if r.vaddr % PAGE or r.offset % PAGE or r.nr_pages == 0 or r.nr_pages > USER_TOP // PAGE:
+            _fail(where, f"page run at {r.vaddr:#x} is malformed")
+        if r.offset + r.nr_pages * PAGE > pages_size:
+            _fail(where, f"page run at {r.vaddr:#x} reads beyond the page file ({pages_size} bytes)")
+        if not any(s <= r.vaddr and end <= e for s, e in usable):
+            _fail(where, f"page run {r.vaddr:#x}-{end:#x} is not inside a mapping that holds pages")
+    for f in p.fds:
+        if not 0 <= f.fd < FD_MAX or f.kind not in pb.FdKind.values():
+            _fail(where, f"fd {f.fd} (kind {f.kind})")
+        if f.kind in (pb.REGULAR, pb.DIRECTORY, pb.CHAR_DEVICE) and not f.path.startswith("/"):
+            _fail(where, f"fd {f.fd} names a relative path {f.path!r}")
+        if f.data_file and ("/" in f.data_file or f.data_file.startswith(".")):
+            _fail(where, f"fd {f.fd} names data file {f.data_file!r} outside the image")
+    for a in p.sigactions:
+        if not 1 <= a.signo <= 64:
+            _fail(where, f"signal handler for signal {a.signo}")
+    mm = p.mm
+    for name in ("start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
+                 "arg_start", "arg_end", "env_start", "env_end"):
+        if getattr(mm, name) >= USER_TOP:
+            _fail(where, f"mm field {name} = {getattr(mm, name):#x} lies outside user space")
+    if len(mm.auxv) > 1024 or len(mm.auxv) % 16:
+        _fail(where, f"auxv of {len(mm.auxv)} bytes")
+    if not mm.exe.startswith("/") or not p.cwd.startswith("/"):
+        _fail(where, f"exe {mm.exe!r} or cwd {p.cwd!r} is not an absolute path")

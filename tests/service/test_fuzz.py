@@ -1,0 +1,150 @@
+"""Fuzzing the decoders a caller or an image reaches: only clear errors, no crash, no hang.
+
+Bounded example counts keep this to seconds in CI."""
+import io
+import socket
+import struct
+import subprocess
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hpcckpt.client import Client
+from hpcckpt.errors import HpcckptError, ImageError
+from hpcckpt.images import pb
+from hpcckpt.images import service_pb2 as spb
+from hpcckpt.images.imageset import ImageSet
+from hpcckpt.images.validate import validate
+from hpcckpt.service import framing
+from tests.engine.helpers import Job, cli
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_request_decoder(data):
+    try:
+        framing.decode(spb.Request, data)
+    except framing.ProtocolError:
+        pass
+
+
+@FUZZ
+@given(st.binary(max_size=64))
+def test_frame_reader(data):
+    try:
+        framing.read_frame(io.BytesIO(data).read)
+    except framing.ProtocolError:
+        pass
+
+
+@FUZZ
+@given(st.binary(max_size=4096))
+def test_image_message_decoder(tmp_path_factory, data):
+    d = tmp_path_factory.mktemp("fz")
+    (d / "process-1.img").write_bytes(data)
+    try:
+        ImageSet(d).read_message("process-1.img", "process")
+    except ImageError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def real_image(tmp_path_factory, threads_fp):
+    d = tmp_path_factory.mktemp("realimg")
+    job = Job.start([threads_fp, 100, 2, 20], d / "out.txt")
+    job.wait_lines(2)
+    cli("dump", "--pid", job.pid, "--images", d / "img", "--leave-running")
+    job.kill()
+    iset = ImageSet(d / "img")
+    inv = iset.inventory()
+    return iset.process(inv.root_pid), iset.pagemap(inv.root_pid), inv.digests[f"pages-{inv.root_pid}.img"].size
+
+
+FIELDS = ["vma_start", "vma_end", "run_vaddr", "run_pages", "run_offset", "tid", "regs", "fd", "path", "exe"]
+
+
+@FUZZ
+@given(field=st.sampled_from(FIELDS), index=st.integers(0, 40), value=st.integers(0, 2**64 - 1))
+def test_crafted_image_fields_are_validated(real_image, field, index, value):
+    """Any single field set to any value: the image is either still sound or refused by name."""
+    src_p, src_pm, size = real_image
+    p, pm = pb.Process(), pb.Pagemap()
+    p.CopyFrom(src_p)
+    pm.CopyFrom(src_pm)
+    vma = p.mm.vmas[index % len(p.mm.vmas)]
+    run = pm.runs[index % len(pm.runs)]
+    if field == "vma_start":
+        vma.start = value
+    elif field == "vma_end":
+        vma.end = value
+    elif field == "run_vaddr":
+        run.vaddr = value
+    elif field == "run_pages":
+        run.nr_pages = value
+    elif field == "run_offset":
+        run.offset = value
+    elif field == "tid":
+        p.threads[index % len(p.threads)].tid = value % 2**32
+    elif field == "regs":
+        del p.threads[0].regs[value % 27:]
+    elif field == "fd":
+        p.fds[index % len(p.fds)].fd = value % 2**32
+    elif field == "path":
+        p.fds[index % len(p.fds)].path = "relative/" + str(value)
+    else:
+        p.mm.exe = str(value)
+    try:
+        validate("fuzzed", p, pm, size)
+    except ImageError as e:
+        assert "image fuzzed is invalid" in str(e)
+
+
+def test_daemon_survives_garbage(daemon):
+    proc, sock = daemon
+    import random
+    rng = random.Random(1)
+    for i in range(200):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(sock)
+            kind = i % 4
+            if kind == 0:
+                s.sendall(rng.randbytes(rng.randrange(1, 64)))
+            elif kind == 1:
+                s.sendall(struct.pack("<I", 0xFFFFFFF0))            # absurd length
+            elif kind == 2:
+                payload = rng.randbytes(rng.randrange(0, 200))
+                s.sendall(struct.pack("<I", len(payload)) + payload)
+            else:
+                s.sendall(framing.encode(spb.Request(version=99, status=spb.StatusRequest())))
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(10)
+            try:
+                while s.recv(4096):
+                    pass
+            except OSError:
+                pass
+    assert proc.poll() is None
+    assert Client(sock).status().ok
+
+
+@pytest.mark.parametrize("craft, message", [
+    (lambda p, pm: setattr(p.mm.vmas[0], "start", 0xFFFF888000000000), "not page-aligned or is empty"),
+    (lambda p, pm: setattr(p.mm.vmas[1], "end", 0xFFFF888000000000), "outside user space"),
+    (lambda p, pm: setattr(p.mm.vmas[2], "start", p.mm.vmas[1].start), "overlaps"),
+    (lambda p, pm: setattr(pm.runs[0], "offset", 1 << 40), "beyond the page file"),
+    (lambda p, pm: setattr(pm.runs[0], "vaddr", 0x1000), "not inside a mapping"),
+    (lambda p, pm: setattr(p.fds[0], "data_file", "../../etc/shadow"), "outside the image"),
+    (lambda p, pm: setattr(p.mm, "exe", "bin/sh"), "not an absolute path"),
+])
+def test_crafted_images_are_refused_by_name(real_image, craft, message):
+    src_p, src_pm, size = real_image
+    p, pm = pb.Process(), pb.Pagemap()
+    p.CopyFrom(src_p)
+    pm.CopyFrom(src_pm)
+    craft(p, pm)
+    with pytest.raises(ImageError, match=message):
+        validate("crafted", p, pm, size)
