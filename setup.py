@@ -14,11 +14,13 @@ setup(
         "xxhash>=3.0",
         "numpy>=1.24",
         "h5py>=3.8",
+        "matplotlib",  # hpcckpt stats
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout"],
-        "bench": ["matplotlib"],
+        "test": ["pytest>=7", "pytest-timeout", "hypothesis"],
+        "bench": [],
         "slurm": ["pyslurm"],
     },
-    entry_points={"console_scripts": ["hpcckpt=hpcckpt.cli:main"]},
+    entry_points={"console_scripts": ["hpcckpt=hpcckpt.cli:main",
+                                      "hpcckptd=hpcckpt.service.daemon:main"]},
 )
