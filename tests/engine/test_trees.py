@@ -153,3 +153,38 @@ def test_unsupported_fd_deep_in_tree_leaves_it_running(tmp_path):
     assert root.wait(timeout=30) == 0
     assert out.read_text().splitlines()[1:] == ["grandchild done", "root done"]
     assert not (tmp_path / "img").exists()
+
+
+def test_shared_description_anon_memfd_and_dev_shm(tmp_path):
+    """Parent and child alternate through a shared page, append to one shared file
+    position, count in a memfd and a /dev/shm file: after the restore all are still one."""
+    ref, job = tmp_path / "ref", tmp_path / "job"
+    ref.mkdir(), job.mkdir()
+    prog = PROGRAMS / "shared_state.py"
+    name = f"hpcckpt-test-{os.getpid()}"
+    want = subprocess.run([sys.executable, prog, "40", "0.02", name], cwd=ref, check=True,
+                          capture_output=True).stdout
+    out = tmp_path / "stdout.txt"
+    log = job / "log.txt"
+    interrupt_and_resume(tmp_path, [sys.executable, prog, 40, 0.02, name],
+                         lambda: log.exists() and log.read_bytes().count(b"\n") >= 15, cwd=job)
+    assert out.read_bytes() == want
+    assert log.read_bytes() == (ref / "log.txt").read_bytes()
+    assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_single_process_dump_of_a_parent(tmp_path):
+    """tree=False (the CLI's --single) takes the process alone, its child untouched."""
+    from hpcckpt.engine.dump import dump
+    from hpcckpt.images.imageset import ImageSet
+    p = subprocess.Popen([sys.executable, "-c", "import os,time; os.fork(); time.sleep(3)"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(0.5)
+    try:
+        r = dump(p.pid, tmp_path / "one", leave_running=True, show_progress=False, tree=False)
+        assert r.processes == 1 and list(ImageSet(tmp_path / "one").inventory().pids) == [p.pid]
+        r = dump(p.pid, tmp_path / "all", leave_running=True, show_progress=False)
+        assert r.processes == 2 and len(ImageSet(tmp_path / "all").inventory().pids) == 2
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
