@@ -25,6 +25,7 @@ relying on --signal (whose warning Slurm 22.05 sends up to a minute early or ~10
 After every checkpoint a status file (destinations.RunStatus) is rewritten atomically
 for `hpcckpt status`.
 """
+import fcntl
 import os
 import signal
 import socket
@@ -32,7 +33,9 @@ import subprocess
 import sys
 import time
 from datetime import datetime
+from pathlib import Path
 
+from . import outputs
 from .cli import FORWARDED, exit_like
 from .destinations import RunStatus, write_status
 from .engine import pidns
@@ -63,6 +66,23 @@ def start(command: list[str]) -> int:
             print(f"hpcckpt run: cannot start {command[0]}: {e.strerror}", file=sys.stderr)
         os._exit(127)
     return pid
+
+
+def append_outputs() -> None:
+    """Make our stdout/stderr files (a batch job's output file) O_APPEND, as
+    --open-mode=append would. The job inherits them, so the checkpoint records O_APPEND
+    and a resumed job, which gets its own open file again, still writes at the end, and
+    so do we: without it the resumed job and this supervisor would write at two separate
+    offsets of one file and overwrite each other's lines."""
+    for fd in (1, 2):
+        try:
+            if not os.path.isfile(f"/proc/self/fd/{fd}"):
+                continue
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            if not flags & os.O_APPEND and flags & os.O_ACCMODE != os.O_RDONLY:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_APPEND)
+        except OSError:
+            pass
 
 
 def job_end_time(quiet: bool) -> float | None:
@@ -99,12 +119,14 @@ def run(command: list[str], dest=None, every: float | None = None, quiet: bool =
         schedule = every_schedule(every)
     schedule = schedule or PreemptOnly(spec="signals only")
     latest = dest.latest() if dest else None
+    append_outputs()
     try:
         if latest:
             pidns.ensure()
+            refilled = outputs.refill(latest)
             r = restore(latest, show_progress=not quiet)
             pid = r.pid
-            for note in dest.notes:
+            for note in dest.notes + refilled:
                 _say(quiet, note)
             _say(quiet, f"resumed from {latest} as PID {pid} in {r.total_s:.3f} s")
         else:
@@ -131,6 +153,8 @@ class Supervisor:
         self.ckpt_sig, self.final_sig, self.requeue = checkpoint_signal, final_signal, requeue
         self.end_time = end_time
         self.pending: set[int] = set()
+        self.outputs = outputs.own_outputs()
+        self.output_warned = False
         self.last: Measurement | None = None
         self.since = time.monotonic()   # end of the last checkpoint (or start)
         self.status = RunStatus(job=getattr(dest, "job", "-"), generation=getattr(dest, "generation", 0),
@@ -218,6 +242,11 @@ class Supervisor:
             time.sleep(POLL)
 
     def _final(self, why: str) -> bool:
+        # said before the dump: a resume rolls a shared output file back to its size at
+        # the checkpoint, so what we print after the dump would vanish
+        left = f", {self.end_time - time.time():.0f} s before the time limit" if why == "walltime" else ""
+        _say(self.quiet, f"{why}{left}: final checkpoint, then " + (
+            "requeue" if self.requeue and os.environ.get("SLURM_JOB_ID") else "stop"))
         if not self._checkpoint(final=True, why=why):
             return False
         requeued = self._requeue()
@@ -229,8 +258,7 @@ class Supervisor:
         label = f"{'final ' if final else ''}checkpoint" + (f" ({why})" if why and why != "final signal" else "")
         t0 = time.monotonic()
         try:
-            where, r = self.dest.checkpoint(
-                lambda path: dump(self.pid, path, leave_running=not final, show_progress=not self.quiet))
+            where, r = self.dest.checkpoint(self._dump_into(final))
         except HpcckptError as e:  # the job runs on; the next interval tries again
             msg = f"{label} failed, job continues: {e}"
             _say(self.quiet, msg)
@@ -251,6 +279,18 @@ class Supervisor:
         else:
             self._publish_status()
         return True
+
+    def _dump_into(self, final: bool):
+        def do_dump(path):
+            r = dump(self.pid, path, leave_running=not final, show_progress=not self.quiet)
+            warnings = outputs.keep(Path(path), self.outputs)
+            if warnings and not self.output_warned:
+                self.output_warned = True
+                for w in warnings:
+                    _say(self.quiet, w)
+                    self.status.error(w)
+            return r
+        return do_dump
 
     def _measured(self, where: str, r: DumpResult, total: float, run_s: float) -> None:
         self.last = Measurement(at=time.time(), frozen_s=r.frozen_s, total_s=total,
