@@ -4,12 +4,15 @@
     w = store.begin(job="name", generation=g, parent=None)   # engine writes into w.path
     ckpt = w.publish(meta)                                    # atomic, checksummed, fenced
     store.restore_candidate("name")                           # newest that verifies
+    with store.materialize(ckpt) as path: restore(path)       # plain files (decompressed if need be)
 
 See docs/store.md for the layout and why it is safe with many writers.
 """
-from .errors import (CatalogError, CheckpointNotFoundError, InvalidNameError, LockTimeoutError, ManifestError,
-                     NoRestorableCheckpointError, ParentMissingError, ReservedFileNameError, StaleGenerationError,
-                     StoreError, WriterStateError)
+from .codec import Compression
+from .errors import (CatalogError, CheckpointNotFoundError, CorruptDataError, InvalidNameError, LockTimeoutError,
+                     ManifestError, MaterializeError, NoRestorableCheckpointError, ParentMissingError,
+                     ReservedFileNameError, StaleGenerationError, StoreConfigError, StoreError, WriterStateError)
+from .materialize import TMPDIR_ENV, Materialized
 from .model import Checkpoint, RetentionResult, Status
 from .report import format_listing, plot_stats
 from .retention import Entry, Plan, plan_retention
@@ -17,7 +20,8 @@ from .store import MergeFn, Store
 from .writer import Writer
 
 __all__ = [
-    "Store", "Writer", "Checkpoint", "Status", "RetentionResult", "MergeFn",
+    "Store", "Writer", "Checkpoint", "Status", "RetentionResult", "MergeFn", "Compression", "Materialized",
+    "TMPDIR_ENV", "CorruptDataError", "MaterializeError", "StoreConfigError",
     "format_listing", "plot_stats", "plan_retention", "Entry", "Plan",
     "StoreError", "StaleGenerationError", "CheckpointNotFoundError", "ParentMissingError",
     "NoRestorableCheckpointError", "WriterStateError", "ReservedFileNameError", "LockTimeoutError",

@@ -63,3 +63,15 @@ class CatalogError(StoreError):
 
 class ManifestError(StoreError):
     """A checkpoint's manifest is missing, unparsable or fails its own digest."""
+
+
+class StoreConfigError(StoreError):
+    """The store's settings (STORE.json) are unknown, unreadable, or conflict with what was asked."""
+
+
+class CorruptDataError(StoreError):
+    """Stored bytes do not decode, or decode to something other than what was published."""
+
+
+class MaterializeError(StoreError):
+    """A checkpoint could not be turned into plain files for the engine (space, permissions)."""

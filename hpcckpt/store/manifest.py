@@ -17,12 +17,51 @@ from .checksum import ALGORITHM, hash_bytes
 from .errors import ManifestError
 from .layout import FORMAT_VERSION, MANIFEST_FILE, atomic_write_bytes
 
+#: manifest format of a checkpoint with compressed files (plain ones stay FORMAT_VERSION)
+COMPRESSED_FORMAT = 2
+
 
 @dataclass(frozen=True)
 class FileEntry:
+    """One stored file. name/size/digest are always of the bytes on disk (what verify reads).
+
+    A compressed file (codec set) is stored as `plain_name + suffix`; raw_size/raw_digest
+    describe the plain bytes the engine wrote, and frames the compressed size of each
+    independent frame of `frame` raw bytes (see codec.py).
+    """
+
     name: str      # path relative to the checkpoint directory, '/'-separated
     size: int
     digest: str    # xxh3_128 hex
+    codec: str | None = None
+    plain_name: str | None = None
+    raw_size: int | None = None
+    raw_digest: str | None = None
+    frame: int = 0
+    frames: tuple[int, ...] = ()
+
+    @property
+    def plain(self) -> str:
+        """The name the engine gave the file (and expects at restore)."""
+        return self.plain_name or self.name
+
+    @property
+    def plain_size(self) -> int:
+        return self.size if self.raw_size is None else self.raw_size
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "size": self.size, "digest": self.digest}
+        if self.codec:
+            d.update(codec=self.codec, plain_name=self.plain_name, raw_size=self.raw_size,
+                     raw_digest=self.raw_digest, frame=self.frame, frames=list(self.frames))
+        return d
+
+    @classmethod
+    def from_dict(cls, f: dict[str, Any]) -> "FileEntry":
+        if not f.get("codec"):
+            return cls(f["name"], int(f["size"]), f["digest"])
+        return cls(f["name"], int(f["size"]), f["digest"], str(f["codec"]), str(f["plain_name"]),
+                   int(f["raw_size"]), str(f["raw_digest"]), int(f["frame"]), tuple(int(x) for x in f["frames"]))
 
 
 @dataclass
@@ -43,11 +82,23 @@ class Manifest:
 
     @property
     def image_bytes(self) -> int:
+        """Bytes on disk (compressed where compressed): what retention budgets count."""
         return sum(f.size for f in self.files)
+
+    @property
+    def raw_bytes(self) -> int:
+        """Bytes of the plain image set (what materialize writes)."""
+        return sum(f.plain_size for f in self.files)
+
+    @property
+    def compressed(self) -> bool:
+        return any(f.codec for f in self.files)
 
     def to_dict(self) -> dict[str, Any]:
         body = {
-            "format": self.format,
+            # a compressed checkpoint is format 2 so that an hpcckpt without compression
+            # refuses it (clear message) instead of handing .zst files to the engine
+            "format": COMPRESSED_FORMAT if self.compressed else self.format,
             "job": self.job,
             "generation": self.generation,
             "seq": self.seq,
@@ -60,7 +111,7 @@ class Manifest:
             "arrays": list(self.arrays),
             "compacted_from": list(self.compacted_from),
             "algorithm": ALGORITHM,
-            "files": [{"name": f.name, "size": f.size, "digest": f.digest} for f in self.files],
+            "files": [f.to_dict() for f in self.files],
         }
         return body
 
@@ -80,9 +131,10 @@ class Manifest:
         digest = body.pop("manifest_digest", None)
         if digest != hash_bytes(_canonical(body)):
             raise ManifestError(f"manifest {where} fails its own digest (edited or corrupted): the checkpoint is damaged")
-        if body.get("format") != FORMAT_VERSION:
+        if body.get("format") not in (FORMAT_VERSION, COMPRESSED_FORMAT):
             raise ManifestError(
-                f"manifest {where} has format {body.get('format')!r}, this hpcckpt reads {FORMAT_VERSION}: "
+                f"manifest {where} has format {body.get('format')!r}, this hpcckpt reads {FORMAT_VERSION} and "
+                f"{COMPRESSED_FORMAT}: "
                 "use the hpcckpt version that wrote it"
             )
         try:
@@ -91,10 +143,10 @@ class Manifest:
                 parent=None if body["parent"] is None else int(body["parent"]),
                 created=float(body["created"]), published=float(body["published"]),
                 host=str(body["host"]), pid=int(body["pid"]),
-                files=[FileEntry(f["name"], int(f["size"]), f["digest"]) for f in body["files"]],
+                files=[FileEntry.from_dict(f) for f in body["files"]],
                 meta=dict(body.get("meta", {})), arrays=list(body.get("arrays", [])),
                 compacted_from=[int(s) for s in body.get("compacted_from", [])],
-                format=body["format"],
+                format=FORMAT_VERSION,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"manifest {where} lacks or mistypes field {exc}: the checkpoint is damaged") from None

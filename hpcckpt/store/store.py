@@ -19,9 +19,11 @@ import numpy as np
 from .catalog import Catalog, CatalogData, ROW_FIELDS, merge, publish_event, status_event
 from .errors import (CatalogError, CheckpointNotFoundError, ManifestError, NoRestorableCheckpointError,
                      ParentMissingError, StaleGenerationError, StoreError)
-from .layout import (ARRAYS_FILE, DELETED_DIR, FORMAT_VERSION, JOB_LOCK, REPLACED_DIR, STORE_MARKER,
-                     VERIFY_FILE, atomic_write_bytes, check_job_name, fsync_dir, parse_seq, seq_name, token)
+from .layout import (ARRAYS_FILE, DELETED_DIR, JOB_LOCK, REPLACED_DIR, VERIFY_FILE, atomic_write_bytes, check_job_name, fsync_dir, parse_seq, seq_name, token)
+from .codec import Compression
 from .locking import FileLock
+from .materialize import Materialized, chain_of, materialize
+from .settings import open_settings, write_settings
 from .manifest import Manifest, read_manifest
 from .model import META_NUMBERS, Checkpoint, RetentionResult, Status
 from .retention import Entry, plan_retention
@@ -39,15 +41,23 @@ MergeFn = Callable[[list[Checkpoint], Path], None]
 class Store:
     """Image sets of many jobs under one root directory (local or shared file system)."""
 
-    def __init__(self, root: str | os.PathLike[str], *, fold_every: int = 32,
+    def __init__(self, root: str | os.PathLike[str], *, compression: str | Compression | None = None,
+                 level: int | None = None, threads: int = 2, fold_every: int = 32,
                  stale_staging_after: float = 6 * 3600, lock_timeout: float = 120.0) -> None:
+        """Open (or create) the store at `root`.
+
+        compression ('none', 'zstd', 'zstd-N', 'lz4'; level overrides N) is a setting of
+        the store, recorded in STORE.json when the store is created. Opening an existing
+        store with a different one raises StoreConfigError (set_compression() changes it);
+        None means "whatever the store says". threads: cores used to (de)compress.
+        """
         self.root = Path(root)
         self.stale_staging_after = stale_staging_after
         self.lock_timeout = lock_timeout
+        self.threads = max(1, int(threads))
         self.root.mkdir(parents=True, exist_ok=True)
-        marker = self.root / STORE_MARKER
-        if not marker.exists():
-            atomic_write_bytes(marker, json.dumps({"format": FORMAT_VERSION, "created": time.time()}).encode())
+        wanted = None if compression is None and level is None else Compression.parse(compression or "zstd", level)
+        self.compression = open_settings(self.root, wanted)
         self.catalog = Catalog(self.root, fold_every=fold_every)
         self.catalog.rebuilder = self._scan_catalog
 
@@ -70,6 +80,12 @@ class Store:
             f"(on host {state.generation_host or '?'} at {when}). This writer is a stale copy of the job (e.g. "
             "a node cut off while Slurm restarted the job elsewhere) and must stop; its checkpoint is discarded.",
             job, generation, state.generation)
+
+    def set_compression(self, compression: str | Compression | None, level: int | None = None) -> Compression:
+        """Change how checkpoints published from now on are stored ('none' to stop compressing).
+        Existing checkpoints keep their own encoding (each manifest says per file)."""
+        self.compression = write_settings(self.root, Compression.parse(compression, level))
+        return self.compression
 
     # ---- writing ---------------------------------------------------------------------
     def next_generation(self, job: str) -> int:
@@ -482,33 +498,62 @@ class Store:
                                sum(size.values()), sum(size[s] for s in plan.keep),
                                tuple(sorted(plan.pinned)), plan.over_budget)
 
+    def materialize(self, ckpt: Checkpoint, dest_dir: str | os.PathLike[str] | None = None) -> Materialized:
+        """Plain files the engine can restore `ckpt` from, with its whole parent chain.
+
+        Use as `with store.materialize(ckpt) as path: restore(path)`. Uncompressed
+        checkpoints: `path` is the checkpoint's own directory, nothing is copied or
+        removed. Compressed: each checkpoint of the chain is decompressed (and checked)
+        into dest_dir/<seq>/ or, by default, a new $HPCCKPT_TMPDIR / $TMPDIR / /tmp
+        directory, removed when the `with` block ends (or by .cleanup()). Does not
+        verify first: call restore_candidate() / verify() for that (materialize still
+        checks every digest of what it reads and raises CorruptDataError).
+        """
+        return materialize(self, ckpt, dest_dir)
+
     def compact(self, ckpt: Checkpoint, merge_fn: MergeFn) -> Checkpoint:
         """Replace `ckpt` (same job and seq) by a standalone image that merge_fn builds from
-        its chain (oldest first); ancestors then become deletable by retention."""
+        its chain (oldest first); ancestors then become deletable by retention.
+
+        merge_fn gets the chain as plain image directories (materialized if the store is
+        compressed, so the engine never sees compressed files) and writes plain files into
+        out_dir; publish compresses them as the store's setting says."""
         if ckpt.parent is None:
             return ckpt
         problems = self.verify(ckpt)
         if problems:
             raise StoreError(f"checkpoint {ckpt.name} cannot be compacted, its chain is damaged: " + "; ".join(problems))
-        chain = [ckpt]
-        while chain[0].parent is not None:
-            chain.insert(0, self.get(ckpt.job, chain[0].parent))
+        chain = chain_of(self, ckpt)
         job_dir = self.job_dir(ckpt.job)
         owner = Owner.me(ckpt.generation, None)
         with self.job_lock(ckpt.job):
             path = create_staging(job_dir, owner)
         writer = Writer(self, ckpt.job, ckpt.generation, None, path, ckpt.created)
         try:
-            merge_fn(chain, path)
+            plain = materialize(self, ckpt)
+            try:
+                merge_fn(plain.checkpoints, path)
+            finally:
+                plain.cleanup()
             m = read_manifest(ckpt.path)
             meta: dict[str, Any] = dict(m.meta)
-            meta.pop("publish_s", None)
+            for k in ("publish_s", "compression", "raw_bytes"):
+                meta.pop(k, None)
             meta.update(self.arrays(ckpt))
             writer.fenced = False
             return writer.publish(meta, compacted_from=[c.seq for c in chain[:-1]], _seq=ckpt.seq)
         except BaseException:
             writer.abort()
             raise
+
+    def compact_job(self, job: str, merge_fn: MergeFn, seq: int | None = None) -> Checkpoint:
+        """`hpcckpt compact --store ROOT --job NAME [--checkpoint N]`: compact checkpoint N,
+        or the newest complete one, of `job`. Returns the (possibly unchanged) checkpoint."""
+        ckpt = self.get(job, seq) if seq is not None else self.latest(job)
+        if ckpt is None:
+            raise CheckpointNotFoundError(f"job {job!r} has no complete checkpoint in store {self.root} to compact; "
+                                          f"`hpcckpt ls --store {self.root} --job {job}` lists what there is")
+        return self.compact(ckpt, merge_fn)
 
     def swap_in(self, job: str, seq: int, staging: Path) -> None:
         """Replace published `seq` by `staging` (called under the job lock by compaction).

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .checksum import hash_file
+from .codec import SUFFIXES
+from .frames import encode_file
 from .errors import ParentMissingError, ReservedFileNameError, StaleGenerationError, StoreError, WriterStateError
 from .layout import ARRAYS_FILE, OWNER_FILE, RESERVED_NAMES, atomic_write_bytes, fsync_dir, hostname, seq_name
 from .manifest import FileEntry, Manifest, write_manifest
@@ -32,6 +34,19 @@ if TYPE_CHECKING:
     from .store import Store
 
 log = logging.getLogger(__name__)
+
+#: a compressed file bigger than this fraction of the plain one is not worth decompressing
+KEEP_PLAIN_ABOVE = 0.97
+#: engine files other than page files are compressed only from this size on
+COMPRESS_OTHERS_FROM = 1 << 20
+
+
+def wants_compression(rel: str, size: int) -> bool:
+    """Page files always (when not empty); other files only when big enough to matter."""
+    base = rel.rsplit("/", 1)[-1]
+    if size == 0:
+        return False
+    return (base.startswith("pages-") and base.endswith(".img")) or size >= COMPRESS_OTHERS_FROM
 
 
 class Writer:
@@ -83,6 +98,9 @@ class Writer:
                     seq, target = _seq, None
                 now = time.time()
                 scalars.setdefault("host", hostname())
+                if any(f.codec for f in files):
+                    scalars["compression"] = self.store.compression.label
+                    scalars["raw_bytes"] = sum(f.plain_size for f in files)
                 scalars["publish_s"] = round(time.perf_counter() - t0, 6)
                 manifest = Manifest(
                     job=self.job, generation=self.generation, seq=seq, parent=self.parent,
@@ -139,6 +157,35 @@ class Writer:
             raise WriterStateError(f"staging dir {self.path} of job {self.job!r} vanished (removed as stale by another "
                                    "process?): the checkpoint was not published; begin() a new one")
 
+    def _maybe_compress(self, full: Path, rel: str) -> FileEntry | None:
+        """Compress one engine file if the store compresses and it is worth it; else None.
+
+        The plain file is replaced by `rel + suffix`. A file that does not shrink by at
+        least 3 % (already compressed or random data) stays plain, so materialize only
+        copies it; the plain digest computed while compressing is reused for it.
+        """
+        comp = self.store.compression
+        if not comp.enabled or not wants_compression(rel, full.stat().st_size):
+            return None
+        assert comp.codec is not None
+        stored_rel = rel + SUFFIXES[comp.codec]
+        dst = full.with_name(full.name + SUFFIXES[comp.codec])
+        if dst.exists():
+            raise ReservedFileNameError(f"job {self.job!r}: the engine wrote both {rel} and {stored_rel} into "
+                                        f"{self.path}; in a compressed store the second name is reserved for the first")
+        enc = encode_file(full, dst, comp.codec, comp.level, comp.frame, self.store.threads)
+        if enc.size > enc.raw_size * KEEP_PLAIN_ABOVE:
+            os.unlink(dst)
+            fd = os.open(full, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return FileEntry(rel, enc.raw_size, enc.raw_digest)
+        os.unlink(full)
+        return FileEntry(stored_rel, enc.size, enc.digest, comp.codec, rel, enc.raw_size, enc.raw_digest,
+                         comp.frame, enc.frames)
+
     def _hash_files(self, arrays: dict[str, np.ndarray]) -> list[FileEntry]:
         entries: list[FileEntry] = []
         dirs: list[str] = []
@@ -157,8 +204,11 @@ class Writer:
                 full = os.path.join(dirpath, fn)
                 if os.path.islink(full):
                     raise StoreError(f"job {self.job!r}: {full} is a symlink; image sets must hold regular files only")
-                size, digest = hash_file(Path(full), fsync=True)
-                entries.append(FileEntry(rel, size, digest))
+                entry = self._maybe_compress(Path(full), rel)
+                if entry is None:
+                    size, digest = hash_file(Path(full), fsync=True)
+                    entry = FileEntry(rel, size, digest)
+                entries.append(entry)
         if arrays:
             buf = io.BytesIO()
             np.savez(buf, **arrays)
