@@ -63,6 +63,20 @@ class Writer:
         self.fenced = True
         self._done = False
 
+    @property
+    def parent_path(self) -> Path | None:
+        """The parent's published directory (what an incremental dump reads), or None."""
+        return None if self.parent is None else self.store.job_dir(self.job) / seq_name(self.parent)
+
+    @property
+    def parent_ref(self) -> str | None:
+        """How an incremental image must name its parent: '../<seq>', a sibling directory.
+
+        That holds where the image ends up (ROOT/JOB/<seq>/) and where materialize() puts
+        it (DEST/<seq>/); a path relative to the staging dir (ROOT/JOB/.staging/T/) does not.
+        """
+        return None if self.parent is None else f"../{seq_name(self.parent)}"
+
     def publish(self, meta: dict[str, Any] | None = None, *, compacted_from: list[int] | None = None,
                 _seq: int | None = None) -> Checkpoint:
         """Checksum, fsync and atomically publish the staging dir; return the Checkpoint.
