@@ -211,3 +211,23 @@ def test_compact_job_without_checkpoints(store: Store) -> None:
     from hpcckpt.store import CheckpointNotFoundError
     with pytest.raises(CheckpointNotFoundError, match="no complete checkpoint"):
         store.compact_job("nothing", lambda chain, out: None)
+
+
+def test_commands(tmp_path: Path, tmpdir_env: Path) -> None:
+    from hpcckpt.store import commands
+    store = Store(tmp_path / "s", compression="zstd")
+    c1, f1 = publish_set(store, "j", 1)
+    c2, f2 = publish_set(store, "j", 2, parent=1)
+    with commands.restore_images(store.root, "j") as path:
+        assert plain_files(path) == f2 and plain_files(path.parent / "00000001") == f1
+    with commands.restore_images(store.root, "j", 1) as path:
+        assert plain_files(path) == f1
+    flip_byte(c2.path / "pages-2.img.zst", 100)
+    with pytest.raises(Exception, match="00000002 is damaged"):
+        commands.restore_images(store.root, "j", 2)
+    m = commands.restore_images(store.root, "j")
+    with m as path:
+        assert path.name == "00000001" and m.checkpoints[-1].skipped[0][0] == 2
+    assert "2 checkpoints" in commands.catalog_rebuild(store.root)
+    assert "already standalone" in commands.compact(store.root, "j", lambda ch, out: None, 1)
+    assert not any(tmpdir_env.iterdir())
