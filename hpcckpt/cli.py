@@ -56,9 +56,12 @@ def cmd_dump(args) -> int:
     from .engine.files import FilePolicies
     policies = FilePolicies.parse(args.file_policy)
 
-    def do_dump(path):
+    pre = args.cmd == "pre-dump"
+
+    def do_dump(path, parent=None):
         return dump(args.pid, path, leave_running=args.leave_running, policies=policies,
-                    show_progress=not args.quiet)
+                    show_progress=not args.quiet, parent=parent or args.parent,
+                    track_mem=args.track_mem or pre, live=getattr(args, "live", False), pre_dump=pre)
     if args.images and not args.store:  # the image set itself, as CRIU's -D
         where, r = args.images, do_dump(args.images)
     else:
@@ -66,7 +69,10 @@ def cmd_dump(args) -> int:
     if not args.quiet:
         print(f"dumped process {r.pid} ({r.threads} threads) to {where}: "
               f"{r.pages_bytes / 2**20:.1f} MiB of pages in {r.total_s:.3f} s, frozen {r.frozen_s:.3f} s"
-              + ("" if args.leave_running else "; process killed"), file=sys.stderr)
+              + (f"; {r.parent_bytes / 2**20:.1f} MiB in parent images ({r.tracking})" if r.incremental else "")
+              + ("" if args.leave_running or pre or args.live else "; process killed"), file=sys.stderr)
+        for note in r.notes:
+            print(f"hpcckpt: {note}", file=sys.stderr)
     return 0
 
 
@@ -149,7 +155,7 @@ def cmd_run(args) -> int:
         dest = None
     return run(args.command, dest=dest, quiet=args.quiet, schedule=schedule,
                checkpoint_signal=args.checkpoint_signal, final_signal=args.final_signal,
-               requeue=args.requeue, walltime=args.walltime, errors=errors)
+               requeue=args.requeue, walltime=args.walltime, errors=errors, full_every=args.full_every)
 
 
 def cmd_status(args) -> int:
@@ -207,7 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--leave-running", "-R", action="store_true", help="let the process run on after the dump")
     d.add_argument("--file-policy", action="append", metavar="PATH=rollback|keep|refuse",
                    help="what a restore does with files open for writing under PATH (default rollback)")
+    _incremental(d)
+    d.add_argument("--live", action="store_true",
+                   help="the process runs on while its memory is written (a copy-on-write snapshot)")
     d.set_defaults(func=cmd_dump)
+    pd = sub.add_parser("pre-dump", help="copy a process's memory while it runs; a dump --parent then "
+                                         "freezes it only to write what changed since")
+    pd.add_argument("--pid", "-t", type=int, required=True)
+    _where(pd)
+    pd.add_argument("--file-policy", action="append", metavar="PATH=rollback|keep|refuse")
+    _incremental(pd)
+    pd.set_defaults(func=cmd_dump, leave_running=True, live=False)
     r = sub.add_parser("restore", help="restore a process; stays its parent unless --detach")
     _where(r)
     r.add_argument("--checkpoint", type=int, help="with --store: this sequence number, not the newest")
@@ -232,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take a checkpoint and stop the job (default TERM)")
     u.add_argument("--requeue", action=argparse.BooleanOptionalAction, default=None,
                    help="after a final checkpoint, requeue the Slurm job (default: inside Slurm)")
+    u.add_argument("--full-every", type=int, default=10, metavar="N",
+                   help="checkpoints are incremental, every Nth one full (1: always full; default 10)")
     u.add_argument("command", nargs=argparse.REMAINDER)
     u.set_defaults(func=cmd_run)
     so = sub.add_parser("status", help="a job's checkpoints, the schedule's next time and the measured costs")
@@ -254,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--checkpoint", type=int)
     v.set_defaults(func=cmd_verify)
     return ap
+
+
+def _incremental(p) -> None:
+    p.add_argument("--track-mem", action="store_true",
+                   help="save page digests beside the image, so a later dump --parent can be incremental")
+    p.add_argument("--parent", metavar="PREV",
+                   help="an earlier image of the process: write only the pages changed since")
 
 
 def _where(p) -> None:

@@ -81,6 +81,8 @@ class ImageDir:
     """DIR/ckpt-NNNN, with DIR/latest pointing at the newest sealed one."""
 
     notes: list[str] = []
+    #: the newest image written or resumed from: the parent of an incremental checkpoint
+    last_path: Path | None = None
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -94,12 +96,16 @@ class ImageDir:
 
     def latest(self) -> Path | None:
         link = self.root / "latest"
-        return self.root / os.readlink(link) if link.is_symlink() else None
+        self.last_path = self.root / os.readlink(link) if link.is_symlink() else None
+        return self.last_path
 
-    def checkpoint(self, do_dump: Callable[[Path], DumpResult]) -> tuple[str, DumpResult]:
+    def checkpoint(self, do_dump: Callable[..., DumpResult], parent: bool = False) -> tuple[str, DumpResult]:
+        """With `parent`, do_dump(path, parent_path) may write an incremental image against
+        the last one (the chain stays in DIR: retention is the user's)."""
         seqs = [int(p.name[5:]) for p in self.root.glob("ckpt-*") if p.name[5:].isdigit()]
         name = f"ckpt-{max(seqs, default=0) + 1:04d}"
-        r = do_dump(self.root / name)
+        r = do_dump(self.root / name, self.last_path) if parent and self.last_path else do_dump(self.root / name)
+        self.last_path = self.root / name
         tmp = self.root / f".latest.{os.getpid()}"
         tmp.unlink(missing_ok=True)
         os.symlink(name, tmp)
@@ -115,6 +121,8 @@ class StoreJob:
     generation: int
     keep_last: int | None = None
     notes: list[str] = field(default_factory=list)
+    last_seq: int | None = None          # newest checkpoint written or resumed from
+    last_path: Path | None = None
 
     @property
     def status_path(self) -> Path:
@@ -143,19 +151,24 @@ class StoreJob:
         # the checkpoint, which would erase anything printed before
         self.notes = [f"skipped damaged checkpoint {self.job}/{seq:08d}: {'; '.join(problems)}"
                       for seq, problems in c.skipped]
+        self.last_seq, self.last_path = c.seq, c.path
         return c.path
 
-    def checkpoint(self, do_dump: Callable[[Path], DumpResult]) -> tuple[str, DumpResult]:
-        w = self.store.begin(self.job, self.generation)
+    def checkpoint(self, do_dump: Callable[..., DumpResult], parent: bool = False) -> tuple[str, DumpResult]:
+        """With `parent`, do_dump(path, parent_path) may write an incremental image against
+        the last checkpoint, which the store then keeps as long as this one needs it."""
+        par = self.last_seq if parent and self.last_seq is not None else None
+        w = self.store.begin(self.job, self.generation, parent=par)
         try:
-            r = do_dump(w.path)
+            r = do_dump(w.path, self.last_path) if par is not None else do_dump(w.path)
         except BaseException:
             w.abort()
             raise
         c = w.publish({"host": socket.gethostname(), "nprocs": 1, "memory_bytes": r.memory_bytes,
                        "pages_written": r.pages_bytes // 4096, "freeze_s": r.frozen_s,
-                       "dump_s": r.total_s, "backend": "full",
+                       "dump_s": r.total_s, "backend": r.tracking if r.incremental else "full",
                        "write_rate_gbs": np.array([r.pages_bytes / max(r.total_s, 1e-9) / 1e9])})
+        self.last_seq, self.last_path = c.seq, c.path
         if self.keep_last:
             self.store.apply_retention(self.job, keep_last=self.keep_last)
         return f"{self.job}/{c.seq:08d}", r

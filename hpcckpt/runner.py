@@ -40,8 +40,10 @@ from .cli import FORWARDED, exit_like
 from .destinations import RunStatus, write_status
 from .engine import pidns
 from .engine.dump import DumpResult, dump
+from .engine.incremental import TreeTracker
 from .engine.restore import restore
-from .errors import HpcckptError
+from .images.imageset import ImageSet
+from .errors import HpcckptError, ProcessGoneError
 from .schedules import Measurement, PreemptOnly, Schedule, format_duration
 
 POLL = 0.05
@@ -101,8 +103,12 @@ def job_end_time(quiet: bool) -> float | None:
 def run(command: list[str], dest=None, every: float | None = None, quiet: bool = False,
         checkpoint_signal: int = signal.SIGUSR1, final_signal: int = signal.SIGTERM,
         requeue: bool | None = None, schedule: Schedule | None = None, walltime: bool = True,
-        errors: list[str] | None = None) -> int:
+        errors: list[str] | None = None, full_every: int | None = 10) -> int:
     """Start or resume `command`, supervise it, exit as it does.
+
+    Checkpoints are incremental (only pages written since the previous one, tracked by
+    the engine from the start or the resume on), with a full one every `full_every`
+    (1: always full; None: only when the chain breaks).
 
     `errors` are problems found before the job started (a bad schedule, a store that
     cannot be written): they are reported in the output and in the status file, and the
@@ -119,12 +125,13 @@ def run(command: list[str], dest=None, every: float | None = None, quiet: bool =
         schedule = every_schedule(every)
     schedule = schedule or PreemptOnly(spec="signals only")
     latest = dest.latest() if dest else None
+    tracker = TreeTracker() if dest is not None and full_every != 1 else None
     append_outputs()
     try:
         if latest:
             pidns.ensure()
             refilled = outputs.refill(latest)
-            r = restore(latest, show_progress=not quiet)
+            r = restore(latest, show_progress=not quiet, tracker=tracker)
             pid = r.pid
             for note in dest.notes + refilled:
                 _say(quiet, note)
@@ -136,6 +143,8 @@ def run(command: list[str], dest=None, every: float | None = None, quiet: bool =
             _say(quiet, f"error: {e}")
         end = job_end_time(quiet) if walltime and dest else None
         sup = Supervisor(pid, dest, schedule, quiet, checkpoint_signal, final_signal, requeue, end, errors or [])
+        sup.tracker, sup.full_every = tracker, full_every
+        sup.depth = ImageSet(latest).inventory().chain_depth if latest else None
         status = sup.loop()
     finally:
         pidns.shutdown()
@@ -258,7 +267,7 @@ class Supervisor:
         label = f"{'final ' if final else ''}checkpoint" + (f" ({why})" if why and why != "final signal" else "")
         t0 = time.monotonic()
         try:
-            where, r = self.dest.checkpoint(self._dump_into(final))
+            where, r = self._dump_chained(final)
         except HpcckptError as e:  # the job runs on; the next interval tries again
             msg = f"{label} failed, job continues: {e}"
             _say(self.quiet, msg)
@@ -280,9 +289,31 @@ class Supervisor:
             self._publish_status()
         return True
 
+    tracker: TreeTracker | None = None
+    full_every: int | None = None
+    depth: int | None = None        # parents of the last image; None: there is none
+
+    def _dump_chained(self, final: bool) -> tuple[str, DumpResult]:
+        """An incremental checkpoint against the last one when the chain may grow, else
+        (or when the parent turns out unusable) a full one."""
+        if self.tracker is not None and self.depth is not None and (
+                not self.full_every or self.depth + 1 < self.full_every):
+            try:
+                where, r = self.dest.checkpoint(self._dump_into(final), parent=True)
+                self.depth = self.depth + 1 if r.incremental else 0
+                return where, r
+            except ProcessGoneError:
+                raise
+            except HpcckptError as e:
+                _say(self.quiet, f"incremental checkpoint failed ({e}); taking a full one")
+        where, r = self.dest.checkpoint(self._dump_into(final))
+        self.depth = 0
+        return where, r
+
     def _dump_into(self, final: bool):
-        def do_dump(path):
-            r = dump(self.pid, path, leave_running=not final, show_progress=not self.quiet)
+        def do_dump(path, parent=None):
+            r = dump(self.pid, path, leave_running=not final, show_progress=not self.quiet,
+                     parent=parent, tracker=self.tracker)
             warnings = outputs.keep(Path(path), self.outputs)
             if warnings and not self.output_warned:
                 self.output_warned = True

@@ -11,7 +11,7 @@ import shutil
 import socket
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
@@ -22,7 +22,10 @@ from ..kernel import elf, proc, ptrace, vdso
 from ..kernel.arch import current as arch
 from ..kernel.inject import Injector, Mem, find_syscall_insn
 from ..progress import Progress
-from . import files, memory, shared
+from ..images.chain import load_chain, new_image_id, relative_parent
+from ..tracking.incremental import IncrementalPlan, plan_incremental
+from . import files, memory, shared, snapshot
+from .incremental import Parent, TreeTracker, save_digests
 from . import tree as ptree
 from .freeze import Frozen
 
@@ -43,6 +46,11 @@ class DumpResult:
     frozen_s: float        # how long the process could not run
     total_s: float
     processes: int = 1     # processes in the tree (zombies included)
+    parent_bytes: int = 0  # bytes of pages left to the parent chain (incremental dumps)
+    incremental: bool = False
+    tracking: str = ""     # backends that chose the pages to write ("full" where none could)
+    image_id: str = ""
+    notes: list[str] = field(default_factory=list)   # fallbacks taken, for the caller to show
 
 
 def _creds(st: dict[str, str]) -> pb.Creds:
@@ -264,42 +272,83 @@ def _zombie(pid: int, ns: dict[int, int]) -> pb.Process:
 
 def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
          policies: files.FilePolicies | None = None, show_progress: bool = True,
-         tree: bool = True) -> DumpResult:
+         tree: bool = True, parent: str | os.PathLike | None = None,
+         tracker: "TreeTracker | None" = None, track_mem: bool = False,
+         live: bool = False, pre_dump: bool = False) -> DumpResult:
     """Checkpoint `pid` and (unless `tree=False`) all its descendants into `images`;
-    kill them all afterwards unless `leave_running`."""
+    kill them all afterwards unless `leave_running`.
+
+    `parent`: an earlier image of the same tree; only pages changed since are written, the
+    rest are marked as held by the parent chain. Changes come from `tracker` (live
+    trackers a long-lived caller keeps, used when its state is relative to `parent`) or
+    else from content hashing against the parent. With `tracker`, every process is left
+    armed, so the caller's next dump can name this image as its parent. `track_mem`
+    also saves page digests beside the image (for a later fresh hpcckpt process).
+    `pre_dump`: copy the pages while the tree runs on (the image is only a parent for a
+    final dump, which writes what changed since); `live`: the image is the state at one
+    instant, but the tree runs on while the pages are written (copy-on-write snapshot).
+    """
     t0 = time.monotonic()
     check_owner(pid)
+    if live or pre_dump:
+        leave_running = True
+    par = Parent.open(parent) if parent is not None else None
     fresh_dir = not os.path.exists(images)
     iset = ImageSet(images, create=True)
     created = set(os.listdir(iset.path))
+    notes: list[str] = []
+    snaps: dict[int, "snapshot.Snapshot"] = {}
     ft = ptree.freeze_tree(pid, tree)
     t_frozen = time.monotonic()
+    t_thawed = None
     try:
         ns = _tree_ids(ft)
         statuses = {p: check_owner(p) for p in ft.frozen}
         descs = shared.Descriptions.collect(list(ft.frozen))
         shm = ShmemTable(iset.path)
         procs: dict[int, pb.Process] = {}
+        vmas: dict[int, list] = {}
         for p_host in ft.order:
             if p_host in ft.zombies:
                 procs[p_host] = _zombie(p_host, ns)
             else:
-                procs[p_host] = _capture(ft.frozen[p_host], iset, policies or files.FilePolicies(),
-                                         statuses[p_host], descs, shm)[0]
+                procs[p_host], vmas[p_host] = _capture(ft.frozen[p_host], iset, policies or files.FilePolicies(),
+                                                       statuses[p_host], descs, shm)
             _relations(ft, p_host, ns, procs[p_host])
-        plans = {h: [(v, memory.pages_to_save(h, v)) for v in procs[h].mm.vmas]
-                 for h in ft.order if h not in ft.zombies}
-        total = sum(n for plan in plans.values() for _, runs in plan for _, n in runs)
-        prog = Progress(f"dump {pid}", total, enabled=show_progress)
-        pages_bytes = 0
+        live_procs = [h for h in ft.order if h not in ft.zombies]
+        plans, used = {}, {}
+        for h in live_procs:
+            plans[h], used[h] = _plan(h, procs[h], vmas[h], par, tracker, notes)
+        if tracker is not None:
+            _keep_armed(tracker, ft, live_procs, vmas, used, notes)
+        total = sum(n for plan in plans.values() for _, n in plan.write)
+        prog = Progress(f"{'pre-dump' if pre_dump else 'dump'} {pid}", total, enabled=show_progress)
+        pagemaps = {h: pb.Pagemap(pages_file=f"pages-{procs[h].pid}.img") for h in ft.order}
+        writers = {h: _PageFile(h, iset, pagemaps[h]) for h in live_procs}
+        if live:
+            for h in live_procs:
+                keep = _not_forked(procs[h].mm.vmas)
+                writers[h].copy([r for r in plans[h].write if _inside(r, keep)], prog)
+                snaps[h] = snapshot.take(ft.frozen[h])
+        if live or pre_dump:
+            ft.thaw()
+            t_thawed = time.monotonic()
+        pages_bytes = parent_bytes = 0
+        for h in live_procs:
+            w = writers[h]
+            if live:
+                keep = _not_forked(procs[h].mm.vmas)
+                w.source = snaps[h].child
+                w.copy([r for r in plans[h].write if not _inside(r, keep)], prog)
+            else:
+                w.copy(plans[h].write, prog)
+            w.close(plans[h].in_parent)
+            pages_bytes += pagemaps[h].pages_bytes
+            parent_bytes += pagemaps[h].parent_bytes
         for h in ft.order:
             p = procs[h]
-            pages = pb.Pagemap(pages_file=f"pages-{p.pid}.img")
-            if h not in ft.zombies:
-                _write_pages(h, iset, pages, plans[h], prog)
-                pages_bytes += pages.pages_bytes
             iset.write_message(f"process-{p.pid}.img", "process", p)
-            iset.write_message(f"pagemap-{p.pid}.img", "pagemap", pages)
+            iset.write_message(f"pagemap-{p.pid}.img", "pagemap", pagemaps[h])
         prog.finish()
         root = procs[pid]
         inv = _inventory(root, pid)
@@ -309,7 +358,16 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             if h not in ft.zombies and h != pid:
                 inv.files.extend(f for f in _mapped_files(list(procs[h].mm.vmas), procs[h].mm.exe)
                                  if f.path not in {x.path for x in inv.files})
-        if leave_running:
+        inv.image_id = new_image_id()
+        inv.pre_dump = pre_dump
+        inv.tracking = ",".join(sorted(set(used.values()))) if par else ""
+        if par is not None:
+            inv.parent = relative_parent(iset.path, par.path)
+            inv.parent_id = par.inv.image_id
+            inv.chain_depth = par.inv.chain_depth + 1
+        if t_thawed is not None:
+            iset.seal(inv)
+        elif leave_running:
             ft.thaw()
             t_thawed = time.monotonic()
             iset.seal(inv)
@@ -317,36 +375,160 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             iset.seal(inv)
             t_thawed = time.monotonic()
             ft.kill()
+        if tracker is not None:
+            tracker.base_id = inv.image_id if leave_running else None
     except BaseException:
         ft.thaw()
+        if tracker is not None:
+            tracker.invalidate()   # collected changes went nowhere: next dump hashes
+        for s in snaps.values():
+            snapshot.release(s)
         _remove_new(iset.path, created)
         if fresh_dir:
             shutil.rmtree(iset.path, ignore_errors=True)
         raise
+    for s in snaps.values():
+        snapshot.release(s)
+    if track_mem and (tracker is None or "hashing" in tracker.name):
+        try:
+            chain = load_chain(iset.path, verify=False)
+            for h in live_procs:
+                save_digests(iset.path, chain, procs[h])
+        except (HpcckptError, OSError) as e:
+            notes.append(f"page digests not saved beside {iset.path}: {e}")
     return DumpResult(pid=pid, images=iset.path, threads=ft.threads,
                       memory_bytes=sum(v.end - v.start for p in procs.values() for v in p.mm.vmas),
                       pages_bytes=pages_bytes, frozen_s=t_thawed - t_frozen,
-                      total_s=time.monotonic() - t0, processes=len(ft.order))
+                      total_s=time.monotonic() - t0, processes=len(ft.order),
+                      parent_bytes=parent_bytes, incremental=par is not None,
+                      tracking=inv.tracking, image_id=inv.image_id, notes=notes)
+
+
+def _plan(h: int, p: pb.Process, vmas: list, par: "Parent | None", tracker: "TreeTracker | None",
+          notes: list[str]) -> tuple[IncrementalPlan, str]:
+    """What to write and what the parent holds for one frozen process, and how we knew."""
+    if par is None:
+        return IncrementalPlan(write=[r for v in p.mm.vmas for r in memory.pages_to_save(h, v)]), "full"
+    ppages = par.pages(p.pid)
+    dirty, how = None, "full"
+    if ppages is None:
+        notes.append(f"process {p.pid} is not in parent {par.path}: dumped whole")
+    else:
+        dirty, how = _changes(h, p.pid, vmas, par, tracker, notes)
+    return plan_incremental(h, list(p.mm.vmas), dirty, ppages if dirty is not None else None), how
+
+
+def _changes(h: int, ns_pid: int, vmas: list, par: "Parent", tracker: "TreeTracker | None",
+             notes: list[str]):
+    """Pages changed since the parent: the live tracker if its state is relative to the
+    parent, else hashing against the parent; (None, "full") if neither can say."""
+    if tracker is not None and tracker.valid_for(par.inv.image_id) and h in tracker.trackers:
+        t = tracker.trackers[h]
+        try:
+            return t.collect(h, vmas), t.name
+        except ProcessGoneError:
+            raise
+        except HpcckptError as e:
+            notes.append(f"process {ns_pid}: {t.name} tracking failed ({e}); comparing page digests")
+            tracker.forget(h)
+    try:
+        ht = par.hashing_tracker(h, ns_pid)
+        try:
+            return ht.collect(h, vmas), "hashing"
+        finally:
+            ht.disarm()
+    except ProcessGoneError:
+        raise
+    except HpcckptError as e:
+        notes.append(f"process {ns_pid}: no change tracking against {par.path} ({e}); dumped whole")
+        return None, "full"
+
+
+def _keep_armed(tracker: "TreeTracker", ft: ptree.FrozenTree, live_procs: list[int], vmas: dict,
+                used: dict[int, str], notes: list[str]) -> None:
+    """Every process tracked from this dump on: collect re-armed the ones it read; the rest
+    (new processes, a changed parent, a failed tracker) are armed now, while frozen."""
+    for h in list(tracker.trackers):
+        if h not in live_procs:
+            tracker.forget(h)
+    for h in live_procs:
+        t = tracker.trackers.get(h)
+        if t is not None and used.get(h) == t.name and t.pid == h:
+            continue
+        try:
+            t = tracker.new(h)
+            t.arm(h, ft.frozen[h], vmas[h])
+        except ProcessGoneError:
+            raise
+        except HpcckptError as e:
+            tracker.forget(h)
+            notes.append(f"process {h}: cannot track its memory ({e}); its next dump compares digests")
+
+
+def _not_forked(vmas) -> list[tuple[int, int]]:
+    return [(v.start, v.end) for v in vmas if set(v.vmflags) & set(snapshot.NOT_COPIED)]
+
+
+def _inside(run: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
+    return any(s <= run[0] < e for s, e in spans)
+
+
+class _PageFile:
+    """One process's pages file, written run by run, maybe from a snapshot copy."""
+
+    def __init__(self, pid: int, iset: ImageSet, pages: pb.Pagemap):
+        self.pid, self.iset, self.pages = pid, iset, pages
+        self.fd = os.open(iset.path / pages.pages_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.writer = memory.PageWriter(pid, self.fd)
+
+    @property
+    def source(self) -> int:
+        return self.writer.pid
+
+    @source.setter
+    def source(self, pid: int) -> None:
+        self.writer.close()
+        self.writer.mem_fd = -1
+        self.writer.pid = pid
+
+    def copy(self, runs, prog) -> None:
+        try:
+            for addr, n in runs:
+                off = self.writer.copy(addr, n)
+                self.pages.runs.append(pb.PageRun(vaddr=addr, nr_pages=n // memory.PAGE_SIZE, offset=off))
+                prog(n)
+        except OSError as e:
+            self._abort()
+            if e.errno == 3:
+                raise ProcessGoneError(f"process {self.pid} exited during the dump") from None
+            raise KernelError(f"writing pages of process {self.pid} to {self.iset.path}: {e.strerror}") from None
+        except BaseException:
+            self._abort()
+            raise
+
+    def close(self, in_parent) -> None:
+        try:
+            os.fsync(self.fd)
+        finally:
+            self._abort()
+        for addr, n in in_parent:
+            self.pages.runs.append(pb.PageRun(vaddr=addr, nr_pages=n // memory.PAGE_SIZE, in_parent=True))
+        self.pages.runs.sort(key=lambda r: r.vaddr)
+        self.pages.pages_bytes = self.writer.offset
+        self.pages.parent_bytes = sum(n for _, n in in_parent)
+
+    def _abort(self) -> None:
+        if self.fd >= 0:
+            self.writer.close()
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _write_pages(pid: int, iset: ImageSet, pages: pb.Pagemap, plan, prog) -> None:
-    fd = os.open(iset.path / pages.pages_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    writer = memory.PageWriter(pid, fd)
-    try:
-        for _, runs in plan:
-            for addr, n in runs:
-                off = writer.copy(addr, n)
-                pages.runs.append(pb.PageRun(vaddr=addr, nr_pages=n // memory.PAGE_SIZE, offset=off))
-                prog(n)
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno == 3:
-            raise ProcessGoneError(f"process {pid} exited during the dump") from None
-        raise KernelError(f"writing pages of process {pid} to {iset.path}: {e.strerror}") from None
-    finally:
-        writer.close()
-        os.close(fd)
-    pages.pages_bytes = writer.offset
+    """Kept for callers of the pre-chain API: every run of `plan` written."""
+    w = _PageFile(pid, iset, pages)
+    w.copy([r for _, runs in plan for r in runs], prog)
+    w.close([])
 
 
 def _inventory(p: pb.Process, pid: int) -> pb.Inventory:

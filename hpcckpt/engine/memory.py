@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import UnsupportedError
+from ..errors import ProcessGoneError, UnsupportedError
 from ..images import pb
 from ..kernel import proc
 from ..kernel.libc import PAGE_SIZE, vm_read
@@ -25,6 +25,8 @@ SPECIAL = {"[vdso]": pb.VDSO, "[vvar]": pb.VVAR, "[vvar_vclock]": pb.VVAR_VCLOCK
 # smaps VmFlags we give back with madvise(); the value is the MADV_* number
 MADVISE = {"dc": 10, "wf": 18, "hg": 14, "nh": 15, "dd": 16}
 CHUNK = 4 << 20
+PM_SWAP_TYPE_MASK = 0x1F
+PTE_MARKER_TYPE = 0x1F     # x86_64: the swap type pagemap gives a pte marker (no swap device has it)
 
 
 def prot_bits(prot: str) -> int:
@@ -69,15 +71,22 @@ def pages_to_save(pid: int, vma: pb.Vma) -> list[tuple[int, int]]:
         return []
     if vma.kind == pb.ANON_SHARED:
         return [(vma.start, vma.end - vma.start)]
+    return [(vma.start + i * PAGE_SIZE, n * PAGE_SIZE) for i, n in proc.runs(save_mask(pid, vma))]
+
+
+def save_mask(pid: int, vma: pb.Vma) -> np.ndarray:
+    """Per page of a private mapping: must the image hold it? Present or swapped out; of a
+    private file mapping only the process's own copies. A userfaultfd-wp pte marker (left
+    where a page was dropped while tracking; pagemap shows it as swap type 31) is absent."""
     pm = proc.pagemap(pid, vma.start, vma.end)
+    if len(pm) != (vma.end - vma.start) // PAGE_SIZE:
+        raise ProcessGoneError(f"process {pid} exited (or unmapped {vma.start:#x}) while its pagemap was read")
     present = (pm & np.uint64(proc.PM_PRESENT)) != 0
     swapped = (pm & np.uint64(proc.PM_SWAPPED)) != 0
+    swapped &= (pm & np.uint64(PM_SWAP_TYPE_MASK)) != PTE_MARKER_TYPE
     if vma.kind == pb.FILE_PRIVATE:
-        anon = (pm & np.uint64(proc.PM_FILE)) == 0
-        want = (present & anon) | swapped
-    else:
-        want = present | swapped
-    return [(vma.start + i * PAGE_SIZE, n * PAGE_SIZE) for i, n in proc.runs(want)]
+        return (present & ((pm & np.uint64(proc.PM_FILE)) == 0)) | swapped
+    return present | swapped
 
 
 @dataclass
@@ -106,7 +115,7 @@ class PageWriter:
                 got = self._read_forced(addr + done, n)
             if got < n:  # process_vm_readv stops at an unreadable page: finish forced
                 got += self._read_forced(addr + done + got, n - got, into=got)
-            view = memoryview(self.buf)[:n]
+            view = memoryview(self.buf).cast("B")[:n]
             w = 0
             while w < n:
                 w += os.write(self.fd, view[w:])
@@ -118,7 +127,7 @@ class PageWriter:
         """/proc/PID/mem ignores protections: PROT_NONE and exec-only pages."""
         if self.mem_fd < 0:
             self.mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY)
-        view = memoryview(self.buf)[into:into + n]
+        view = memoryview(self.buf).cast("B")[into:into + n]
         got = 0
         while got < n:
             try:

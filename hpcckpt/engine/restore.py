@@ -24,7 +24,10 @@ from ..kernel.inject import Injector, Mem, find_syscall_insn
 from ..kernel.libc import PAGE_SIZE, pidfd_getfd, pidfd_open
 from ..progress import Progress
 from . import files, memory, pidns
+from ..images.chain import Link, load_chain, pages_file_size, sources, Source
+from ..images.validate import validate
 from .create import create_tree
+from .incremental import TreeTracker
 
 SCRATCH = 1 << 16
 WINDOW = 32 << 20           # scratch plus room to park the vDSO family while moving it
@@ -470,25 +473,27 @@ def _drop_creds(t: Target, p: pb.Process) -> None:
         t.sys("setresuid", c.uid, c.euid, c.suid, tid=tid)
 
 
-def _fill_memory(t: Target, p: pb.Process, pm: pb.Pagemap, iset: ImageSet, sh: Shared, prog) -> None:
-    """The stub's own mappings go, the image's come back with their content."""
+def _fill_memory(t: Target, p: pb.Process, srcs: list[Source], iset: ImageSet, sh: Shared, prog) -> None:
+    """The stub's own mappings go, the image's come back with their content: the process
+    reads its pages itself (injected preadv) from each image of the chain in turn."""
     vmas = list(p.mm.vmas)
-    written = {v.start for v in vmas for r in pm.runs if v.start <= r.vaddr < v.end}
+    written = {v.start for v in vmas for s in srcs for r in s.runs if v.start <= r.vaddr < v.end}
     _clear_stub(t, vmas)
-    # opened before the image owner's file credentials apply: the page file belongs
-    # to whoever made the image, and its name was checked against the inventory
-    pages_fd = t.sys("openat", AT_FDCWD, t.cstr(str((iset.path / pm.pages_file).resolve())),
-                     os.O_RDONLY | os.O_CLOEXEC)
+    # opened before the image owner's file credentials apply: the page files belong
+    # to whoever made the images, and their names were checked against the inventories
+    fds = [t.sys("openat", AT_FDCWD, t.cstr(str(s.pages_file.resolve())), os.O_RDONLY | os.O_CLOEXEC)
+           for s in srcs]
     _open_shmem(t, vmas, sh, iset)
     _set_fs_creds(t, p.creds)
     _set_mm(t, p.mm)
     _map_vmas(t, vmas, written)
-    try:
-        memory.fill_pages(t, pages_fd, list(pm.runs), prog)
-    except OSError as e:
-        raise RestoreError(f"reading memory of process {p.pid} from {iset.path / pm.pages_file}: "
-                           f"{e.strerror}") from None
-    t.sys("close", pages_fd)
+    for fd, s in zip(fds, srcs):
+        try:
+            memory.fill_pages(t, fd, s.runs, prog)
+        except OSError as e:
+            raise RestoreError(f"reading memory of process {p.pid} from {s.pages_file}: "
+                               f"{e.strerror}") from None
+        t.sys("close", fd)
     _finish_vmas(t, vmas, written)
 
 
@@ -529,13 +534,48 @@ def _load_tree(iset: ImageSet, inv: pb.Inventory, root: pb.Process) -> list[pb.P
     return procs
 
 
-def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None) -> Restored:
-    """Recreate the process tree of an image set, running, its root our child; returns
-    the root's PID. Nothing runs before every process is fully restored; any failure
-    kills every process the restore made."""
+def check_chain(iset: ImageSet, inv: pb.Inventory) -> list[Link]:
+    """The image and its parents, every file of each verified, the parents' ids matching."""
+    if inv.pre_dump:
+        raise RestoreError(f"{iset.path} is a pre-dump (pages copied while the process ran): it is "
+                           "only the parent of a final dump; restore that one")
+    return load_chain(iset.path, verify=True, first=inv)
+
+
+def check_pages(chain: list[Link], procs: list[pb.Process], pms: dict[int, pb.Pagemap]) -> dict[int, list[Source]]:
+    """Bound every field of every process (images are untrusted), in the image and in each
+    parent that holds the process; then where each page comes from."""
+    out = {}
+    for p in procs:
+        if p.zombie:
+            continue
+        pm = pms[p.pid]
+        if pm.pages_file != f"pages-{p.pid}.img":
+            raise ImageError(f"{chain[0].path}: pagemap of process {p.pid} names {pm.pages_file!r}")
+        validate(str(chain[0].path), p, pm, pages_file_size(chain[0], pm))
+        for link in chain[1:]:
+            if p.pid not in link.inv.pids:
+                break
+            pp, ppm = link.iset.process(p.pid), link.iset.pagemap(p.pid)
+            if ppm.pages_file != f"pages-{p.pid}.img":
+                raise ImageError(f"{link.path}: pagemap of process {p.pid} names {ppm.pages_file!r}")
+            if not pp.zombie:
+                validate(str(link.path), pp, ppm, pages_file_size(link, ppm))
+        out[p.pid] = sources(chain, p.pid, pm)
+    return out
+
+
+def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None,
+            tracker: "TreeTracker | None" = None) -> Restored:
+    """Recreate the process tree of an image set (or of the newest image of a chain),
+    running, its root our child; returns the root's PID. Nothing runs before every process
+    is fully restored; any failure kills every process the restore made. With `tracker`,
+    every process is armed for dirty-page tracking before it runs, so the caller's next
+    dump can be incremental against this image."""
     t0 = time.monotonic()
     iset = ImageSet(images)
     inv, root, _ = check_image(iset)
+    chain = check_chain(iset, inv)
     procs = _load_tree(iset, inv, root)
     check_kernel(inv)
     check_mapped_files(inv)
@@ -545,19 +585,17 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
         for p in procs:
             check_ids_free(p) if not p.zombie else None
     pms = {p.pid: iset.pagemap(p.pid) for p in procs if not p.zombie}
-    for p in procs:
-        if not p.zombie and pms[p.pid].pages_file != f"pages-{p.pid}.img":
-            raise ImageError(f"{iset.path}: pagemap of process {p.pid} names {pms[p.pid].pages_file!r}")
+    srcs = check_pages(chain, procs, pms)
     live = [p for p in procs if not p.zombie]
     ctree = create_tree(procs)
     targets: dict[int, Target] = {}
     try:
         sh = Shared({}, {}, {}, {o.id: o for o in inv.shmem})
-        prog = Progress(f"restore {root.pid}", sum(pm.pages_bytes for pm in pms.values()),
-                        enabled=show_progress)
+        pages_bytes = sum(s.nbytes for ss in srcs.values() for s in ss)
+        prog = Progress(f"restore {root.pid}", pages_bytes, enabled=show_progress)
         for p in live:
             targets[p.pid] = Target(ctree.host(p.pid), p.pid, list(p.mm.vmas))
-            _fill_memory(targets[p.pid], p, pms[p.pid], iset, sh, prog)
+            _fill_memory(targets[p.pid], p, srcs[p.pid], iset, sh, prog)
         prog.finish()
         for t in targets.values():
             for fd in t.shm_fds.values():
@@ -565,6 +603,8 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
         staged = {p.pid: _stage_fds(targets[p.pid], list(p.fds), iset, sh) for p in live}
         for p in live:
             _install_fds(targets[p.pid], staged[p.pid])
+        if tracker is not None:
+            _arm(tracker, targets, live, inv)
         for p in live:
             _finish_process(targets[p.pid], p)
         if on_ready:
@@ -579,8 +619,22 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
         _kill_stub(ctree.root_host)
         raise
     return Restored(pid=ctree.root_host, threads=sum(len(p.threads) for p in live),
-                    pages_bytes=sum(pm.pages_bytes for pm in pms.values()),
+                    pages_bytes=pages_bytes,
                     total_s=time.monotonic() - t0, processes=len(procs))
+
+
+def _arm(tracker: "TreeTracker", targets: dict[int, Target], live: list[pb.Process], inv: pb.Inventory) -> None:
+    """Track every restored process from before its first instruction: its memory is the
+    image's now, so the trackers' state is relative to this image."""
+    tracker.close()
+    for p in live:
+        t = targets[p.pid]
+        try:
+            tracker.new(t.pid).arm(t.pid, t.main, proc.maps(t.pid))
+        except HpcckptError as e:
+            tracker.forget(t.pid)
+            tracker.notes.append(f"process {p.pid}: cannot track its memory after the restore ({e})")
+    tracker.base_id = inv.image_id or None
 
 
 def _kill_stub(pid: int) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import xxhash
 
 from ..errors import ImageError
-from . import FORMAT_VERSION, pb
+from . import FORMAT_VERSION, READABLE_VERSIONS, pb
 
 MAGIC = b"HPCK"
 _HEADER = struct.Struct("<4s4sII")
@@ -95,7 +95,7 @@ class ImageSet:
             raise ImageError(
                 f"{self.path} has no {INVENTORY}: not an image set, or a dump that did not finish")
         inv = self.read_message(INVENTORY, "inventory")
-        if inv.format_version != FORMAT_VERSION:
+        if inv.format_version not in READABLE_VERSIONS:
             raise ImageError(
                 f"{self.path} is image format version {inv.format_version}; this hpcckpt reads "
                 f"version {FORMAT_VERSION} (written by hpcckpt {inv.hpcckpt_version or 'unknown'})")

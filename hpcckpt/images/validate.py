@@ -21,6 +21,9 @@ def _fail(where: str, what: str) -> None:
 
 
 def validate(where: str, p: pb.Process, pm: pb.Pagemap, pages_size: int) -> None:
+    """Called by every restore for every process of the image and of each parent image
+    holding it (engine.restore.check_pages); in_parent runs are checked like the others
+    except against the page file (their pages are in an ancestor's)."""
     if not 0 < p.pid < PID_MAX:
         _fail(where, f"PID {p.pid}")
     tids = [t.tid for t in p.threads]
@@ -56,10 +59,15 @@ def validate(where: str, p: pb.Process, pm: pb.Pagemap, pages_size: int) -> None
         end = r.vaddr + r.nr_pages * PAGE
         if r.vaddr % PAGE or r.offset % PAGE or r.nr_pages == 0 or r.nr_pages > USER_TOP // PAGE:
             _fail(where, f"page run at {r.vaddr:#x} is malformed")
-        if r.offset + r.nr_pages * PAGE > pages_size:
+        if not r.in_parent and r.offset + r.nr_pages * PAGE > pages_size:
             _fail(where, f"page run at {r.vaddr:#x} reads beyond the page file ({pages_size} bytes)")
         if not any(s <= r.vaddr and end <= e for s, e in usable):
             _fail(where, f"page run {r.vaddr:#x}-{end:#x} is not inside a mapping that holds pages")
+    prev = 0
+    for r in sorted(pm.runs, key=lambda r: r.vaddr):
+        if r.vaddr < prev:
+            _fail(where, f"page run at {r.vaddr:#x} overlaps another run (a page listed twice)")
+        prev = r.vaddr + r.nr_pages * PAGE
     for f in p.fds:
         if not 0 <= f.fd < FD_MAX or f.kind not in pb.FdKind.values():
             _fail(where, f"fd {f.fd} (kind {f.kind})")

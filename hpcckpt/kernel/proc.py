@@ -143,7 +143,7 @@ def pagemap(pid: int, start: int, end: int) -> np.ndarray:
                 if not k:
                     break
                 got += k
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         raise ProcessGoneError(f"process {pid} does not exist (or exited)") from None
     return np.frombuffer(buf, dtype=np.uint64, count=got // 8)
 

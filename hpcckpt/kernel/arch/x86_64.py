@@ -46,6 +46,8 @@ SYSCALLS = {
 }
 
 # used by the process-tree engine (sessions, groups, zombies, shared descriptions)
+# live snapshots: a copy-on-write child of the frozen target (clone without CLONE_VM)
+SYSCALLS.update({"clone": 56})
 SYSCALLS.update({"wait4": 61, "setpgid": 109, "setsid": 112, "rt_sigtimedwait": 128, "kcmp": 312})
 
 

@@ -1,0 +1,162 @@
+"""Incremental dumps: which pages of each process changed since the parent image.
+
+Two ways to know, tried in this order for every process of the tree:
+1. A live tracker (uffd-wp, soft-dirty; one per process) kept by a long-lived caller
+   (`hpcckpt run`, or an engine user) in a `TreeTracker`. Its state is relative to the
+   image at whose dump it was last armed or collected (`base_id`); it is used only when
+   that image is the parent named now.
+2. Content hashing against the parent image: the digests saved beside the parent
+   (`digests-PID.npz`), or computed from the parent chain's page files. It reads all of
+   the process's memory while frozen, but is exact whatever happened in between (also
+   for a fresh `hpcckpt dump` process, or the restored copy of a process).
+When neither works (no parent pages for this process, a damaged digest file and
+chain ...), the process is dumped whole; nothing is ever taken from a parent on a guess.
+"""
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from ..errors import HpcckptError
+from ..images import pb
+from ..images.chain import Link, load_chain, sources
+from ..kernel.libc import PAGE_SIZE
+from ..tracking.base import Dirty, Tracker
+from ..tracking.hashing import NOT_SAVED, HashingTracker
+from ..tracking.regions import region
+
+DIGESTS = "digests-{pid}.npz"
+
+
+@dataclass
+class TreeTracker:
+    """Live trackers of a process tree, one per process (by host PID), for a caller that
+    outlives checkpoints. `base_id` is the image their state is relative to."""
+    backend: str | None = None            # preferred backend; None: the best that works
+    trackers: dict[int, Tracker] = field(default_factory=dict)
+    base_id: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def valid_for(self, image_id: str | None) -> bool:
+        return bool(image_id) and self.base_id == image_id
+
+    def new(self, pid: int) -> Tracker:
+        from ..tracking.select import choose
+        t = self.trackers.get(pid)
+        if t is None:
+            t = self.trackers[pid] = choose(self.backend)
+        return t
+
+    def forget(self, pid: int) -> None:
+        t = self.trackers.pop(pid, None)
+        if t is not None:
+            t.disarm()
+
+    def invalidate(self) -> None:
+        """The trackers' state no longer matches any image (a dump failed after collect)."""
+        self.base_id = None
+
+    def close(self) -> None:
+        for pid in list(self.trackers):
+            self.forget(pid)
+        self.base_id = None
+
+    @property
+    def name(self) -> str:
+        names = sorted({t.name for t in self.trackers.values()})
+        return ",".join(names) or "none"
+
+
+@dataclass
+class Parent:
+    """The parent chain of an incremental dump, as the dump needs it."""
+    chain: list[Link]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Parent":
+        # digests are checked by restores; a dump only needs the chain's pagemaps
+        return cls(load_chain(path, verify=False))
+
+    @property
+    def path(self) -> Path:
+        return self.chain[0].path
+
+    @property
+    def inv(self) -> pb.Inventory:
+        return self.chain[0].inv
+
+    def pages(self, ns_pid: int) -> np.ndarray | None:
+        """Sorted page addresses the chain holds for the process, None if it has none."""
+        if ns_pid not in self.inv.pids:
+            return None
+        try:
+            pm = self.chain[0].iset.pagemap(ns_pid)
+        except HpcckptError:
+            return None
+        from ..tracking.incremental import parent_pages_from_runs
+        return parent_pages_from_runs(list(pm.runs))
+
+    def process(self, ns_pid: int) -> pb.Process | None:
+        try:
+            p = self.chain[0].iset.process(ns_pid)
+        except HpcckptError:
+            return None
+        return None if p.zombie else p
+
+    def hashing_tracker(self, host_pid: int, ns_pid: int) -> HashingTracker:
+        """A hashing tracker whose next collect on `host_pid` compares with this image."""
+        f = self.path / DIGESTS.format(pid=ns_pid)
+        if f.exists():
+            try:
+                return HashingTracker.load(f, host_pid)
+            except HpcckptError:
+                pass  # damaged: compute them from the pages instead
+        p = self.process(ns_pid)
+        if p is None:
+            raise HpcckptError(f"parent image {self.path} has no process {ns_pid}")
+        t = HashingTracker()
+        t._start(host_pid)
+        t.digests = image_digests(self.chain, p)
+        t._remember([region(v) for v in p.mm.vmas])
+        return t
+
+
+def image_digests(chain: list[Link], p: pb.Process) -> dict[int, np.ndarray]:
+    """The hashing backend's digests of every private mapping of an image's process, from
+    the image's pages (its own or its parents'): what memory looked like at the dump."""
+    vmas = [v for v in p.mm.vmas if region(v).trackable]
+    out = {v.start: np.zeros((v.end - v.start) // PAGE_SIZE, dtype=np.uint64) for v in vmas}
+    starts = np.array(sorted(out), dtype=np.int64)
+    h = xxhash.xxh3_64_intdigest
+    for src in sources(chain, p.pid):
+        with open(src.pages_file, "rb", buffering=0) as f:
+            for r in src.runs:
+                data = os.pread(f.fileno(), r.nr_pages * PAGE_SIZE, r.offset)
+                for k in range(r.nr_pages):
+                    addr = r.vaddr + k * PAGE_SIZE
+                    i = int(np.searchsorted(starts, addr, side="right")) - 1
+                    if i < 0:
+                        continue
+                    s = int(starts[i])
+                    arr = out[s]
+                    j = (addr - s) // PAGE_SIZE
+                    if j >= len(arr):
+                        continue
+                    d = h(data[k * PAGE_SIZE:(k + 1) * PAGE_SIZE])
+                    arr[j] = d if d != NOT_SAVED else 1
+    return out
+
+
+def save_digests(images: Path, chain: list[Link], p: pb.Process) -> None:
+    """digests-PID.npz beside the image: lets a later, fresh hpcckpt process dump the
+    process incrementally against this image without reading its pages again."""
+    t = HashingTracker()
+    t.digests = image_digests(chain, p)
+    t._remember([region(v) for v in p.mm.vmas])
+    tmp = images / (DIGESTS.format(pid=p.pid) + ".tmp")
+    t.save(tmp)
+    os.replace(tmp, images / DIGESTS.format(pid=p.pid))
+    t.digests = {}
+

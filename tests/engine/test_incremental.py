@@ -1,0 +1,209 @@
+"""Incremental checkpoints on real processes: exactly the written pages are written, chains
+restore to the uninterrupted result, broken parents are named, pre-dump and live
+snapshots, and `hpcckpt run` chaining across a kill and resume."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpcckpt.engine.dump import dump
+from hpcckpt.engine.incremental import TreeTracker
+from hpcckpt.errors import HpcckptError
+from hpcckpt.images.imageset import ImageSet
+from tests.tracking.helpers import Target
+
+from .helpers import PROGRAMS, Job, cli, reference, restore_fg
+
+PAGE = 4096
+CHAIN = [sys.executable, PROGRAMS / "chainwork.py"]
+
+
+def written(img: Path, pid: int, start: int, end: int) -> set[int]:
+    """Page indices of [start, end) the image wrote itself (not in parent)."""
+    out = set()
+    for r in ImageSet(img).pagemap(pid).runs:
+        if not r.in_parent:
+            out |= {(r.vaddr - start) // PAGE + k for k in range(r.nr_pages)
+                    if start <= r.vaddr + k * PAGE < end}
+    return out
+
+
+@pytest.mark.parametrize("live_tracker", [True, False], ids=["uffd-wp", "hashing"])
+def test_incremental_image_holds_exactly_the_written_pages(tmp_path, live_tracker):
+    t = Target()
+    try:
+        base = t.alloc(512)
+        tt = TreeTracker() if live_tracker else None
+        dump(t.pid, tmp_path / "c1", leave_running=True, tracker=tt, show_progress=False)
+        wrote = {3, 4, 5, 100, 300, 511}
+        for i in wrote:
+            t.write(base + i * PAGE)
+        r = dump(t.pid, tmp_path / "c2", leave_running=True, tracker=tt, parent=tmp_path / "c1",
+                 show_progress=False)
+        assert r.incremental and r.tracking == ("uffd-wp" if live_tracker else "hashing")
+        assert written(tmp_path / "c2", t.pid, base, base + 512 * PAGE) == wrote
+        inv = ImageSet(tmp_path / "c2").inventory()
+        assert inv.parent == "../c1" and inv.parent_id == ImageSet(tmp_path / "c1").inventory().image_id
+        assert r.pages_bytes < 64 * PAGE + len(wrote) * PAGE   # stack, libc data, ... and those
+        t.cmd(f"d {base + 10 * PAGE:x} 2")        # dropped pages: listed nowhere
+        r = dump(t.pid, tmp_path / "c3", leave_running=True, tracker=tt, parent=tmp_path / "c2",
+                 show_progress=False)
+        listed = set()
+        for run in ImageSet(tmp_path / "c3").pagemap(t.pid).runs:
+            listed |= {(run.vaddr - base) // PAGE + k for k in range(run.nr_pages)}
+        assert {10, 11}.isdisjoint(listed) and {9, 12, 3} <= listed
+        if tt:
+            tt.close()
+    finally:
+        t.p.kill()
+        t.p.wait()
+
+
+def _chain(tmp_path, n, job, **kw):
+    tt = TreeTracker()
+    imgs, lines = [], 3
+    for i in range(n):
+        job.wait_lines(lines)
+        img = tmp_path / f"c{i}"
+        r = dump(job.pid, img, leave_running=True, tracker=tt, parent=imgs[-1] if imgs else None,
+                 show_progress=False, **kw)
+        assert r.incremental == bool(imgs)
+        imgs.append(img)
+        lines += 3
+    tt.close()
+    return imgs
+
+
+def test_chain_of_five_restores_to_the_uninterrupted_result(tmp_path):
+    cmd = CHAIN + [40, 0.03]
+    ref = reference(cmd, tmp_path / "ref.txt")
+    job = Job.start(cmd, tmp_path / "out.txt")
+    imgs = _chain(tmp_path, 6, job)
+    job.kill()
+    depths = [ImageSet(i).inventory().chain_depth for i in imgs]
+    assert depths == [0, 1, 2, 3, 4, 5]
+    for img in (imgs[-1], imgs[2]):
+        assert restore_fg(img).returncode == 0
+        assert job.out.read_bytes() == ref
+
+
+def test_missing_or_damaged_parent_is_named(tmp_path):
+    job = Job.start(CHAIN + [200, 0.02], tmp_path / "out.txt")
+    imgs = _chain(tmp_path, 3, job)
+    job.kill()
+    pages = next(imgs[1].glob("pages-*.img"))
+    data = bytearray(pages.read_bytes())
+    data[5] ^= 0xFF
+    pages.write_bytes(data)
+    res = cli("restore", "--images", imgs[2], check=False)
+    assert res.returncode != 0 and f"parent image {imgs[1]}" in res.stderr and "damaged" in res.stderr
+    shutil.rmtree(imgs[1])
+    res = cli("restore", "--images", imgs[2], check=False)
+    assert res.returncode != 0 and "parent image ../c1" in res.stderr and "missing" in res.stderr
+    # a fresh dump against a missing parent is refused before the process is touched
+    with pytest.raises(HpcckptError, match="c1"):
+        dump(os.getpid(), tmp_path / "x", parent=imgs[1], leave_running=True)
+
+
+def test_cli_dump_parent_uses_saved_digests(tmp_path):
+    cmd = CHAIN + [30, 0.05]
+    ref = reference(cmd, tmp_path / "ref.txt")
+    job = Job.start(cmd, tmp_path / "out.txt")
+    job.wait_lines(3)
+    cli("dump", "--pid", job.pid, "--images", tmp_path / "a", "--leave-running", "--track-mem")
+    assert list((tmp_path / "a").glob("digests-*.npz"))
+    job.wait_lines(8)
+    res = cli("dump", "--pid", job.pid, "--images", tmp_path / "b", "--parent", tmp_path / "a")
+    assert "in parent images (hashing)" in res.stderr
+    job.proc.wait(timeout=10)
+    assert restore_fg(tmp_path / "b").returncode == 0
+    assert job.out.read_bytes() == ref
+
+
+def test_pre_dump_then_dump(tmp_path):
+    cmd = CHAIN + [30, 0.05, 16]
+    ref = reference(cmd, tmp_path / "ref.txt")
+    job = Job.start(cmd, tmp_path / "out.txt")
+    job.wait_lines(3)
+    tt = TreeTracker()
+    pre = dump(job.pid, tmp_path / "pre", pre_dump=True, tracker=tt, show_progress=False)
+    assert ImageSet(tmp_path / "pre").inventory().pre_dump
+    assert pre.pages_bytes >= 16 << 20
+    fin = dump(job.pid, tmp_path / "fin", parent=tmp_path / "pre", tracker=tt, show_progress=False)
+    assert fin.incremental and fin.tracking == "uffd-wp" and fin.pages_bytes < pre.pages_bytes
+    job.proc.wait(timeout=10)
+    res = cli("restore", "--images", tmp_path / "pre", check=False)
+    assert res.returncode != 0 and "pre-dump" in res.stderr
+    assert restore_fg(tmp_path / "fin").returncode == 0
+    assert job.out.read_bytes() == ref
+
+
+def _children(pid: int) -> list[str]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(name)
+    return out
+
+
+def test_live_snapshot_is_one_instant_and_the_job_runs_on(tmp_path):
+    cmd = CHAIN + [30, 0.05, 16]
+    ref = reference(cmd, tmp_path / "ref.txt")
+    job = Job.start(cmd, tmp_path / "out.txt")
+    job.wait_lines(4)
+    r = dump(job.pid, tmp_path / "live", live=True, show_progress=False)
+    assert r.frozen_s < r.total_s
+    assert _children(job.pid) == []          # the snapshot copy is gone, reaped
+    assert job.proc.wait(timeout=60) == 0    # the job ran on, unharmed
+    assert job.out.read_bytes() == ref
+    assert restore_fg(tmp_path / "live").returncode == 0
+    assert job.out.read_bytes() == ref
+
+
+def test_run_incremental_killed_and_resumed(tmp_path):
+    cmd = CHAIN + [60, 0.05]
+    ref = reference(cmd, tmp_path / "ref.txt")
+    d, out, log = tmp_path / "imgs", tmp_path / "out.txt", tmp_path / "log.txt"
+    run_cmd = [sys.executable, "-m", "hpcckpt.cli", "run", "--images", str(d), "--every", "0.4",
+               "--full-every", "4", "--", *map(str, cmd)]
+
+    def start():
+        with open(out, "ab") as o, open(log, "ab") as e:
+            return subprocess.Popen(run_cmd, stdout=o, stderr=e, start_new_session=True)
+
+    def ckpts():
+        return sorted(p.name for p in d.glob("ckpt-*") if (p / "inventory.img").exists())
+
+    run = start()
+    deadline = time.monotonic() + 60
+    while len(ckpts()) < 5:
+        assert time.monotonic() < deadline and run.poll() is None, log.read_text()
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    invs = {n: ImageSet(d / n).inventory() for n in ckpts()}
+    assert [invs[n].chain_depth for n in ckpts()[:5]] == [0, 1, 2, 3, 0]     # --full-every 4
+    resumed_from = os.readlink(d / "latest")
+    before = set(ckpts())
+    run = start()
+    deadline = time.monotonic() + 60
+    while not set(ckpts()) - before:
+        assert time.monotonic() < deadline and run.poll() is None, log.read_text()
+        time.sleep(0.05)
+    first = min(set(ckpts()) - before)
+    inv = ImageSet(d / first).inventory()
+    assert inv.parent == f"../{resumed_from}" and inv.tracking == "uffd-wp"
+    assert run.wait(timeout=120) == 0, log.read_text()
+    assert out.read_bytes() == ref
