@@ -1,7 +1,10 @@
 """Benchmarks of hpcckpt.store: checksum speed, publish overhead vs a plain copy,
-catalog insert/lookup at 1k/10k/100k checkpoints, directory latest() lookup.
+compression (none/lz4/zstd-1/zstd-3: write+publish vs a plain copy, size ratio,
+materialize speed) on realistic page data, catalog insert/lookup at 1k/10k/100k
+checkpoints, directory latest() lookup.
 
     .venv/bin/python benchmarks/bench_store.py [--quick] [--dir DIR] [--mb 256] [--json out.json]
+    .venv/bin/python benchmarks/bench_store.py --only compression --compress-mb 256,1024
 
 DIR should be on the file system you care about (a shared one for real numbers); the
 default is a temp dir. Everything it creates is removed at the end.
@@ -13,6 +16,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -112,6 +116,136 @@ def bench_publish(base: Path, mb: int, repeat: int) -> dict:
     }
 
 
+#: A numpy program with the state mix of a simulation code: smooth float64 fields (full
+#: mantissas), a mostly-zero field with hot regions, random particle data, sorted int64
+#: neighbour indices. It prints READY and sleeps until it is dumped.
+STATE_PROGRAM = r"""
+import sys, time
+import numpy as np
+mb = int(sys.argv[1])
+n = max(1, (mb << 20) // 8 // 5)
+rng = np.random.default_rng(1)
+side = int(n ** 0.5)
+x = np.linspace(0, 8 * np.pi, side)
+smooth = np.resize((np.sin(x)[:, None] * np.cos(0.7 * x)[None, :] * np.exp(-x / 20)[:, None]).ravel(), n)
+heat = np.zeros(n); heat[n // 8: n // 4] = 100.0; heat[n // 2: n // 2 + n // 16] = 50.0
+for _ in range(20):
+    heat[1:-1] += 0.2 * (heat[:-2] + heat[2:] - 2 * heat[1:-1])
+particles = rng.standard_normal(n)
+neigh = np.sort(rng.integers(0, 1 << 20, n))
+velocity = smooth * 0.5 + rng.standard_normal(n) * 1e-3
+print("READY", flush=True)
+time.sleep(600)
+"""
+
+
+def dump_numpy_process(base: Path, mb: int) -> list[Path]:
+    """Dump a real numpy process of about `mb` MiB state; its page files."""
+    prog = subprocess.Popen([sys.executable, "-c", STATE_PROGRAM, str(mb)], stdout=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert prog.stdout is not None and prog.stdout.readline().strip() == b"READY"
+        images = base / f"dump{mb}"
+        subprocess.run([sys.executable, "-m", "hpcckpt.cli", "-q", "dump", "--pid", str(prog.pid), "--images",
+                        str(images), "--leave-running"], check=True, stdout=subprocess.DEVNULL)
+    finally:
+        prog.kill()
+        prog.wait()
+    return sorted(images.glob("pages-*.img"))
+
+
+def make_realistic_set(base: Path, name: str, mb: int) -> tuple[Path, int]:
+    """An image set of `mb` MiB: half the page bytes of a real numpy process dump (tiled if
+    the dump is smaller), half random; plus the dump's message files."""
+    pages = dump_numpy_process(base, mb // 2)
+    src = base / name
+    src.mkdir()
+    half = (mb << 20) // 2
+    dumped = b"".join(p.read_bytes() for p in pages)
+    real = (dumped * (half // max(1, len(dumped)) + 1))[:half]
+    (src / "pages-1000.img").write_bytes(real)
+    del dumped, real
+    rng = np.random.default_rng(3)
+    with open(src / "pages-1001.img", "wb") as f:
+        for _ in range(half >> 24):
+            f.write(rng.bytes(16 << 20))
+    for p in pages[0].parent.glob("*.img"):
+        if not p.name.startswith("pages-"):
+            shutil.copyfile(p, src / p.name)
+    shutil.rmtree(pages[0].parent)
+    return src, sum(f.stat().st_size for f in src.iterdir())
+
+
+def bench_compression(base: Path, mbs: list[int], repeat: int, codecs: list[str]) -> list[dict]:
+    """Per size and codec: write + publish into a store with that setting, as a ratio to a
+    plain copy (and a plain copy + fsync) of the same bytes to the same file system, all in
+    the same run with the order rotated; the stored/plain size ratio; materialize speed."""
+    out = []
+    for mb in mbs:
+        src, nbytes = make_realistic_set(base, f"real{mb}", mb)
+        stores = {c: Store(base / f"store-{mb}-{c}", compression=c) for c in codecs}
+        times: dict[str, list[float]] = {k: [] for k in ["plain", "plain_fsync", *codecs]}
+
+        def store_write(codec: str) -> None:
+            t = time.perf_counter()
+            w = stores[codec].begin("bench", 0)
+            for f in sorted(src.iterdir()):
+                shutil.copyfile(f, w.path / f.name)
+            w.publish({"nprocs": 1, "memory_bytes": nbytes})
+            times[codec].append(time.perf_counter() - t)
+
+        def plain_write(k: int, fsync: bool) -> None:
+            t = time.perf_counter()
+            copy_tree(src, base / f"plain{fsync}{k}", fsync=fsync)
+            times["plain_fsync" if fsync else "plain"].append(time.perf_counter() - t)
+
+        for k in range(repeat):
+            variants = [lambda: plain_write(k, False), lambda: plain_write(k, True)]
+            variants += [lambda c=c: store_write(c) for c in codecs]
+            r = k % len(variants)
+            for variant in variants[r:] + variants[:r]:
+                os.sync()
+                variant()
+            os.sync()
+            shutil.rmtree(base / f"plain{False}{k}"); shutil.rmtree(base / f"plain{True}{k}")
+            if k < repeat - 1:
+                for st in stores.values():
+                    shutil.rmtree(st.job_dir("bench"))
+        m = statistics.median
+        row: dict = {"image_MiB": round(nbytes / 2**20), "plain_copy_s": round(m(times["plain"]), 3),
+                     "plain_copy_fsync_s": round(m(times["plain_fsync"]), 3), "codecs": {}}
+        os.environ["HPCCKPT_TMPDIR"] = str(base)      # materialize onto the same file system
+        for c in codecs:
+            ckpt = stores[c].latest("bench")
+            raw_pages = sum(f.stat().st_size for f in src.glob("pages-*.img"))
+            stored_pages = sum(f.stat().st_size for f in ckpt.path.glob("pages-*.img*"))
+            stored_real = sum(f.stat().st_size for f in ckpt.path.glob("pages-1000.img*"))
+            mats = []
+            for _ in range(max(1, repeat - 1)):
+                os.sync()
+                t = time.perf_counter()
+                with stores[c].materialize(ckpt):
+                    mats.append(time.perf_counter() - t)
+            row["codecs"][c] = {
+                "write_publish_s": round(m(times[c]), 3),
+                "ratio_vs_plain_copy": round(m(times[c]) / m(times["plain"]), 2),
+                "ratio_vs_plain_copy_fsync": round(m(times[c]) / m(times["plain_fsync"]), 2),
+                "write_GBps": round(nbytes / m(times[c]) / 1e9, 3),
+                "stored_over_plain": round(ckpt.image_bytes / nbytes, 3),
+                "stored_over_plain_pages": round(stored_pages / raw_pages, 3),
+                "stored_over_plain_real_half": round(stored_real / (raw_pages / 2), 3),
+                "materialize_s": round(m(mats), 3),
+                "materialize_GBps": round(nbytes / m(mats) / 1e9, 3) if m(mats) > 0.001 else None,
+                "materialize_vs_plain_copy": round(m(mats) / m(times["plain"]), 2),
+            }
+        os.environ.pop("HPCCKPT_TMPDIR")
+        out.append(row)
+        for st in stores.values():
+            shutil.rmtree(st.root)
+        shutil.rmtree(src)
+    return out
+
+
 def synthetic_catalog(n: int, per_job: int = 100) -> CatalogData:
     events = []
     now = time.time()
@@ -190,17 +324,25 @@ def main() -> None:
     ap.add_argument("--dir", help="where to write (default: a temp dir)")
     ap.add_argument("--mb", type=int, default=None, help="image set size in MiB (default 256, quick 32)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--only", action="append", choices=["checksum", "publish", "compression", "catalog", "dir_latest"],
+                    help="run only these parts (repeatable)")
+    ap.add_argument("--compress-mb", help="comma-separated image set sizes for the compression part "
+                    "(default 256,1024; quick 64)")
+    ap.add_argument("--codecs", default="none,lz4,zstd-1,zstd-3")
     args = ap.parse_args()
     mb = args.mb or (32 if args.quick else 256)
+    cmbs = [int(x) for x in (args.compress_mb or ("64" if args.quick else "256,1024")).split(",")]
     sizes = [1000, 10000] if args.quick else [1000, 10000, 100000]
     base = Path(tempfile.mkdtemp(prefix="bench_store.", dir=args.dir))
+    parts = {
+        "checksum": lambda: bench_checksum(min(mb, 256)),
+        "publish": lambda: bench_publish(base, mb, 3 if args.quick else 5),
+        "compression": lambda: bench_compression(base, cmbs, 2 if args.quick else 3, args.codecs.split(",")),
+        "catalog": lambda: bench_catalog(base, sizes),
+        "dir_latest": lambda: bench_dir_latest(base, sizes),
+    }
     try:
-        results = {
-            "checksum": bench_checksum(min(mb, 256)),
-            "publish": bench_publish(base, mb, 3 if args.quick else 5),
-            "catalog": bench_catalog(base, sizes),
-            "dir_latest": bench_dir_latest(base, sizes),
-        }
+        results = {name: fn() for name, fn in parts.items() if not args.only or name in args.only}
     finally:
         shutil.rmtree(base, ignore_errors=True)
     text = json.dumps(results, indent=1)
