@@ -37,16 +37,14 @@ log = logging.getLogger(__name__)
 
 #: a compressed file bigger than this fraction of the plain one is not worth decompressing
 KEEP_PLAIN_ABOVE = 0.97
-#: engine files other than page files are compressed only from this size on
-COMPRESS_OTHERS_FROM = 1 << 20
 
 
 def wants_compression(rel: str, size: int) -> bool:
-    """Page files always (when not empty); other files only when big enough to matter."""
+    """Page files only (when not empty). Every other engine file stays plain even when big
+    (e.g. page digests saved for incremental dumps), because the engine reads those straight
+    from a parent checkpoint's directory in the store when it dumps the next increment."""
     base = rel.rsplit("/", 1)[-1]
-    if size == 0:
-        return False
-    return (base.startswith("pages-") and base.endswith(".img")) or size >= COMPRESS_OTHERS_FROM
+    return size > 0 and base.startswith("pages-") and base.endswith(".img")
 
 
 class Writer:

@@ -39,7 +39,7 @@ def write_set(path: Path, seed: int, size: int = 2 * FRAME + 12345) -> dict[str,
         "core-1.img": f"core {seed}\n".encode() * 10,
         f"pages-{seed}.img": page_bytes(seed, size),
         "pages-99.img": os.urandom(64 << 10),          # incompressible: stays plain
-        "sub/mm-1.img": bytes(2 << 20),                 # big non-page file: compressed
+        "sub/digests-1.img": bytes(2 << 20),            # big non-page file: stays plain (engine reads it)
     }
     for name, data in files.items():
         (path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +72,7 @@ def test_round_trip(tmp_path: Path, tmpdir_env: Path, codec: str) -> None:
     ckpt, files = publish_set(store, "j", 7)
     stored = sorted(p.name for p in ckpt.path.rglob("*.img*"))
     suffix = ".zst" if codec.startswith("zstd") else ".lz4"
-    assert f"pages-7.img{suffix}" in stored and "pages-99.img" in stored and f"mm-1.img{suffix}" in stored
+    assert f"pages-7.img{suffix}" in stored and "pages-99.img" in stored and "digests-1.img" in stored
     assert "pages-7.img" not in stored and "core-1.img" in stored          # small message files stay plain
     assert ckpt.extra["compression"] == Compression.parse(codec).label
     assert ckpt.extra["raw_bytes"] == sum(map(len, files.values()))
