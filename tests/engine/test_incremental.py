@@ -14,6 +14,7 @@ import pytest
 
 from hpcckpt.engine.dump import dump
 from hpcckpt.engine.incremental import TreeTracker
+from hpcckpt.engine.merge import merge
 from hpcckpt.errors import HpcckptError
 from hpcckpt.images.imageset import ImageSet
 from tests.tracking.helpers import Target
@@ -91,6 +92,12 @@ def test_chain_of_five_restores_to_the_uninterrupted_result(tmp_path):
     for img in (imgs[-1], imgs[2]):
         assert restore_fg(img).returncode == 0
         assert job.out.read_bytes() == ref
+    merge(imgs[-1], tmp_path / "merged")            # what store.compact's merge_fn builds
+    inv = ImageSet(tmp_path / "merged").inventory()
+    assert not inv.parent and inv.image_id == ImageSet(imgs[-1]).inventory().image_id
+    shutil.rmtree(imgs[0])                           # standalone: needs no parent
+    assert restore_fg(tmp_path / "merged").returncode == 0
+    assert job.out.read_bytes() == ref
 
 
 def test_missing_or_damaged_parent_is_named(tmp_path):
