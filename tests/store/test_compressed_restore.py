@@ -42,3 +42,34 @@ def test_dump_into_compressed_store_then_restore(tmp_path: Path, monkeypatch: py
         assert restore_fg(images).returncode == 0
     assert job.out.read_bytes() == ref
     assert not any(scratch.iterdir())
+
+
+@pytest.mark.slow
+def test_incremental_chain_in_compressed_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full and an incremental dump (parent materialized for the engine's hashing) into a
+    zstd store; the tip is materialized with its parent and restored through the chain."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("HPCCKPT_TMPDIR", str(scratch))
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    cmd = [sys.executable, PROGRAMS / "blas.py", 60, 0.02]
+    ref = reference(cmd, tmp_path / "ref.txt", env=env)
+    store = Store(tmp_path / "store", compression="zstd-1")
+    sj = StoreJob(store, "chain", 0)
+    job = Job.start(cmd, tmp_path / "out.txt", env=env)
+    job.wait_lines(10)
+    sj.checkpoint(lambda path: dump(job.pid, path, leave_running=True, show_progress=False))
+    job.wait_lines(20)
+
+    def incremental(path: Path, parent: Path) -> object:
+        with store.materialize(store.get("chain", 1)) as plain_parent:
+            return dump(job.pid, path, parent=plain_parent, show_progress=False)
+    where, r = sj.checkpoint(incremental, parent=True)
+    job.proc.wait(timeout=10)
+    assert r.incremental and where == "chain/00000002" and 0 < len(job.out.read_bytes()) < len(ref)
+    tip = store.restore_candidate("chain")
+    assert tip.parent == 1
+    with store.materialize(tip) as images:
+        assert restore_fg(images).returncode == 0
+    assert job.out.read_bytes() == ref
+    assert not any(scratch.iterdir())
