@@ -200,6 +200,17 @@ def cmd_verify(args) -> int:
     return 1 if problems else 0
 
 
+def cmd_migrate(args) -> int:
+    from .service.migrate import MigrationFailed, migrate
+    try:
+        resp = migrate(args.pid, args.to, args.munge_socket, show_progress=not args.quiet)
+    except MigrationFailed as e:
+        print(f"hpcckpt migrate: {e}", file=sys.stderr)
+        return wait_as_parent(e.local.pid)
+    print(f"hpcckpt migrate: process {args.pid} now runs on {args.to} as PID {resp.pid}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hpcckpt", description="Transparent checkpoint/restore of Linux processes")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress or summary lines")
@@ -258,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--images", "-D", help="image directory (instead of --store)")
     so.add_argument("--json", action="store_true")
     so.set_defaults(func=cmd_status)
+    mg = sub.add_parser("migrate", help="move a process to another node's hpcckptd (munge-authenticated)")
+    mg.add_argument("--pid", "-t", type=int, required=True)
+    mg.add_argument("--to", required=True, metavar="HOST:PORT")
+    mg.add_argument("--munge-socket", help="munged's socket, if not the default")
+    mg.set_defaults(func=cmd_migrate)
     ls = sub.add_parser("ls", help="list the checkpoints in a store")
     ls.add_argument("--store", required=True)
     ls.add_argument("--job")

@@ -7,13 +7,16 @@ import argparse
 import itertools
 import logging
 import os
+import queue
 import signal
 import socket
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import HpcckptError, PermissionDeniedError
 from ..images import service_pb2 as spb
@@ -41,13 +44,40 @@ class Daemon:
     per_user: int = 4
     total: int = 16
     time_limit: float = 3600.0
+    listen: str | None = None          # ADDR:PORT for migrations from other nodes
+    spool: str = "/var/spool/hpcckpt"
+    munge_socket: str | None = None
     active: dict[int, Active] = field(default_factory=dict)
 
     def __post_init__(self):
+        self.spawn_queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._spawner, daemon=True).start()
         self.lock = threading.Lock()
         self.ids = itertools.count(1)
         self._features: list[spb.Feature] | None = None
         self.sock: socket.socket | None = None
+
+    # -- workers -------------------------------------------------------------------
+    def _spawner(self) -> None:
+        """Starts every worker from this one long-lived thread: a worker's parent-death
+        signal fires when the *thread* that forked it ends, and a connection's thread ends
+        long before a detached restore's worker may (it stays the restored job's parent)."""
+        while True:
+            argv, box, ready = self.spawn_queue.get()
+            try:
+                box.append(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+            except OSError as e:
+                box.append(e)
+            ready.set()
+
+    def spawn(self, argv: list[str]) -> subprocess.Popen:
+        box: list = []
+        ready = threading.Event()
+        self.spawn_queue.put((argv, box, ready))
+        ready.wait()
+        if isinstance(box[0], OSError):
+            raise HpcckptError(f"cannot start a worker: {box[0]}")
+        return box[0]
 
     # -- serving -------------------------------------------------------------------
     def bind(self) -> None:
@@ -62,6 +92,10 @@ class Daemon:
     def serve_forever(self) -> None:
         if self.sock is None:
             self.bind()
+        if self.listen:
+            host, _, port = self.listen.rpartition(":")
+            self.tcp = socket.create_server((host, int(port)), reuse_port=False)
+            threading.Thread(target=self._accept_tcp, daemon=True).start()
         while True:
             try:
                 conn, _ = self.sock.accept()
@@ -76,6 +110,41 @@ class Daemon:
             for a in self.active.values():
                 if a.worker and a.worker.poll() is None:
                     a.worker.terminate()
+
+    def _accept_tcp(self) -> None:
+        while True:
+            try:
+                conn, addr = self.tcp.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve_migration, args=(conn, addr), daemon=True).start()
+
+    def _serve_migration(self, conn: socket.socket, addr) -> None:
+        """An image set streamed from another node: authenticate, receive, restore."""
+        from . import migrate
+        rid = next(self.ids)
+        with conn:
+            try:
+                conn.settimeout(120)
+                req = framing.decode(spb.Request, framing.read_frame(framing.sock_reader(conn)) or b"")
+                if req.WhichOneof("what") != "migrate":
+                    raise framing.ProtocolError("this port takes migrations only")
+                got = migrate.receive(conn, req.migrate, Path(self.spool), self.munge_socket)
+                log.info("request %d: migration from %s for uid %d into %s", rid, addr[0], got.uid, got.path)
+                caller = auth.Caller(0, got.uid, got.gid)
+                restore = spb.Request(version=VERSION, restore=spb.RestoreRequest(images=str(got.path), detach=True))
+                try:
+                    responses = list(self.handle(caller, restore, rid))
+                finally:
+                    shutil.rmtree(got.path, ignore_errors=True)
+            except (HpcckptError, OSError) as e:
+                responses = [spb.Response(final=True, ok=False, error=str(e), error_kind=type(e).__name__)]
+            try:
+                for resp in responses:
+                    resp.request_id = rid
+                    conn.sendall(framing.encode(resp))
+            except OSError:
+                pass
 
     def _serve(self, conn: socket.socket) -> None:
         rid = next(self.ids)
@@ -151,8 +220,8 @@ class Daemon:
             self.active[rid] = a
         try:
             yield spb.Response(notification=spb.Notification(event="accepted", detail=target))
-            w = subprocess.Popen([sys.executable, "-m", "hpcckpt.service.worker", str(caller.uid), str(caller.gid),
-                                  str(rid)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            w = self.spawn([sys.executable, "-m", "hpcckpt.service.worker", str(caller.uid), str(caller.gid),
+                            str(rid)])
             with self.lock:
                 a.worker = w
                 if a.cancelled:  # cancelled before the worker existed
@@ -186,12 +255,15 @@ def main(argv=None) -> int:
     ap.add_argument("--per-user", type=int, default=4)
     ap.add_argument("--total", type=int, default=16)
     ap.add_argument("--time-limit", type=float, default=3600)
+    ap.add_argument("--listen", metavar="ADDR:PORT", help="accept migrations from other nodes (munge-authenticated)")
+    ap.add_argument("--spool", default="/var/spool/hpcckpt", help="where migrated images land before restore")
+    ap.add_argument("--munge-socket", help="munged's socket, if not the default")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("hpcckptd: must run as root (it dumps and restores other users' processes for them)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="hpcckptd: %(message)s")
-    d = Daemon(args.socket, args.per_user, args.total, args.time_limit)
+    d = Daemon(args.socket, args.per_user, args.total, args.time_limit, args.listen, args.spool, args.munge_socket)
     d.bind()
     signal.signal(signal.SIGTERM, lambda *_: d.shutdown())
     log.info("listening on %s", args.socket)

@@ -1,0 +1,122 @@
+"""Migration of a running computation between two "nodes": network namespaces joined by
+a veth pair (private test link), the destination's hpcckptd authenticating by munge."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from hpcckpt.images import service_pb2 as spb
+from hpcckpt.service import framing
+from tests.engine.helpers import PROGRAMS, reference
+
+PORT = 7077
+
+
+def sh(*cmd, **kw):
+    return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def munged():
+    if not shutil.which("munged"):
+        sh("apt-get", "install", "-y", "-qq", "--no-install-recommends", "munge")
+    d = Path(tempfile.mkdtemp(prefix="hpcckpt-munge-", dir="/tmp"))
+    d.chmod(0o755)
+    m = d / "m"
+    m.mkdir()
+    key = m / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    shutil.chown(m, "munge", "munge")
+    shutil.chown(key, "munge", "munge")
+    key.chmod(0o400)
+    sock = m / "munge.socket"
+    sh("runuser", "-u", "munge", "--", "munged", "--force", f"--socket={sock}", f"--key-file={key}",
+       f"--pid-file={m}/munged.pid", f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed")
+    m.chmod(0o711)
+    yield str(sock)
+    try:
+        os.kill(int((m / "munged.pid").read_text()), 15)
+    except (OSError, ValueError):
+        pass
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    """Two network namespaces, 10.231.N.1 and 10.231.N.2, joined by a veth pair."""
+    n = os.getpid() % 200 + 20
+    a, b = f"hpck{n}a", f"hpck{n}b"
+    sh("ip", "netns", "add", a)
+    sh("ip", "netns", "add", b)
+    try:
+        sh("ip", "link", "add", f"v{n}a", "type", "veth", "peer", "name", f"v{n}b")
+        sh("ip", "link", "set", f"v{n}a", "netns", a)
+        sh("ip", "link", "set", f"v{n}b", "netns", b)
+        for ns, dev, addr in ((a, f"v{n}a", f"10.231.{n}.1/24"), (b, f"v{n}b", f"10.231.{n}.2/24")):
+            sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        yield a, b, f"10.231.{n}.2"
+    finally:
+        subprocess.run(["ip", "netns", "del", a])
+        subprocess.run(["ip", "netns", "del", b])
+
+
+@pytest.fixture
+def dest_daemon(nodes, munged, tmp_path):
+    a, b, addr = nodes
+    run_dir = Path(tempfile.mkdtemp(prefix="hpcckptd-b-", dir="/tmp"))
+    p = subprocess.Popen(["ip", "netns", "exec", b, sys.executable, "-m", "hpcckpt.service.daemon",
+                          "--socket", str(run_dir / "d.sock"), "--listen", f"{addr}:{PORT}",
+                          "--spool", str(run_dir / "spool"), "--munge-socket", munged],
+                         stderr=open(tmp_path / "daemon-b.log", "wb"))
+    deadline = time.monotonic() + 20
+    while not (run_dir / "d.sock").exists():
+        assert p.poll() is None and time.monotonic() < deadline, (tmp_path / "daemon-b.log").read_text()
+        time.sleep(0.02)
+    yield addr
+    p.terminate()
+    p.wait(timeout=10)
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_migrate_running_job_between_nodes(nodes, munged, dest_daemon, tmp_path):
+    a, b, addr = nodes
+    cmd = [sys.executable, PROGRAMS / "compute.py", 40, 0.05]
+    ref = reference(cmd, tmp_path / "ref.txt")
+    out = tmp_path / "out.txt"
+    with open(out, "wb") as o:   # the job runs on node a, under hpcckpt run (own PID namespace)
+        run = subprocess.Popen(["ip", "netns", "exec", a, sys.executable, "-m", "hpcckpt.cli", "run", "--",
+                                *map(str, cmd)], stdout=o, stderr=subprocess.DEVNULL)
+    while out.read_bytes().count(b"\n") < 10:
+        time.sleep(0.02)
+    job = int(subprocess.run(["pgrep", "-f", "-n", "compute.py 40"], capture_output=True, text=True).stdout)
+    res = subprocess.run(["ip", "netns", "exec", a, sys.executable, "-m", "hpcckpt.cli", "migrate",
+                          "--pid", str(job), "--to", f"{addr}:{PORT}", "--munge-socket", munged],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "now runs on" in res.stderr
+    run.wait(timeout=30)                     # the source's monitor saw its job leave
+    deadline = time.monotonic() + 120
+    while not out.read_bytes().endswith(b"done\n"):
+        assert time.monotonic() < deadline, out.read_text()[-500:]
+        time.sleep(0.05)
+    assert out.read_bytes() == ref
+
+
+def test_unauthenticated_migration_is_refused(dest_daemon, nodes):
+    a, b, addr = nodes
+    req = spb.Request(version=1, migrate=spb.MigrateRequest(
+        files=[spb.MigrateFile(name="inventory.img", size=4)], credential=b"MUNGE:forged:"))
+    code = ("import socket,sys; s=socket.create_connection((sys.argv[1], int(sys.argv[2]))); "
+            "s.sendall(sys.stdin.buffer.read()); s.shutdown(1); sys.stdout.buffer.write(s.recv(65536))")
+    res = subprocess.run(["ip", "netns", "exec", a, sys.executable, "-c", code, addr, str(PORT)],
+                         input=framing.encode(req) + b"\0\0\0\0", capture_output=True, timeout=60)
+    resp = framing.decode(spb.Response, res.stdout[4:])
+    assert not resp.ok and "munge credential refused" in resp.error
