@@ -314,7 +314,11 @@ class Supervisor:
         def do_dump(path, parent=None):
             r = dump(self.pid, path, leave_running=not final, show_progress=not self.quiet,
                      parent=parent, tracker=self.tracker)
-            warnings = outputs.keep(Path(path), self.outputs)
+            try:
+                warnings = outputs.keep(Path(path), self.outputs)
+            except (HpcckptError, OSError, ValueError) as e:  # the checkpoint itself is good
+                warnings = [f"cannot keep the output file in the checkpoint ({e}); after a requeue in "
+                            "--open-mode=truncate its earlier lines are lost"]
             if warnings and not self.output_warned:
                 self.output_warned = True
                 for w in warnings:

@@ -136,3 +136,17 @@ def test_bad_schedule_outside_slurm_stops_run(tmp_path):
                                   "true"], capture_output=True, text=True, timeout=60,
                        env={k: v for k, v in __import__("os").environ.items() if not k.startswith("SLURM_")})
     assert r.returncode == 2 and "unknown schedule 'bogus'" in r.stderr
+
+
+def test_inside_slurm_an_unusable_store_is_reported_and_the_job_runs(tmp_path):
+    """A batch job can't be told to fix its command line: it runs, without checkpoints."""
+    import os
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    env = {**os.environ, "SLURM_JOB_ID": "424242"}
+    r = subprocess.run(HPCCKPT + ["run", "--store", blocker / "store", "--schedule", "every=1s", "--",
+                                  sys.executable, "-c", "print('ran')"],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "ran\n"
+    assert "error: cannot use the checkpoint destination" in r.stderr and "without checkpoints" in r.stderr
