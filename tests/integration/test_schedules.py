@@ -150,3 +150,20 @@ def test_inside_slurm_an_unusable_store_is_reported_and_the_job_runs(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout == "ran\n"
     assert "error: cannot use the checkpoint destination" in r.stderr and "without checkpoints" in r.stderr
+
+
+def test_unsupported_resource_job_runs_and_status_has_the_error(tmp_path):
+    """A job holding something the engine can't checkpoint (a socket): each checkpoint fails
+    with the reason, the job runs to its end, and `hpcckpt status` shows the error."""
+    prog = ("import socket, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "for i in range(15):\n    print(i, flush=True); time.sleep(0.1)\n")
+    store = tmp_path / "store"
+    r = subprocess.run(HPCCKPT + ["run", "--store", store, "--job", "sock", "--schedule", "every=0.5s", "--",
+                                  sys.executable, "-c", prog], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "".join(f"{i}\n" for i in range(15))
+    assert "checkpoint failed, job continues" in r.stderr
+    st = json.loads(subprocess.run(HPCCKPT + ["status", "sock", "--store", store, "--json"],
+                                   capture_output=True, text=True, check=True).stdout)
+    assert st["run"]["failures"] >= 1 and st["run"]["checkpoints"] == 0
+    assert any("socket" in e for e in st["run"]["errors"]), st["run"]["errors"]
