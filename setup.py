@@ -15,6 +15,8 @@ setup(
         "numpy>=1.24",
         "h5py>=3.8",
         "matplotlib",  # hpcckpt stats
+        "zstandard>=0.22",  # store compression
+        "lz4>=4.0",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "hypothesis"],

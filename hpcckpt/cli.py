@@ -76,26 +76,22 @@ def cmd_dump(args) -> int:
     return 0
 
 
-def _images_to_restore(args) -> str:
-    if args.store:
-        from .store import Store
-        store = Store(args.store)
-        if args.job is None:
-            raise HpcckptError("--store needs --job NAME")
-        if args.checkpoint is not None:
-            return str(store.get(args.job, args.checkpoint).path)
-        c = store.restore_candidate(args.job)
-        for seq, problems in c.skipped:
-            print(f"hpcckpt: skipped damaged checkpoint {args.job}/{seq:08d}: {'; '.join(problems)}", file=sys.stderr)
-        return str(c.path)
-    if not args.images:
-        raise HpcckptError("say what to restore: --images DIR or --store ROOT --job NAME")
-    return args.images
-
-
 def cmd_restore(args) -> int:
     from .engine.restore import restore
-    r = restore(_images_to_restore(args), show_progress=not args.quiet)
+    if args.store:
+        from .store import commands
+        if args.job is None:
+            raise HpcckptError("--store needs --job NAME")
+        m = commands.restore_images(args.store, args.job, args.checkpoint)
+        with m as path:  # a compressed checkpoint is decompressed to a temporary directory
+            for seq, problems in m.checkpoints[-1].skipped:
+                print(f"hpcckpt: skipped damaged checkpoint {args.job}/{seq:08d}: {'; '.join(problems)}",
+                      file=sys.stderr)
+            r = restore(str(path), show_progress=not args.quiet)
+    elif args.images:
+        r = restore(args.images, show_progress=not args.quiet)
+    else:
+        raise HpcckptError("say what to restore: --images DIR or --store ROOT --job NAME")
     if not args.quiet:
         print(f"restored process {r.pid} ({r.threads} threads, {r.pages_bytes / 2**20:.1f} MiB) "
               f"in {r.total_s:.3f} s", file=sys.stderr)
@@ -103,6 +99,19 @@ def cmd_restore(args) -> int:
         print(r.pid)
         return 0
     return wait_as_parent(r.pid)
+
+
+def cmd_catalog(args) -> int:
+    from .store import commands
+    print(commands.catalog_rebuild(args.store))
+    return 0
+
+
+def cmd_compact(args) -> int:
+    from .engine.merge import merge_fn
+    from .store import commands
+    print(commands.compact(args.store, args.job, merge_fn, checkpoint=args.checkpoint))
+    return 0
 
 
 def cmd_show(args) -> int:
@@ -274,6 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--to", required=True, metavar="HOST:PORT")
     mg.add_argument("--munge-socket", help="munged's socket, if not the default")
     mg.set_defaults(func=cmd_migrate)
+    cat = sub.add_parser("catalog", help="the store's HDF5 catalog")
+    cat.add_argument("action", choices=["rebuild"])
+    cat.add_argument("--store", required=True)
+    cat.set_defaults(func=cmd_catalog)
+    cp = sub.add_parser("compact", help="merge a checkpoint's parent chain into a standalone image")
+    cp.add_argument("--store", required=True)
+    cp.add_argument("--job", required=True)
+    cp.add_argument("--checkpoint", type=int, help="this sequence number, not the newest")
+    cp.set_defaults(func=cmd_compact)
     ls = sub.add_parser("ls", help="list the checkpoints in a store")
     ls.add_argument("--store", required=True)
     ls.add_argument("--job")

@@ -27,17 +27,6 @@ def _on_term(_sig, _frame):
     raise Cancelled("request cancelled (or hpcckptd stopped) before it finished; nothing was changed")
 
 
-def _validate(images: str) -> None:
-    """Bound and check every field before the engine acts on a user's image."""
-    from ..images.imageset import ImageSet
-    from ..images.validate import validate
-    iset = ImageSet(images)
-    inv = iset.inventory()
-    p, pm = iset.process(inv.root_pid), iset.pagemap(inv.root_pid)
-    d = inv.digests.get(pm.pages_file)
-    validate(images, p, pm, d.size if d else 0)
-
-
 def send(resp: spb.Response) -> None:
     sys.stdout.buffer.write(framing.encode(resp))
     sys.stdout.buffer.flush()
@@ -64,7 +53,6 @@ def main() -> int:
         else:
             from ..engine.restore import restore
             rq = req.restore
-            _validate(rq.images)
             r = restore(rq.images, show_progress=False)
             done.pid, done.pages_bytes, done.total_s = r.pid, r.pages_bytes, r.total_s
             if rq.detach:  # answer now, but stay its parent (and its PID namespace's keeper)
