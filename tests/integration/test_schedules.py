@@ -156,12 +156,12 @@ def test_unsupported_resource_job_runs_and_status_has_the_error(tmp_path):
     """A job holding something the engine can't checkpoint (a socket): each checkpoint fails
     with the reason, the job runs to its end, and `hpcckpt status` shows the error."""
     prog = ("import socket, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-            "for i in range(15):\n    print(i, flush=True); time.sleep(0.1)\n")
+            "for i in range(40):\n    print(i, flush=True); time.sleep(0.1)\n")
     store = tmp_path / "store"
     r = subprocess.run(HPCCKPT + ["run", "--store", store, "--job", "sock", "--schedule", "every=0.5s", "--",
                                   sys.executable, "-c", prog], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == "".join(f"{i}\n" for i in range(15))
+    assert r.stdout == "".join(f"{i}\n" for i in range(40))
     assert "checkpoint failed, job continues" in r.stderr
     st = json.loads(subprocess.run(HPCCKPT + ["status", "sock", "--store", store, "--json"],
                                    capture_output=True, text=True, check=True).stdout)
