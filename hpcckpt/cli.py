@@ -60,14 +60,14 @@ def cmd_dump(args) -> int:
 
     def do_dump(path, parent=None):
         return dump(args.pid, path, leave_running=args.leave_running, policies=policies,
-                    show_progress=not args.quiet, parent=parent or args.parent,
+                    show_progress=not args.quiet, parent=parent or args.parent, tree=not args.single,
                     track_mem=args.track_mem or pre, live=getattr(args, "live", False), pre_dump=pre)
     if args.images and not args.store:  # the image set itself, as CRIU's -D
         where, r = args.images, do_dump(args.images)
     else:
         where, r = _destination(args, True).checkpoint(do_dump)
     if not args.quiet:
-        print(f"dumped process {r.pid} ({r.threads} threads) to {where}: "
+        print(f"dumped process {r.pid} ({r.processes} processes, {r.threads} threads) to {where}: "
               f"{r.pages_bytes / 2**20:.1f} MiB of pages in {r.total_s:.3f} s, frozen {r.frozen_s:.3f} s"
               + (f"; {r.parent_bytes / 2**20:.1f} MiB in parent images ({r.tracking})" if r.incremental else "")
               + ("" if args.leave_running or pre or args.live else "; process killed"), file=sys.stderr)
@@ -231,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pid", "-t", type=int, required=True)
     _where(d)
     d.add_argument("--leave-running", "-R", action="store_true", help="let the process run on after the dump")
+    d.add_argument("--single", action="store_true", help="this process only, not its descendants")
     d.add_argument("--file-policy", action="append", metavar="PATH=rollback|keep|refuse",
                    help="what a restore does with files open for writing under PATH (default rollback)")
     _incremental(d)
@@ -243,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _where(pd)
     pd.add_argument("--file-policy", action="append", metavar="PATH=rollback|keep|refuse")
     _incremental(pd)
-    pd.set_defaults(func=cmd_dump, leave_running=True, live=False)
+    pd.set_defaults(func=cmd_dump, leave_running=True, live=False, single=False)
     r = sub.add_parser("restore", help="restore a process; stays its parent unless --detach")
     _where(r)
     r.add_argument("--checkpoint", type=int, help="with --store: this sequence number, not the newest")
