@@ -274,7 +274,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
          policies: files.FilePolicies | None = None, show_progress: bool = True,
          tree: bool = True, parent: str | os.PathLike | None = None,
          tracker: "TreeTracker | None" = None, track_mem: bool = False,
-         live: bool = False, pre_dump: bool = False) -> DumpResult:
+         live: bool = False, pre_dump: bool = False, on_dumped=None) -> DumpResult:
     """Checkpoint `pid` and (unless `tree=False`) all its descendants into `images`;
     kill them all afterwards unless `leave_running`.
 
@@ -287,6 +287,9 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     `pre_dump`: copy the pages while the tree runs on (the image is only a parent for a
     final dump, which writes what changed since); `live`: the image is the state at one
     instant, but the tree runs on while the pages are written (copy-on-write snapshot).
+    `on_dumped(path)`: called once the image is sealed, before the tree is killed or
+    thawed (a caller's hook, e.g. hpcckptd's "dumped"); if it raises, the tree is thawed
+    and the image removed.
     """
     t0 = time.monotonic()
     check_owner(pid)
@@ -367,14 +370,18 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             inv.chain_depth = par.inv.chain_depth + 1
         if t_thawed is not None:
             iset.seal(inv)
-        elif leave_running:
+            if on_dumped:
+                on_dumped(iset.path)
+        elif leave_running and on_dumped is None:
             ft.thaw()
             t_thawed = time.monotonic()
             iset.seal(inv)
         else:
             iset.seal(inv)
+            if on_dumped:
+                on_dumped(iset.path)
             t_thawed = time.monotonic()
-            ft.kill()
+            ft.thaw() if leave_running else ft.kill()
         if tracker is not None:
             tracker.base_id = inv.image_id if leave_running else None
     except BaseException:
