@@ -36,6 +36,9 @@ def exit_like(status: int) -> int:
 
 
 def cmd_check(args) -> int:
+    if sock := _service(args):
+        from .service import viacli
+        return viacli.check(args, sock)
     from .kernel.features import probe
     ok = True
     rows = probe()
@@ -51,7 +54,16 @@ def cmd_check(args) -> int:
     return 0 if ok else 1
 
 
+def _service(args) -> str | None:
+    """hpcckptd's socket when this command goes through the daemon (see service/viacli.py)."""
+    from .service.viacli import socket_for
+    return socket_for(args)
+
+
 def cmd_dump(args) -> int:
+    if sock := _service(args):
+        from .service import viacli
+        return viacli.dump(args, sock)
     from .engine.dump import dump
     from .engine.files import FilePolicies
     policies = FilePolicies.parse(args.file_policy)
@@ -77,6 +89,9 @@ def cmd_dump(args) -> int:
 
 
 def cmd_restore(args) -> int:
+    if sock := _service(args):
+        from .service import viacli
+        return viacli.restore(args, sock)
     from .engine.restore import restore
     if args.store:
         from .store import commands
@@ -223,6 +238,10 @@ def cmd_migrate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hpcckpt", description="Transparent checkpoint/restore of Linux processes")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress or summary lines")
+    ap.add_argument("--service", nargs="?", const="", metavar="SOCKET",
+                    help="dump/restore/check through hpcckptd (default socket: $HPCCKPTD_SOCKET or "
+                         "/run/hpcckpt/hpcckptd.sock); without it, a non-root user goes through the "
+                         "daemon when its socket exists, root works directly")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="which kernel features this machine offers")
     c.add_argument("--json", action="store_true")
@@ -322,8 +341,21 @@ def _where(p) -> None:
     p.add_argument("--job", help="job name in the store (inside Slurm: slurm-JOBID)")
 
 
+def _bare_service(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`--service dump ...`: the bare option, not a socket named 'dump'."""
+    cmds = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    out = list(argv)
+    for i, tok in enumerate(out):
+        if tok in cmds:
+            break
+        if tok == "--service" and (i + 1 == len(out) or out[i + 1] in cmds or out[i + 1].startswith("-")):
+            out[i] = "--service="
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(_bare_service(sys.argv[1:] if argv is None else argv, parser))
     try:
         return args.func(args)
     except HpcckptError as e:

@@ -6,8 +6,13 @@
     r = c.restore("/scratch/me/img", detach=True); print(r.pid)
 
 Each call sends one request and reads responses until the final one; notifications on
-the way go to `on_notify`. A refused or failed request raises the same exception class
-the engine would have raised, with the daemon's message.
+the way go to `on_notify` (progress: `done` of `total` bytes, at most 4 a second). With
+`wait_hooks`, the daemon stops at "dumped" (image sealed, process still frozen) or
+"restored" (process built, not yet running) until `on_hook(notification)` returns:
+True goes on, False or an exception makes the request fail cleanly. A refused or failed
+request raises the same exception class the engine would have raised, with the daemon's
+message. `on_accepted(request_id)` learns the request's id early, e.g. to pass signals
+on to a foreground restore with `signal()`.
 """
 import os
 import socket
@@ -16,6 +21,11 @@ from . import errors
 from .images import service_pb2 as spb
 from .service import framing
 from .service.daemon import DEFAULT_SOCKET, VERSION
+
+
+def default_socket() -> str:
+    """$HPCCKPTD_SOCKET, or where the systemd unit puts it."""
+    return os.environ.get("HPCCKPTD_SOCKET") or DEFAULT_SOCKET
 
 
 class ServiceError(errors.HpcckptError):
@@ -30,9 +40,12 @@ def _raise(resp: spb.Response):
 
 
 class Client:
-    def __init__(self, socket_path: str | None = None, on_notify=None, timeout: float | None = None):
-        self.path = socket_path or os.environ.get("HPCCKPTD_SOCKET", DEFAULT_SOCKET)
+    def __init__(self, socket_path: str | None = None, on_notify=None, timeout: float | None = None,
+                 on_hook=None, on_accepted=None):
+        self.path = socket_path or default_socket()
         self.on_notify = on_notify
+        self.on_hook = on_hook
+        self.on_accepted = on_accepted
         self.timeout = timeout
 
     def call(self, **what) -> spb.Response:
@@ -54,18 +67,42 @@ class Client:
                     if not resp.ok:
                         _raise(resp)
                     return resp
+                n = resp.notification
+                if n.event == "accepted" and self.on_accepted:
+                    self.on_accepted(resp.request_id)
                 if self.on_notify:
-                    self.on_notify(resp.notification)
+                    self.on_notify(n)
+                if n.wait:
+                    try:
+                        s.sendall(framing.encode(spb.Request(version=VERSION, cont=self._answer(n))))
+                    except OSError:
+                        pass   # too late (the hook timed out): the daemon's final answer says so
+
+    def _answer(self, n: spb.Notification) -> spb.Continue:
+        if self.on_hook is None:
+            return spb.Continue(ok=True)
+        try:
+            return spb.Continue(ok=bool(self.on_hook(n)), reason="the caller's hook said no")
+        except Exception as e:  # the hook's failure fails the request, not the caller
+            return spb.Continue(ok=False, reason=f"the caller's hook failed: {e}")
 
     def check(self) -> spb.Response:
         return self.call(check=spb.CheckRequest())
 
-    def dump(self, pid: int, images: str, leave_running: bool = False, file_policy=()) -> spb.Response:
+    def dump(self, pid: int, images: str, leave_running: bool = False, file_policy=(),
+             wait_hooks: bool = False, hook_timeout: float = 0) -> spb.Response:
         return self.call(dump=spb.DumpRequest(pid=pid, images=os.path.abspath(images),
-                                              leave_running=leave_running, file_policy=list(file_policy)))
+                                              leave_running=leave_running, file_policy=list(file_policy),
+                                              wait_hooks=wait_hooks, hook_timeout=hook_timeout))
 
-    def restore(self, images: str, detach: bool = False) -> spb.Response:
-        return self.call(restore=spb.RestoreRequest(images=os.path.abspath(images), detach=detach))
+    def restore(self, images: str, detach: bool = False, wait_hooks: bool = False,
+                hook_timeout: float = 0) -> spb.Response:
+        return self.call(restore=spb.RestoreRequest(images=os.path.abspath(images), detach=detach,
+                                                    wait_hooks=wait_hooks, hook_timeout=hook_timeout))
+
+    def signal(self, request_id: int, signo: int) -> spb.Response:
+        """Signal the process of a foreground restore of yours (by request, never by PID)."""
+        return self.call(signal=spb.SignalRequest(request_id=request_id, signo=int(signo)))
 
     def status(self) -> spb.Response:
         return self.call(status=spb.StatusRequest())

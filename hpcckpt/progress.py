@@ -1,6 +1,20 @@
-"""A progress line for work that takes more than a second, on stderr."""
+"""A progress line for work that takes more than a second, on stderr.
+
+A listener (`set_listener`) also sees every update: hpcckptd's worker turns them into
+progress notifications for its caller, without the engine knowing about the service.
+"""
 import sys
 import time
+from typing import Callable
+
+Listener = Callable[["Progress"], None]
+_listener: Listener | None = None
+
+
+def set_listener(fn: Listener | None) -> None:
+    """Call fn(progress) on every update and at finish (fn rate-limits itself); None stops."""
+    global _listener
+    _listener = fn
 
 
 class Progress:
@@ -12,9 +26,12 @@ class Progress:
         self.enabled = enabled
         self.start = self.last = time.monotonic()
         self.shown = False
+        self.finished = False
 
     def __call__(self, n: int) -> None:
         self.done += n
+        if _listener is not None:
+            _listener(self)
         now = time.monotonic()
         if self.enabled and now - self.start > 1.0 and now - self.last > 0.25:
             self.last = now
@@ -30,6 +47,9 @@ class Progress:
         self.shown = True
 
     def finish(self) -> None:
+        self.finished = True
+        if _listener is not None:
+            _listener(self)
         if self.shown:
             self._show(time.monotonic())
             if self.stream.isatty():

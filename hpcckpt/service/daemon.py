@@ -23,6 +23,8 @@ from ..images import service_pb2 as spb
 from . import auth, framing
 
 DEFAULT_SOCKET = "/run/hpcckpt/hpcckptd.sock"
+FORWARDABLE = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+               signal.SIGQUIT, signal.SIGKILL, signal.SIGCONT}
 VERSION = 1
 log = logging.getLogger("hpcckptd")
 
@@ -36,6 +38,29 @@ class Active:
     info: spb.RequestInfo
     worker: subprocess.Popen | None = None
     cancelled: bool = False
+    to_worker: threading.Lock = field(default_factory=threading.Lock)
+    stdin_open: bool = False
+
+    def relay(self, msg: spb.Request) -> bool:
+        """Pass a Continue or SignalRequest to the worker; False once it no longer listens."""
+        with self.to_worker:
+            if not self.stdin_open:
+                return False
+            try:
+                self.worker.stdin.write(framing.encode(msg))
+                self.worker.stdin.flush()
+                return True
+            except (OSError, ValueError):
+                return False
+
+    def close_stdin(self) -> None:
+        with self.to_worker:
+            if self.stdin_open:
+                self.stdin_open = False
+                try:
+                    self.worker.stdin.close()
+                except OSError:
+                    pass
 
 
 @dataclass
@@ -96,11 +121,17 @@ class Daemon:
             host, _, port = self.listen.rpartition(":")
             self.tcp = socket.create_server((host, int(port)), reuse_port=False)
             threading.Thread(target=self._accept_tcp, daemon=True).start()
+        # A process signal may land on any thread and then leaves accept() asleep: wake up
+        # now and then so that SIGTERM's handler (shutdown) runs.
+        self.sock.settimeout(0.5)
         while True:
             try:
                 conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return
+            conn.settimeout(None)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def shutdown(self) -> None:
@@ -157,14 +188,20 @@ class Daemon:
                     return
                 req = framing.decode(spb.Request, payload)
                 conn.settimeout(None)
-                for resp in self.handle(caller, req, rid):
-                    resp.request_id = rid
-                    conn.sendall(framing.encode(resp))
+                try:
+                    for resp in self.handle(caller, req, rid, conn):
+                        resp.request_id = rid
+                        conn.sendall(framing.encode(resp))
+                finally:
+                    try:   # wakes the thread reading the caller's Continue frames
+                        conn.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
         except (OSError, framing.ProtocolError) as e:
             log.info("request %d: %s", rid, e)
 
     # -- requests ------------------------------------------------------------------
-    def handle(self, caller: auth.Caller, req: spb.Request, rid: int):
+    def handle(self, caller: auth.Caller, req: spb.Request, rid: int, conn: socket.socket | None = None):
         kind = req.WhichOneof("what")
         try:
             if req.version != VERSION:
@@ -177,10 +214,14 @@ class Daemon:
                 yield spb.Response(final=True, ok=True, requests=mine, active=len(self.active))
             elif kind == "cancel":
                 yield self.cancel(caller, req.cancel.request_id)
+            elif kind == "signal":
+                yield self.signal(caller, req.signal.request_id, req.signal.signo)
             elif kind in ("dump", "restore"):
-                yield from self.run_worker(caller, req, rid, kind)
+                yield from self.run_worker(caller, req, rid, kind, conn)
+            elif kind == "cont":
+                raise framing.ProtocolError("Continue answers a hook, on the connection of the request that sent it")
             else:
-                raise framing.ProtocolError("empty request: say check, dump, restore, status, list or cancel")
+                raise framing.ProtocolError("empty request: say check, dump, restore, status, list, cancel or signal")
         except HpcckptError as e:
             yield spb.Response(final=True, ok=False, error=str(e), error_kind=type(e).__name__)
 
@@ -200,6 +241,34 @@ class Daemon:
                 a.worker.terminate()
         return spb.Response(final=True, ok=True)
 
+    def signal(self, caller: auth.Caller, target: int, signo: int) -> spb.Response:
+        """Relayed to the worker, which signals only the process it restored: the caller
+        names a request, never a PID, so it can reach nothing but its own restore."""
+        if signo not in FORWARDABLE:
+            raise HpcckptError(f"signal {signo} is not passed on; only INT, TERM, HUP, USR1, USR2, QUIT, KILL, CONT")
+        with self.lock:
+            a = self.active.get(target)
+            if a is None or not (caller.root or a.info.uid == caller.uid):
+                raise HpcckptError(f"no request {target} of yours is running")
+            if a.info.kind != "restore":
+                raise HpcckptError(f"request {target} is a {a.info.kind}; only a restore's process takes signals")
+        if not a.relay(spb.Request(version=VERSION, signal=spb.SignalRequest(request_id=target, signo=signo))):
+            raise HpcckptError(f"request {target} has finished; its process no longer takes signals through hpcckptd")
+        return spb.Response(final=True, ok=True)
+
+    def _from_caller(self, conn: socket.socket, a: Active) -> None:
+        """After the request, a caller sends only Continue answers to hooks: pass them on.
+        When it hangs up, the worker's stdin closes, so a hook waiting for it fails at once."""
+        try:
+            read = framing.sock_reader(conn)
+            while (payload := framing.read_frame(read)) is not None:
+                msg = framing.decode(spb.Request, payload)
+                if msg.WhichOneof("what") != "cont" or not a.relay(msg):
+                    break
+        except (OSError, framing.ProtocolError):
+            pass
+        a.close_stdin()
+
     def authorize(self, caller: auth.Caller, req: spb.Request, kind: str) -> str:
         if kind == "dump":
             auth.may_dump(caller, req.dump.pid)
@@ -208,7 +277,8 @@ class Daemon:
         auth.may_restore(caller, req.restore.images)
         return req.restore.images
 
-    def run_worker(self, caller: auth.Caller, req: spb.Request, rid: int, kind: str):
+    def run_worker(self, caller: auth.Caller, req: spb.Request, rid: int, kind: str,
+                   conn: socket.socket | None = None):
         target = self.authorize(caller, req, kind)
         with self.lock:
             mine = sum(1 for a in self.active.values() if a.info.uid == caller.uid)
@@ -227,7 +297,10 @@ class Daemon:
                 if a.cancelled:  # cancelled before the worker existed
                     w.terminate()
             w.stdin.write(framing.encode(req))
-            w.stdin.close()
+            w.stdin.flush()
+            a.stdin_open = True
+            if conn is not None:
+                threading.Thread(target=self._from_caller, args=(conn, a), daemon=True).start()
             timer = threading.Timer(self.time_limit, w.terminate)
             timer.start()
             try:
@@ -243,6 +316,7 @@ class Daemon:
                         break
             finally:
                 timer.cancel()
+                a.close_stdin()
                 threading.Thread(target=w.wait, daemon=True).start()  # reap when it ends
         finally:
             with self.lock:

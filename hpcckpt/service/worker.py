@@ -4,32 +4,120 @@ Isolation is the point: the engine may create PID namespaces and becomes the par
 what it restores, a crash takes only this request down, and the daemon's memory stays
 small whatever the size of the process. If the daemon dies, we get SIGTERM
 (PR_SET_PDEATHSIG) and unwind: a frozen process is thawed, a partial image removed.
+
+stdin carries the Request, then what the daemon relays while we run: the caller's
+Continue answers to hooks and SignalRequests for the process we restored. stdout carries
+Responses: notifications (progress, at most 4 a second; hooks) and the final one.
 Usage (by the daemon only): python -m hpcckpt.service.worker UID GID REQUEST_ID < request
 """
 import os
+import queue
 import signal
 import sys
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import progress
 from ..errors import HpcckptError
 from ..images import service_pb2 as spb
 from ..kernel.libc import libc
 from . import auth, framing
 
 PR_SET_PDEATHSIG = 1
+PROGRESS_INTERVAL = 0.25      # 4 notifications a second at most: the caller wants a line, not a flood
+DEFAULT_HOOK_TIMEOUT = 60.0
 
 
 class Cancelled(HpcckptError):
     """The request was cancelled, timed out, or the daemon went away."""
 
 
+class HookFailed(HpcckptError):
+    """The caller declined a hook, did not answer it in time, or went away."""
+
+
 def _on_term(_sig, _frame):
     raise Cancelled("request cancelled (or hpcckptd stopped) before it finished; nothing was changed")
 
 
+_out_lock = threading.Lock()
+
+
+def _stdin(n: int) -> bytes:
+    """Unbuffered: the reader thread must hold no io lock the interpreter's exit needs."""
+    return os.read(0, n)
+
+
 def send(resp: spb.Response) -> None:
-    sys.stdout.buffer.write(framing.encode(resp))
-    sys.stdout.buffer.flush()
+    with _out_lock:
+        sys.stdout.buffer.write(framing.encode(resp))
+        sys.stdout.buffer.flush()
+
+
+@dataclass
+class Session:
+    """What the daemon relays to us after the request, read by a thread of its own."""
+    rid: int
+    answers: queue.Queue = field(default_factory=queue.Queue)
+    target: int | None = None            # the restored process, once it exists
+    pending: list[int] = field(default_factory=list)   # signals that came before it did
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_progress: float = 0.0
+
+    def read(self) -> None:
+        try:
+            while (payload := framing.read_frame(_stdin)) is not None:
+                msg = framing.decode(spb.Request, payload)
+                kind = msg.WhichOneof("what")
+                if kind == "cont":
+                    self.answers.put(msg.cont)
+                elif kind == "signal":
+                    self.deliver(msg.signal.signo)
+        except (HpcckptError, OSError, ValueError):
+            pass
+        self.answers.put(None)           # the caller is gone: a hook waiting now fails at once
+
+    def deliver(self, signo: int) -> None:
+        with self.lock:
+            if self.target is None:
+                self.pending.append(signo)
+                return
+            target = self.target
+        try:
+            os.kill(target, signo)
+        except (ProcessLookupError, ValueError, OSError):
+            pass
+
+    def running(self, pid: int) -> None:
+        with self.lock:
+            self.target, pending, self.pending = pid, self.pending, []
+        for s in pending:
+            self.deliver(s)
+
+    def hook(self, event: str, timeout: float, detail: str = "", pid: int = 0) -> None:
+        """Tell the caller, then wait for its Continue before the engine goes on."""
+        send(spb.Response(request_id=self.rid, notification=spb.Notification(
+            event=event, wait=True, detail=detail, pid=pid)))
+        try:
+            ans = self.answers.get(timeout=timeout or DEFAULT_HOOK_TIMEOUT)
+        except queue.Empty:
+            raise HookFailed(f"no answer to the {event!r} hook within {timeout or DEFAULT_HOOK_TIMEOUT:g} s; "
+                             "the caller must send Continue (or raise hook_timeout)") from None
+        if ans is None:
+            raise HookFailed(f"the caller went away during the {event!r} hook")
+        if not ans.ok:
+            raise HookFailed(f"the caller declined at the {event!r} hook"
+                             + (f": {ans.reason}" if ans.reason else ""))
+
+    def on_progress(self, p: progress.Progress) -> None:
+        now = time.monotonic()
+        if not p.finished and now - self.last_progress < PROGRESS_INTERVAL:
+            return
+        self.last_progress = now
+        send(spb.Response(request_id=self.rid, notification=spb.Notification(
+            event="progress", done=p.done, total=p.total, detail=p.label)))
 
 
 def main() -> int:
@@ -39,33 +127,47 @@ def main() -> int:
     if os.getppid() == 1:
         return 1
     caller = auth.Caller(0, uid, gid)
-    req = framing.decode(spb.Request, framing.read_frame(sys.stdin.buffer.read) or b"")
+    req = framing.decode(spb.Request, framing.read_frame(_stdin) or b"")
+    s = Session(rid)
+    threading.Thread(target=s.read, daemon=True).start()
+    progress.set_listener(s.on_progress)
     done = spb.Response(request_id=rid, final=True, ok=True)
     try:
         if req.WhichOneof("what") == "dump":
             from ..engine.dump import dump
             from ..engine.files import FilePolicies
             d = req.dump
+
+            def dumped(path) -> None:
+                auth.give_to(caller, Path(path))   # the caller may read its image in the hook
+                s.hook("dumped", d.hook_timeout, detail=str(path), pid=d.pid)
             r = dump(d.pid, d.images, leave_running=d.leave_running,
-                     policies=FilePolicies.parse(list(d.file_policy)), show_progress=False)
+                     policies=FilePolicies.parse(list(d.file_policy)), show_progress=False,
+                     on_dumped=dumped if d.wait_hooks else None)
             auth.give_to(caller, Path(d.images))
             done.pid, done.pages_bytes, done.frozen_s, done.total_s = r.pid, r.pages_bytes, r.frozen_s, r.total_s
         else:
             from ..engine.restore import restore
             rq = req.restore
-            r = restore(rq.images, show_progress=False)
+
+            def ready(pid: int) -> None:
+                s.hook("restored", rq.hook_timeout, detail=f"process {pid} restored, not yet running", pid=pid)
+            r = restore(rq.images, show_progress=False, on_ready=ready if rq.wait_hooks else None)
             done.pid, done.pages_bytes, done.total_s = r.pid, r.pages_bytes, r.total_s
             if rq.detach:  # answer now, but stay its parent (and its PID namespace's keeper)
                 send(done)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 os.waitpid(r.pid, 0)
                 return 0
-            send(spb.Response(request_id=rid, notification=spb.Notification(
-                event="restored", detail=f"process {r.pid} running")))
+            if not rq.wait_hooks:
+                send(spb.Response(request_id=rid, notification=spb.Notification(
+                    event="restored", detail=f"process {r.pid} running", pid=r.pid)))
+            s.running(r.pid)
             _, status = os.waitpid(r.pid, 0)
             done.exit_status = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
     except (HpcckptError, OSError, ValueError) as e:
         done.ok, done.error, done.error_kind = False, str(e), type(e).__name__
+    progress.set_listener(None)
     send(done)
     return 0
 

@@ -1,0 +1,126 @@
+"""`hpcckpt dump|restore|check` through hpcckptd: what the CLI does for a non-root user
+(or with --service), so that a batch script reads the same with or without the daemon.
+
+A foreground restore behaves as a direct one would: the daemon's worker is the restored
+process's parent, so we wait for the final response carrying its exit status and exit as
+it did, passing on the signals a batch system sends us (INT, TERM, HUP, USR1, USR2).
+"""
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+from ..client import Client, default_socket
+from ..errors import HpcckptError
+from ..images import service_pb2 as spb
+from ..progress import Progress
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def socket_for(args) -> str | None:
+    """The daemon's socket if this command should go through it, else None (direct mode):
+    --service [SOCKET] always; otherwise a non-root caller when a daemon socket exists."""
+    if getattr(args, "service", None) is not None:
+        return args.service or default_socket()
+    if args.cmd not in ("dump", "restore", "check"):   # pre-dump: only direct for now
+        return None
+    if os.geteuid() != 0 and os.path.exists(default_socket()):
+        return default_socket()
+    return None
+
+
+@dataclass
+class ProgressLine:
+    """The daemon's progress notifications shown as the direct mode's progress line."""
+    enabled: bool
+    bars: dict[str, Progress] = field(default_factory=dict)
+
+    def __call__(self, n: spb.Notification) -> None:
+        if n.event != "progress" or not self.enabled:
+            return
+        bar = self.bars.get(n.detail)
+        if bar is None:
+            bar = self.bars[n.detail] = Progress(n.detail, n.total)
+        bar(n.done - bar.done)
+        if n.done >= n.total:
+            bar.finish()
+
+
+def _unsupported(args, names: list[str]) -> None:
+    given = [n for n in names if getattr(args, n.replace("-", "_"), None)]
+    if given:
+        raise HpcckptError(f"{', '.join('--' + g for g in given)} not available through hpcckptd; "
+                           "use --images DIR, or run as root without --service (direct mode)")
+
+
+def dump(args, sock: str) -> int:
+    if args.cmd != "dump":
+        raise HpcckptError(f"{args.cmd} is not available through hpcckptd; use dump --images DIR")
+    _unsupported(args, ["store", "parent", "track-mem", "live", "single"])
+    if not args.images:
+        raise HpcckptError("say where the images go: --images DIR (through hpcckptd)")
+    r = Client(sock, on_notify=ProgressLine(not args.quiet)).dump(
+        args.pid, args.images, leave_running=args.leave_running, file_policy=args.file_policy or ())
+    if not args.quiet:
+        print(f"dumped process {r.pid} to {os.path.abspath(args.images)} through hpcckptd: "
+              f"{r.pages_bytes / 2**20:.1f} MiB of pages in {r.total_s:.3f} s, frozen {r.frozen_s:.3f} s"
+              + ("" if args.leave_running else "; process killed"), file=sys.stderr)
+    return 0
+
+
+def restore(args, sock: str) -> int:
+    _unsupported(args, ["store"])
+    if not args.images:
+        raise HpcckptError("say what to restore: --images DIR (through hpcckptd)")
+    if args.detach:
+        r = Client(sock, on_notify=ProgressLine(not args.quiet)).restore(args.images, detach=True)
+        print(r.pid)
+        return 0
+    rid: list[int] = []
+    pending: list[int] = []
+
+    def forward(sig, _frame) -> None:
+        if not rid:            # before the daemon said which request: sent once it does
+            pending.append(sig)
+            return
+        try:
+            Client(sock).signal(rid[0], sig)
+        except HpcckptError:
+            pass               # the process has just ended: its status is on its way
+
+    def accepted(request_id: int) -> None:
+        rid.append(request_id)
+
+    def notified(n: spb.Notification) -> None:
+        show(n)
+        if n.event == "restored" and not args.quiet:
+            print(f"restored process {n.pid} through hpcckptd", file=sys.stderr)
+        while pending and rid:
+            forward(pending.pop(0), None)
+
+    show = ProgressLine(not args.quiet)
+    old = {s: signal.signal(s, forward) for s in FORWARDED}
+    try:
+        r = Client(sock, on_notify=notified, on_accepted=accepted).restore(args.images)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if r.exit_status < 0:        # die of its signal, as a direct restore's parent would
+        sig = -r.exit_status
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        return 128 + sig
+    return r.exit_status
+
+
+def check(args, sock: str) -> int:
+    import json
+    feats = Client(sock).check().features
+    if args.json:
+        print(json.dumps([{"name": f.name, "available": f.available, "detail": f.detail} for f in feats], indent=1))
+    else:
+        for f in feats:
+            print(f"{'yes' if f.available else 'no ':3}  {f.name:38} {f.detail}")
+        print(f"dump and restore go through hpcckptd ({sock})")
+    return 0

@@ -1,0 +1,156 @@
+"""The CLI through hpcckptd as a non-root user (progress line, a foreground restore that
+exits as its process did and passes signals on), progress notifications, and hooks."""
+import os
+import signal
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from hpcckpt.cli import main as cli_main
+from hpcckpt.client import Client
+from hpcckpt.errors import HpcckptError
+from tests.engine.helpers import pid_alive, reference
+
+from .conftest import NOBODY, as_user
+from .test_service import start_as_nobody, user_exe  # noqa: F401  (fixture)
+
+MEMHOG = Path(__file__).parents[2] / "benchmarks" / "memhog.c"
+
+
+def as_nobody_cli(sock: str, argv: list[str]) -> int:
+    """hpcckpt ARGV run by uid 65534 (main() in a forked child: /root is not nobody's)."""
+    def run():
+        os.environ["HPCCKPTD_SOCKET"] = sock
+        return cli_main(argv)
+    return as_user(run)
+
+
+@pytest.fixture(scope="module")
+def memhog():
+    d = Path(tempfile.mkdtemp(prefix="hpcckpt-memhog-", dir="/tmp"))
+    d.chmod(0o755)
+    exe = d / "memhog"
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(MEMHOG)], check=True)
+    yield exe
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_cli_routes_a_users_dump_and_restore_through_the_daemon(daemon, world_dir, user_exe):  # noqa: F811
+    _, sock = daemon
+    cmd = [user_exe, 30, 2, 20]
+    ref = reference(cmd, world_dir / "ref.txt")
+    job = start_as_nobody(cmd, world_dir / "out.txt")
+    job.wait_lines(5)
+    img = str(world_dir / "img")
+    assert as_nobody_cli(sock, ["dump", "--pid", str(job.pid), "--images", img]) == 0
+    job.proc.wait(timeout=10)
+    assert {p.stat().st_uid for p in Path(img).iterdir()} == {NOBODY}
+    assert as_nobody_cli(sock, ["restore", "--images", img]) == 0     # foreground: its exit status
+    assert job.out.read_bytes() == ref
+    assert as_nobody_cli(sock, ["--service", sock, "check"]) == 0
+
+
+def test_cli_foreground_restore_passes_signals_on_and_dies_of_them(daemon, world_dir, user_exe):  # noqa: F811
+    _, sock = daemon
+    job = start_as_nobody([user_exe, 100000, 1, 20], world_dir / "out.txt")
+    job.wait_lines(3)
+    img = str(world_dir / "img")
+    as_nobody_cli(sock, ["dump", "--pid", str(job.pid), "--images", img])
+    job.proc.wait(timeout=10)
+    before = job.out.stat().st_size
+    pid = os.fork()
+    if pid == 0:      # the batch script's `hpcckpt restore`, as nobody
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            os.environ["HPCCKPTD_SOCKET"] = sock
+            os._exit(cli_main(["-q", "restore", "--images", img]))
+        finally:
+            os._exit(99)
+    deadline = time.monotonic() + 30
+    while job.out.stat().st_size <= before:       # the restored process runs on
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGTERM)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, status
+    deadline = time.monotonic() + 10
+    while pid_alive(job.pid):
+        assert time.monotonic() < deadline, "the restored process did not get the signal"
+        time.sleep(0.02)
+
+
+def test_user_may_not_signal_anothers_restore(daemon, tmp_path, user_exe):  # noqa: F811
+    _, sock = daemon
+    with pytest.raises(HpcckptError, match="no request 424242 of yours"):
+        as_user(lambda: Client(sock).signal(424242, signal.SIGTERM))
+
+
+def test_progress_notifications_are_rate_limited(daemon, tmp_path, memhog):
+    _, sock = daemon
+    hog = subprocess.Popen([str(memhog), "1024"], stdout=subprocess.PIPE)
+    assert hog.stdout.readline() == b"ready\n"
+    seen = []
+    t0 = time.monotonic()
+    r = Client(sock, on_notify=lambda n: seen.append(n) if n.event == "progress" else None).dump(
+        hog.pid, str(tmp_path / "img"))
+    dt = time.monotonic() - t0
+    hog.wait()
+    assert seen and seen[-1].done == seen[-1].total == r.pages_bytes
+    assert [n.done for n in seen] == sorted(n.done for n in seen)
+    assert len(seen) <= 4 * dt + 2, (len(seen), dt)
+
+
+def test_dumped_hook_runs_while_frozen_and_a_refusal_thaws(daemon, tmp_path, memhog):
+    _, sock = daemon
+    hog = subprocess.Popen([str(memhog), "64"], stdout=subprocess.PIPE)
+    assert hog.stdout.readline() == b"ready\n"
+    img = tmp_path / "img"
+    seen = []
+
+    def hook(n):
+        st = open(f"/proc/{hog.pid}/status").read()
+        seen.append((n.event, (img / "inventory.img").exists(), "TracerPid:\t0" not in st or "State:\tT" in st))
+        return False                      # refuse: the dump must fail and thaw
+    with pytest.raises(HpcckptError, match="declined at the 'dumped' hook"):
+        Client(sock, on_hook=hook).dump(hog.pid, str(img), wait_hooks=True)
+    assert seen == [("dumped", True, True)]    # sealed, the process still held
+    assert pid_alive(hog.pid) and not (img / "inventory.img").exists()
+    with pytest.raises(HpcckptError, match="no answer to the 'dumped' hook within 1 s"):
+        Client(sock, on_hook=lambda n: time.sleep(2) or True).dump(hog.pid, str(img), wait_hooks=True,
+                                                                   hook_timeout=1)
+    assert pid_alive(hog.pid)
+    r = Client(sock, on_hook=lambda n: True).dump(hog.pid, str(img), wait_hooks=True)   # goes on: killed
+    hog.wait(timeout=10)
+    assert r.pid == hog.pid and (img / "inventory.img").exists()
+
+
+def test_restored_hook_before_the_process_runs(daemon, world_dir, user_exe):  # noqa: F811
+    _, sock = daemon
+    cmd = [user_exe, 30, 2, 20]
+    ref = reference(cmd, world_dir / "ref.txt")
+    job = start_as_nobody(cmd, world_dir / "out.txt")
+    job.wait_lines(5)
+    img = str(world_dir / "img")
+    as_user(lambda: Client(sock).dump(job.pid, img).pid)
+    job.proc.wait(timeout=10)
+    size = job.out.stat().st_size
+    seen = []
+
+    def hook(n):
+        st = open(f"/proc/{n.pid}/status").read()
+        time.sleep(0.3)
+        seen.append((n.event, n.pid, "State:\tt" in st or "State:\tT" in st, job.out.stat().st_size == size))
+        return True
+    def restore():
+        r = Client(sock, on_hook=hook).restore(img, wait_hooks=True)
+        return int(r.exit_status), list(seen)
+    status, seen = as_user(restore)
+    assert status == 0
+    assert seen == [("restored", job.pid, True, True)]      # built, held, not yet running
+    assert job.out.read_bytes() == ref
