@@ -24,7 +24,7 @@ from ..kernel.inject import Injector, Mem, find_syscall_insn
 from ..progress import Progress
 from ..images.chain import load_chain, new_image_id, relative_parent
 from ..tracking.incremental import IncrementalPlan, plan_incremental
-from . import files, memory, shared, snapshot
+from . import files, locks, memory, shared, snapshot, timers
 from .incremental import Parent, TreeTracker, save_digests
 from . import tree as ptree
 from .freeze import Frozen
@@ -126,7 +126,9 @@ def _process_state(pid: int, st: dict[str, str], inj: Injector, scratch: _Scratc
     for which in range(3):
         inj.syscall("getitimer", which, a)
         isec, iusec, vsec, vusec = scratch.read_u64s(4)
-        if vsec or vusec:
+        # a periodic ITIMER_REAL whose SIGALRM is still pending shows 0 left: the kernel
+        # re-arms it only when the signal is taken. Keep it (restore arms it a period on).
+        if vsec or vusec or isec or iusec:
             p.itimers.append(pb.ITimer(which=which, interval_sec=isec, interval_usec=iusec,
                                        value_sec=vsec, value_usec=vusec))
     for r in range(16):  # RLIMIT_CPU .. RLIMIT_RTTIME; from inside: prlimit on another
@@ -174,8 +176,6 @@ def _capture(fr: Frozen, iset: ImageSet, policies: files.FilePolicies, st: dict,
         for v, pv in zip(vmas, pvmas):
             if shared.is_shared_object(v):
                 pv.shmid = shm.add(pid, v)
-    if proc.posix_timers(pid).strip():
-        raise UnsupportedError(f"process {pid} has POSIX timers (timer_create), not supported yet")
     fds = files.dump_fds(pid, iset.path, policies, descs)
     ip = find_syscall_insn(pid, vmas)
     mem = Mem(pid)
@@ -186,6 +186,8 @@ def _capture(fr: Frozen, iset: ImageSet, policies: files.FilePolicies, st: dict,
             injectors[tid] = Injector(tid, ip)
         scratch = _Scratch(injectors[pid], mem)
         p = _process_state(pid, st, injectors[pid], scratch)
+        p.posix_timers.extend(timers.dump(pid, injectors[pid], scratch,
+                                          {tid: proc.ns_pids(pid, tid)[-1] for tid in fr.tids}))
         p.threads.extend(_thread_state(pid, tid, injectors[tid], scratch) for tid in fr.tids)
         scratch.unmap()
         scratch = None

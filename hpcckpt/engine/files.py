@@ -16,6 +16,7 @@ from ..errors import RestoreError, UnsupportedError
 from ..images import pb
 from ..kernel import proc
 from ..kernel.libc import libc, pidfd_getfd, pidfd_open
+from . import eventfds, locks
 
 O_ACCMODE = 0o3
 O_CLOEXEC = 0o2000000
@@ -96,6 +97,8 @@ def dump_fds(pid: int, images: Path, policies: FilePolicies, descs=None) -> list
             stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) in TTY_MAJORS)
         if fd <= 2 and leads_out:
             e.kind = pb.INHERITED
+        elif t in eventfds.TARGETS:
+            eventfds.describe(e, t, info, pid, descs.first(("desc", fid)))
         elif t.startswith("pipe:"):
             if not descs.pipe_inside(st.st_ino):
                 raise UnsupportedError(
@@ -128,6 +131,7 @@ def dump_fds(pid: int, images: Path, policies: FilePolicies, descs=None) -> list
                 kind = t.split(":", 1)[1].strip("[]")
             raise UnsupportedError(
                 f"process {pid}: fd {fd} is a {kind} ({t}), which hpcckpt cannot checkpoint yet")
+        e.locks.extend(locks.dump(pid, fd, t))
         out.append(e)
     return out
 

@@ -23,7 +23,7 @@ from ..kernel.arch import current as arch
 from ..kernel.inject import Injector, Mem, find_syscall_insn
 from ..kernel.libc import PAGE_SIZE, pidfd_getfd, pidfd_open
 from ..progress import Progress
-from . import files, memory, pidns
+from . import eventfds, files, locks, memory, pidns, timers
 from ..images.chain import Link, load_chain, pages_file_size, sources, Source
 from ..images.validate import validate
 from .create import create_tree
@@ -366,6 +366,8 @@ def _stage_fds(t: Target, fds: list[pb.Fd], iset: ImageSet, sh: Shared) -> list[
                 finally:
                     os.close(local)
             t.sys("fcntl", fd, F_SETFL, e.flags & ~files.O_ACCMODE)
+        elif e.kind in (pb.EVENTFD, pb.TIMERFD, pb.SIGNALFD, pb.EPOLL):
+            fd = eventfds.create(t, e, _local_copy)
         elif e.kind == pb.DELETED_FILE:
             d = os.path.dirname(e.path.removesuffix(" (deleted)")) or "/tmp"
             fd = t.sys("openat", AT_FDCWD, t.cstr(d if os.path.isdir(d) else "/tmp"),
@@ -421,8 +423,11 @@ def _restore_process_state(t: Target, p: pb.Process) -> None:
     for a in p.sigactions:
         t.sys("rt_sigaction", a.signo, t.put(struct.pack("<4Q", a.handler, a.flags, a.restorer, a.mask)), 0, 8)
     for it in p.itimers:
+        value = (it.value_sec, it.value_usec)
+        if value == (0, 0):    # expired, signal pending, waiting to be re-armed: a period on
+            value = (it.interval_sec, it.interval_usec)
         t.sys("setitimer", it.which, t.put(struct.pack("<4Q", it.interval_sec, it.interval_usec,
-                                                       it.value_sec, it.value_usec)), 0)
+                                                       *value)), 0)
     for r in p.rlimits:
         # Raising a hard limit needs CAP_SYS_RESOURCE, which we may lack: then keep the
         # hard limit we have and cap the soft one by it, rather than fail the restore.
@@ -505,6 +510,8 @@ def _finish_process(t: Target, p: pb.Process) -> None:
     _create_threads(t, p)
     for th in p.threads:
         _restore_thread_state(t, p, th)
+    timers.restore(t, p)
+    locks.restore(t, p)
     for si in p.shared_pending:
         t.sys("rt_sigqueueinfo", p.pid, struct.unpack_from("<i", si)[0], t.put(si))
     _drop_creds(t, p)
@@ -578,6 +585,7 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
     chain = check_chain(iset, inv)
     procs = _load_tree(iset, inv, root)
     check_kernel(inv)
+    timers.check_kernel(procs)
     check_mapped_files(inv)
     if inv.own_pid_namespace:
         pidns.ensure()
@@ -603,6 +611,8 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
         staged = {p.pid: _stage_fds(targets[p.pid], list(p.fds), iset, sh) for p in live}
         for p in live:
             _install_fds(targets[p.pid], staged[p.pid])
+        for p in live:
+            eventfds.add_watches(targets[p.pid], p)
         if tracker is not None:
             _arm(tracker, targets, live, inv)
         for p in live:

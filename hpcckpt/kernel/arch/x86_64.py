@@ -97,3 +97,10 @@ def rewind_interrupted_syscall(regs: Regs) -> Regs:
         r.rip -= len(SYSCALL_INSN)
     r.orig_rax = 0xFFFFFFFFFFFFFFFF
     return r
+
+# POSIX timers, file locks, eventfd / timerfd / signalfd
+SYSCALLS.update({"timer_create": 222, "timer_settime": 223, "timer_gettime": 224,
+                 "timer_getoverrun": 225, "timer_delete": 226, "flock": 73, "ioctl": 16,
+                 "eventfd2": 290, "timerfd_create": 283, "timerfd_settime": 286,
+                 "timerfd_gettime": 287, "signalfd4": 289, "epoll_create1": 291,
+                 "epoll_ctl": 233})
