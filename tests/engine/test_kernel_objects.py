@@ -3,6 +3,7 @@ locks (flock, POSIX, OFD; leases refused), eventfd / timerfd / signalfd / epoll 
 child. Each program is dumped midway, killed, restored; its output must be identical
 to an uninterrupted run's, including its own checks that the objects still work."""
 import subprocess
+import sys
 
 import pytest
 
@@ -57,3 +58,20 @@ def test_eventfd_timerfd_signalfd_epoll_shared_with_child(tmp_path, kobjects):
     out = out.read_bytes()
     assert out == ref
     assert b"timerfd kept ticking: 1\nepoll sees the pending signal: 1" in out and b"epoll wrong" not in out
+
+
+def test_inotify_still_refused_naming_process_fd_and_kind(tmp_path):
+    code = ("import ctypes,sys,time\n"
+            "fd=ctypes.CDLL(None).inotify_init(); print(fd, flush=True)\n"
+            "[time.sleep(0.02) for _ in range(100)]; print('done', flush=True)\n")
+    job = Job.start([sys.executable, "-c", code], tmp_path / "out.txt")
+    try:
+        job.wait_lines(1)
+        fd = job.out.read_text().split()[0]
+        res = cli("dump", "--pid", job.pid, "--images", tmp_path / "img", check=False)
+        assert res.returncode != 0
+        assert f"process {job.pid}: fd {fd} is a inotify" in res.stderr
+        assert job.proc.wait(timeout=30) == 0          # thawed, ran to its end
+        assert job.out.read_text().endswith("done\n")
+    finally:
+        job.kill()
