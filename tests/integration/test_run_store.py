@@ -94,3 +94,29 @@ def test_stale_generation_cannot_publish(tmp_path):
             for d in (store / "calc").glob("0*")}
     newest = max((store / "calc").glob("0*"))
     assert json.loads((newest / "MANIFEST.json").read_text())["generation"] == 1, gens
+
+
+def test_kill9_loop_during_dumps_always_resumes_a_complete_image(tmp_path):
+    """kill -9 of the whole job (checkpointer included) at 50 random instants, many in the
+    middle of a dump or a publish: every rerun resumes from a complete image, and the job
+    ends with exactly the uninterrupted output."""
+    import random
+    rng = random.Random(7)
+    cmd = [sys.executable, PROGRAMS / "compute.py", 1500, 0.005]
+    ref = reference(cmd, tmp_path / "ref.txt")
+    store, out, log = tmp_path / "store", tmp_path / "out.txt", tmp_path / "log.txt"
+
+    def start():
+        with open(out, "ab") as o, open(log, "ab") as e:
+            return subprocess.Popen(HPCCKPT + ["run", "--store", str(store), "--job", "k", "--every", "0.1",
+                                               "--"] + [str(c) for c in cmd],
+                                    stdout=o, stderr=e, start_new_session=True)
+    for _ in range(50):
+        run = start()
+        time.sleep(rng.uniform(0.2, 0.9))
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+        assert b"done" not in out.read_bytes(), "the job finished before the kills did"
+    assert len(list((store / "k").glob("0*"))) >= 10
+    assert start().wait(timeout=300) == 0
+    assert out.read_bytes() == ref

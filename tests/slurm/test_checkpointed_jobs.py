@@ -32,10 +32,12 @@ def submit(backend, tmp_path, name, **kw) -> tuple[int, Path, Path]:
     return job, out, err
 
 
-def wait_checkpoints(store: Path, job: int, n: int, timeout: float = 60) -> None:
+def wait_checkpoints(store: Path, job: int, n: int, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while len(list((store / f"slurm-{job}").glob("0*"))) < n:
-        assert time.monotonic() < deadline, f"no {n} checkpoints of job {job}"
+        if time.monotonic() > deadline:
+            errs = "\n".join(f"{p.name}: {p.read_text()[-1500:]}" for p in store.parent.glob("*.err"))
+            raise AssertionError(f"no {n} checkpoints of job {job} after {timeout} s; job stderr:\n{errs}")
         time.sleep(0.1)
 
 
