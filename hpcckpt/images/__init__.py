@@ -1,7 +1,9 @@
 """The image format: protobuf messages (hpcckpt.proto is the spec) plus raw page files."""
 from . import hpcckpt_pb2 as pb
 
-FORMAT_VERSION = 2          # written; 2 adds image chains (parents, in-parent page runs)
-READABLE_VERSIONS = (1, 2)
+# written: 2 added image chains (parents, in-parent page runs); 3 added POSIX timers, file
+# locks, eventfd/timerfd/signalfd/epoll, which a version-2 reader would silently drop
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 __all__ = ["pb", "FORMAT_VERSION", "READABLE_VERSIONS"]
