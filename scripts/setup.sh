@@ -4,8 +4,10 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 need_apt=()
-for pkg in gcc make bzip2; do
-  command -v "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+# command -> Debian package: compilers for the test programs, bzip2 and make for the tree
+# tests, ip for the two-node migration test, munge for its authentication, pgrep
+for pair in gcc:gcc make:make bzip2:bzip2 ip:iproute2 munged:munge pgrep:procps; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 dpkg -s libc6-dev >/dev/null 2>&1 || need_apt+=(libc6-dev)
 dpkg -s python3-venv >/dev/null 2>&1 || python3 -m venv --help >/dev/null 2>&1 || need_apt+=(python3-venv)
