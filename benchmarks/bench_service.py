@@ -1,6 +1,9 @@
-"""hpcckptd: round-trip latency of a no-op request, and a dump through the service vs
-direct, in the same run. Usage: bench_service.py [--mib 256] [--n 200]"""
+"""hpcckptd: round-trip latency of a no-op request, a dump through the service vs direct,
+and migration throughput between two network-namespace "nodes" (a veth pair, addresses
+only inside the namespaces made here) as a ratio to a plain TCP copy of the same bytes
+over the same link. Usage: bench_service.py [--mib 256] [--n 200] [--migrate 256,1024]"""
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -20,6 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--migrate", default="256,1024", help="MiB sizes for the migration runs ('' to skip)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-svc-"))
     sock = str(work / "d.sock")
@@ -52,6 +56,9 @@ def main() -> None:
             p.wait()
             print(f"dump of {args.mib} MiB {how:8}: {dt:.3f} s")
             shutil.rmtree(img)
+        if args.migrate:
+            from bench_migrate import bench_migration
+            bench_migration([int(m) for m in args.migrate.split(",")], exe, work)
     finally:
         d.terminate()
         d.wait()

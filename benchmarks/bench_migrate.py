@@ -1,0 +1,205 @@
+"""Migration throughput over a veth link between two network namespaces, as a ratio to a
+plain TCP copy of the same bytes over the same link (used by bench_service.py).
+
+Node a runs the process and `hpcckpt.service.migrate.migrate`; node b runs hpcckptd
+--listen with a private munged. The plain copy sends the same image files from a to a
+Python receiver in b that writes them to the same filesystem as hpcckptd's spool."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PORT, TCP_PORT = 7077, 7078
+
+SENDER = r'''
+import json, os, sys, time
+from pathlib import Path
+from hpcckpt.service import migrate as m
+pid, to, munge_sock = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+t = {}
+orig = m.send
+def timed(images, *a, **k):
+    t["bytes"] = sum(p.stat().st_size for p in Path(images).iterdir())
+    t0 = time.perf_counter(); r = orig(images, *a, **k); t["send_s"] = time.perf_counter() - t0
+    return r
+m.send = timed
+t0 = time.perf_counter()
+resp = m.migrate(pid, to, munge_sock, show_progress=False)
+t["total_s"] = time.perf_counter() - t0
+t["pid"] = resp.pid
+print(json.dumps(t))
+'''
+
+TCP_RECEIVER = r'''
+import os, socket, struct, sys
+srv = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print("listening", flush=True)
+c, _ = srv.accept()
+f = c.makefile("rb")
+while True:
+    head = f.read(12)
+    if len(head) < 12:
+        break
+    n, size = struct.unpack("<IQ", head)
+    name = f.read(n).decode()
+    with open(os.path.join(sys.argv[3], name), "wb") as out:
+        left = size
+        while left:
+            chunk = f.read(min(left, 1 << 20))
+            out.write(chunk)
+            left -= len(chunk)
+c.sendall(b"ok")
+'''
+
+TCP_SENDER = r'''
+import json, os, socket, struct, sys, time
+d = sys.argv[3]
+names = sorted(os.listdir(d))
+t0 = time.perf_counter()
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+for name in names:
+    size = os.path.getsize(os.path.join(d, name))
+    s.sendall(struct.pack("<IQ", len(name), size) + name.encode())
+    with open(os.path.join(d, name), "rb") as f:
+        while chunk := f.read(1 << 20):
+            s.sendall(chunk)
+s.shutdown(socket.SHUT_WR)
+assert s.recv(2) == b"ok"
+print(json.dumps({"copy_s": time.perf_counter() - t0,
+                  "bytes": sum(os.path.getsize(os.path.join(d, n)) for n in names)}))
+'''
+
+
+def sh(*cmd, **kw):
+    return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True, **kw)
+
+
+class Nodes:
+    """Two network namespaces joined by a veth pair, with 10.232.N.1 and .2; removed on exit."""
+
+    def __enter__(self):
+        n = os.getpid() % 200 + 20
+        self.a, self.b = f"hpcb{n}a", f"hpcb{n}b"
+        self.addr_a, self.addr_b = f"10.232.{n}.1", f"10.232.{n}.2"
+        sh("ip", "netns", "add", self.a)
+        sh("ip", "netns", "add", self.b)
+        sh("ip", "link", "add", f"w{n}a", "type", "veth", "peer", "name", f"w{n}b")
+        sh("ip", "link", "set", f"w{n}a", "netns", self.a)
+        sh("ip", "link", "set", f"w{n}b", "netns", self.b)
+        for ns, dev, addr in ((self.a, f"w{n}a", self.addr_a), (self.b, f"w{n}b", self.addr_b)):
+            sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        return self
+
+    def __exit__(self, *exc):
+        subprocess.run(["ip", "netns", "del", self.a])   # deletes the veth pair with it
+        subprocess.run(["ip", "netns", "del", self.b])
+
+    def py(self, ns: str, code: str, *args, **kw) -> list[str]:
+        return ["ip", "netns", "exec", ns, sys.executable, "-c", code, *map(str, args)]
+
+
+class Munged:
+    """A private munged with a fresh key (nothing of the site's)."""
+
+    def __enter__(self):
+        if not shutil.which("munged"):
+            sh("apt-get", "install", "-y", "-qq", "--no-install-recommends", "munge")
+        self.dir = Path(tempfile.mkdtemp(prefix="bench-munge-", dir="/tmp"))
+        self.dir.chmod(0o755)
+        m = self.dir / "m"
+        m.mkdir()
+        key = m / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        for p in (m, key):
+            shutil.chown(p, "munge", "munge")
+        key.chmod(0o400)
+        self.socket = str(m / "munge.socket")
+        sh("runuser", "-u", "munge", "--", "munged", "--force", f"--socket={self.socket}", f"--key-file={key}",
+           f"--pid-file={m}/munged.pid", f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed")
+        m.chmod(0o711)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            os.kill(int((self.dir / "m" / "munged.pid").read_text()), 15)
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _tcp_copy(nodes: Nodes, images: Path, spool: Path) -> dict:
+    dest = spool / "tcp-copy"
+    dest.mkdir()
+    recv = subprocess.Popen(nodes.py(nodes.b, TCP_RECEIVER, nodes.addr_b, TCP_PORT, dest),
+                            stdout=subprocess.PIPE, text=True)
+    assert recv.stdout.readline().strip() == "listening"
+    out = sh(*nodes.py(nodes.a, TCP_SENDER, nodes.addr_b, TCP_PORT, images), timeout=600).stdout
+    recv.wait(timeout=60)
+    shutil.rmtree(dest)
+    return json.loads(out)
+
+
+def bench_migration(sizes_mib: list[int], memhog: Path, work: Path) -> list[dict]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    spool = Path(tempfile.mkdtemp(prefix="bench-spool-", dir="/dev/shm"))
+    results = []
+    with Nodes() as nodes, Munged() as munged:
+        log = open(work / "daemon-b.log", "wb")
+        d = subprocess.Popen(["ip", "netns", "exec", nodes.b, sys.executable, "-m", "hpcckpt.service.daemon",
+                              "--socket", str(work / "b.sock"), "--listen", f"{nodes.addr_b}:{PORT}",
+                              "--spool", str(spool), "--munge-socket", munged.socket], stderr=log, env=env)
+        try:
+            while not (work / "b.sock").exists():
+                assert d.poll() is None, (work / "daemon-b.log").read_text()
+                time.sleep(0.02)
+            for mib in sizes_mib:
+                results.append(_one(nodes, munged, memhog, mib, spool, env))
+        finally:
+            d.terminate()
+            d.wait(timeout=30)
+            shutil.rmtree(spool, ignore_errors=True)
+    return results
+
+
+def _one(nodes: Nodes, munged: Munged, memhog: Path, mib: int, spool: Path, env: dict) -> dict:
+    from hpcckpt.engine.dump import dump
+    # the plain copy's bytes: an image of the same process, as migrate() would send
+    hog = subprocess.Popen(["ip", "netns", "exec", nodes.a, str(memhog), str(mib)], stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL)
+    assert hog.stdout.readline() == b"ready\n"
+    pid = hog.pid                        # ip netns exec execs the program itself
+    img = Path(tempfile.mkdtemp(prefix="bench-img-", dir="/dev/shm")) / "img"
+    dump(pid, img, leave_running=True, show_progress=False)
+    tcp = _tcp_copy(nodes, img, spool)
+    shutil.rmtree(img.parent)
+    # reaped as soon as the dump kills it: node b restores it with the same PID (one host here)
+    reaper = threading.Thread(target=hog.wait)
+    reaper.start()
+    res = subprocess.run(["ip", "netns", "exec", nodes.a, sys.executable, "-c", SENDER, str(pid),
+                          f"{nodes.addr_b}:{PORT}", munged.socket], capture_output=True, text=True, env=env,
+                         timeout=600)
+    if res.returncode != 0:
+        hog.kill()
+        raise RuntimeError(f"migration of {mib} MiB failed:\n{res.stderr}")
+    t = json.loads(res.stdout)
+    reaper.join(timeout=30)              # left node a
+    try:
+        os.kill(t["pid"], 9)             # the copy on node b
+    except ProcessLookupError:
+        pass
+    r = {"mib": mib, "bytes": t["bytes"], "tcp_copy_s": tcp["copy_s"], "send_s": t["send_s"],
+         "migrate_s": t["total_s"]}
+    gbs = lambda s: t["bytes"] / s / 1e9  # noqa: E731
+    print(f"migrate {mib:5} MiB: image {t['bytes'] / 2**20:.0f} MiB; plain TCP copy {tcp['copy_s']:.3f} s "
+          f"({gbs(tcp['copy_s']):.2f} GB/s); stream+restore {t['send_s']:.3f} s ({gbs(t['send_s']):.2f} GB/s, "
+          f"ratio {tcp['copy_s'] / t['send_s']:.2f}); whole migration incl. dump {t['total_s']:.3f} s "
+          f"({gbs(t['total_s']):.2f} GB/s, ratio {tcp['copy_s'] / t['total_s']:.2f})")
+    return r
