@@ -144,7 +144,8 @@ def _signal(name: str) -> int:
 
 def _destination(args, required: bool):
     from .destinations import open_destination
-    dest = open_destination(args.images, args.store, args.job, keep_last=getattr(args, "keep_last", None))
+    dest = open_destination(args.images, args.store, args.job, keep_last=getattr(args, "keep_last", None),
+                            keep_every=getattr(args, "keep_every", None), max_bytes=getattr(args, "max_bytes", None))
     if required and dest is None:
         from .errors import HpcckptError
         raise HpcckptError("say where the images go: --images DIR or --store ROOT [--job NAME]")
@@ -281,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "inline spec (every=30m, 'young-daly mtbf=24h'); see docs/schedules.md")
     u.add_argument("--walltime", action=argparse.BooleanOptionalAction, default=True,
                    help="inside Slurm: final checkpoint and requeue shortly before the time limit (default on)")
-    u.add_argument("--keep-last", type=int, help="with --store: keep only the newest N checkpoints")
+    u.add_argument("--keep-last", type=int, help="with --store: keep the newest N checkpoints")
+    u.add_argument("--keep-every", type=float, metavar="SECONDS",
+                   help="with --store: beyond the newest N, keep one checkpoint per this interval")
+    u.add_argument("--max-bytes", type=int, help="with --store: a byte budget for the job's checkpoints")
     u.add_argument("--checkpoint-signal", type=_signal, default=signal.SIGUSR1,
                    help="take a checkpoint and run on (default USR1; not forwarded to the job)")
     u.add_argument("--final-signal", type=_signal, default=signal.SIGTERM,

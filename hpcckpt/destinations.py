@@ -87,6 +87,9 @@ class ImageDir:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+
+    def release(self) -> None:
+        """Nothing to drop: the restore read the images in place."""
         self.job = self.root.name
         self.generation = 0
 
@@ -123,6 +126,9 @@ class StoreJob:
     notes: list[str] = field(default_factory=list)
     last_seq: int | None = None          # newest checkpoint written or resumed from
     last_path: Path | None = None
+    keep_every: float | None = None      # retention beyond the last N: one per interval
+    max_bytes: int | None = None         # retention: a byte budget for the job
+    _materialized: object = None
 
     @property
     def status_path(self) -> Path:
@@ -152,7 +158,15 @@ class StoreJob:
         self.notes = [f"skipped damaged checkpoint {self.job}/{seq:08d}: {'; '.join(problems)}"
                       for seq, problems in c.skipped]
         self.last_seq, self.last_path = c.seq, c.path
-        return c.path
+        # a compressed store hands the engine plain files in a temporary directory
+        self._materialized = self.store.materialize(c)
+        return self._materialized.path
+
+    def release(self) -> None:
+        """The restore is done: drop the temporary plain copy, if one was made."""
+        if self._materialized is not None:
+            self._materialized.cleanup()
+            self._materialized = None
 
     def checkpoint(self, do_dump: Callable[..., DumpResult], parent: bool = False) -> tuple[str, DumpResult]:
         """With `parent`, do_dump(path, parent_path) may write an incremental image against
@@ -169,8 +183,9 @@ class StoreJob:
                        "dump_s": r.total_s, "backend": r.tracking if r.incremental else "full",
                        "write_rate_gbs": np.array([r.pages_bytes / max(r.total_s, 1e-9) / 1e9])})
         self.last_seq, self.last_path = c.seq, c.path
-        if self.keep_last:
-            self.store.apply_retention(self.job, keep_last=self.keep_last)
+        if self.keep_last or self.keep_every or self.max_bytes:
+            self.store.apply_retention(self.job, keep_last=self.keep_last, keep_every=self.keep_every,
+                                       max_bytes=self.max_bytes)
         return f"{self.job}/{c.seq:08d}", r
 
 
@@ -189,11 +204,13 @@ def default_job_name() -> str:
 
 
 def open_destination(images: str | None, store: str | None, job: str | None, generation: int | None = None,
-                     keep_last: int | None = None):
+                     keep_last: int | None = None, keep_every: float | None = None, max_bytes: int | None = None):
     if images and store:
         raise HpcckptError("give either --images DIR or --store ROOT, not both")
     if store:
-        return StoreJob.open(store, job, generation, keep_last)
+        dest = StoreJob.open(store, job, generation, keep_last)
+        dest.keep_every, dest.max_bytes = keep_every, max_bytes
+        return dest
     if images:
         return ImageDir(images)
     return None

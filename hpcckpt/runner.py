@@ -145,6 +145,8 @@ def run(command: list[str], dest=None, every: float | None = None, quiet: bool =
         sup = Supervisor(pid, dest, schedule, quiet, checkpoint_signal, final_signal, requeue, end, errors or [])
         sup.tracker, sup.full_every = tracker, full_every
         sup.depth = ImageSet(latest).inventory().chain_depth if latest else None
+        if latest:
+            dest.release()
         status = sup.loop()
     finally:
         pidns.shutdown()
