@@ -3,7 +3,6 @@ and migration throughput between two network-namespace "nodes" (a veth pair, add
 only inside the namespaces made here) as a ratio to a plain TCP copy of the same bytes
 over the same link. Usage: bench_service.py [--mib 256] [--n 200] [--migrate 256,1024]"""
 import argparse
-import json
 import os
 import shutil
 import statistics

@@ -23,7 +23,7 @@ from ..errors import HpcckptError
 from ..images import pb
 from ..images.chain import Link, load_chain, sources
 from ..kernel.libc import PAGE_SIZE
-from ..tracking.base import Dirty, Tracker
+from ..tracking.base import Tracker
 from ..tracking.hashing import NOT_SAVED, HashingTracker
 from ..tracking.regions import region
 

@@ -10,8 +10,8 @@ import os
 import signal
 from dataclasses import dataclass, field
 
-from ..errors import HpcckptError, KernelError, ProcessGoneError
-from ..kernel import proc, ptrace
+from ..errors import HpcckptError, ProcessGoneError
+from ..kernel import proc
 from .freeze import Frozen, freeze
 
 

@@ -49,7 +49,7 @@ def _probe_ptrace() -> tuple[bool, str]:
         ptrace.seize(pid)
         ptrace.interrupt(pid)
         ptrace.wait_trap(pid)
-        regs = ptrace.get_regs(pid)
+        ptrace.get_regs(pid)
         xs = ptrace.get_regset(pid, arch.XSTATE_NOTE, arch.XSTATE_MAX)
         cfg = ptrace.get_rseq(pid)
         ptrace.detach(pid)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import HpcckptError, PermissionDeniedError
+from ..errors import HpcckptError
 from ..images import service_pb2 as spb
 from . import auth, framing
 

@@ -15,7 +15,6 @@ import os
 import numpy as np
 import xxhash
 
-from ..errors import ProcessGoneError
 from ..kernel import proc
 from ..kernel.libc import PAGE_SIZE
 from .base import Dirty, Tracker, TrackingLostError

@@ -5,7 +5,6 @@ test boots the guest (guest.py) and runs the same tests there with the backend
 required, so a soft-dirty failure or a guest that does not come up fails this test with
 the reason. About 15-25 s (software emulation).
 """
-import os
 import sys
 import time
 from pathlib import Path

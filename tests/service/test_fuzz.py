@@ -4,15 +4,13 @@ Bounded example counts keep this to seconds in CI."""
 import io
 import socket
 import struct
-import subprocess
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hpcckpt.client import Client
-from hpcckpt.errors import HpcckptError, ImageError
+from hpcckpt.errors import ImageError
 from hpcckpt.images import pb
 from hpcckpt.images import service_pb2 as spb
 from hpcckpt.images.imageset import ImageSet

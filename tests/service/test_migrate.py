@@ -2,7 +2,6 @@
 a veth pair (private test link), the destination's hpcckptd authenticating by munge."""
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile

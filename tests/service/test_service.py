@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.client import Client, ServiceError
+from hpcckpt.client import Client
 from hpcckpt.errors import HpcckptError, PermissionDeniedError
 from tests.engine.helpers import PROGRAMS, Job, pid_alive, reference
 

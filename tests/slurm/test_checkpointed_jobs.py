@@ -73,7 +73,7 @@ def test_preempted_job_checkpoints_in_grace_time_and_resumes(backend, cluster, t
         script="#!/bin/bash\nsleep 2\n", name="high", partition=cluster.preemptor_partition,
         nodelist=node, output=str(tmp_path / "high.out"), time_limit=2))
     backend.wait_state(high, {"COMPLETED"}, timeout=90)
-    done = backend.wait_state(job, {"COMPLETED"}, timeout=120, where=lambda j: j.restart_count >= 1)
+    backend.wait_state(job, {"COMPLETED"}, timeout=120, where=lambda j: j.restart_count >= 1)
     log = err.read_text()
     assert "resumed from" in log, log
     assert out.read_bytes() == ref

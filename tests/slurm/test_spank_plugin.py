@@ -106,7 +106,7 @@ def test_plugin_job_preempted_resumes(backend, cluster, site_store, tmp_path, re
         script="#!/bin/bash\nsleep 1\n", name="high", partition=cluster.preemptor_partition,
         nodelist=node, output=str(tmp_path / "high.out"), time_limit=2))
     backend.wait_state(high, {"COMPLETED"}, timeout=120)
-    done = backend.wait_state(job, {"COMPLETED"}, timeout=150, where=lambda j: j.restart_count >= 1)
+    backend.wait_state(job, {"COMPLETED"}, timeout=150, where=lambda j: j.restart_count >= 1)
     text = out.read_text()
     assert "resumed from" in text, text
     assert job_lines(out) == ref, text

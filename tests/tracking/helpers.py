@@ -7,7 +7,6 @@ built, as compiling under software emulation is slow) or a temp dir.
 """
 import hashlib
 import os
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path

@@ -19,7 +19,7 @@ from hpcckpt.kernel import proc
 from hpcckpt.kernel.libc import pidfd_open
 from hpcckpt.tracking.scan import Scanner
 
-from .helpers import PAGE, Target, arm, collect, pages
+from .helpers import PAGE, arm, collect, pages
 
 THP_PAGES = 512
 
@@ -170,7 +170,7 @@ def test_process_exits_mid_collect(backend, target, monkeypatch):
 
 
 def test_exited_between_checkpoints(backend, target):
-    buf = target.alloc(8)
+    target.alloc(8)  # a mapping to track
     arm(backend, target)
     vmas = proc.maps(target.pid)
     target.cmd("x")

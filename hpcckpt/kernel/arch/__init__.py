@@ -11,7 +11,7 @@ from ...errors import UnsupportedError
 
 _machine = platform.machine()
 if _machine == "x86_64":
-    from . import x86_64 as current
+    from . import x86_64 as current  # noqa: F401  (the interface: kernel.arch.current)
 else:  # aarch64 is planned; say so instead of failing somewhere deep.
     raise UnsupportedError(f"hpcckpt supports x86_64 only so far; this machine is {_machine}")
 
