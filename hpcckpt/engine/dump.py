@@ -320,6 +320,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                 procs[p_host], vmas[p_host] = _capture(ft.frozen[p_host], iset, policies or files.FilePolicies(),
                                                        statuses[p_host], descs, shm)
             _relations(ft, p_host, ns, procs[p_host])
+        notes.extend(descs.notes)
         live_procs = [h for h in ft.order if h not in ft.zombies]
         plans, used = {}, {}
         for h in live_procs:

@@ -16,7 +16,7 @@ from ..errors import RestoreError, UnsupportedError
 from ..images import pb
 from ..kernel import proc
 from ..kernel.libc import libc, pidfd_getfd, pidfd_open
-from . import eventfds, locks
+from . import eventfds, locks, sockets
 
 O_ACCMODE = 0o3
 O_CLOEXEC = 0o2000000
@@ -93,12 +93,15 @@ def dump_fds(pid: int, images: Path, policies: FilePolicies, descs=None) -> list
         fid = descs.ids[(p, fd)]
         e = pb.Fd(fd=fd, flags=flags & ~O_CLOEXEC, cloexec=bool(flags & O_CLOEXEC),
                   pos=int(info.get("pos", 0)), path=t, file_id=fid)
-        leads_out = (t.startswith("pipe:") and not descs.pipe_inside(st.st_ino)) or t.startswith("socket:") or (
+        leads_out = (t.startswith("pipe:") and not descs.pipe_inside(st.st_ino)) or (
+            t.startswith("socket:") and not sockets.pair_inside(descs, st.st_ino)) or (
             stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) in TTY_MAJORS)
         if fd <= 2 and leads_out:
             e.kind = pb.INHERITED
         elif t in eventfds.TARGETS:
             eventfds.describe(e, t, info, pid, descs.first(("desc", fid)))
+        elif t.startswith("socket:"):
+            sockets.describe(e, pid, st.st_ino, descs, descs.first(("sock", fid)))
         elif t.startswith("pipe:"):
             if not descs.pipe_inside(st.st_ino):
                 raise UnsupportedError(

@@ -12,7 +12,7 @@ import platform
 import signal
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import HpcckptError, ImageError, PermissionDeniedError, RestoreError
@@ -23,7 +23,7 @@ from ..kernel.arch import current as arch
 from ..kernel.inject import Injector, Mem, find_syscall_insn
 from ..kernel.libc import PAGE_SIZE, pidfd_getfd, pidfd_open
 from ..progress import Progress
-from . import eventfds, files, locks, memory, pidns, timers
+from . import eventfds, files, locks, memory, pidns, sockets, timers
 from ..images.chain import Link, load_chain, pages_file_size, sources, Source
 from ..images.validate import validate
 from .create import create_tree
@@ -289,6 +289,7 @@ class Shared:
     pipes: dict[int, tuple["Target", int, int]]      # pipe inode -> (owner, read fd, write fd)
     shm: dict[int, tuple["Target", int]]             # object id -> (owner, fd)
     objects: dict[int, pb.ShmemObject]
+    socks: dict[int, "sockets.Pair"] = field(default_factory=dict)   # unix pair id -> both ends
 
 
 def _local_copy(t: Target, fd: int) -> int:
@@ -366,6 +367,8 @@ def _stage_fds(t: Target, fds: list[pb.Fd], iset: ImageSet, sh: Shared) -> list[
                 finally:
                     os.close(local)
             t.sys("fcntl", fd, F_SETFL, e.flags & ~files.O_ACCMODE)
+        elif e.kind == pb.SOCKET:
+            fd = sockets.create(t, e, sh.socks, _local_copy)
         elif e.kind in (pb.EVENTFD, pb.TIMERFD, pb.SIGNALFD, pb.EPOLL):
             fd = eventfds.create(t, e, _local_copy)
         elif e.kind == pb.DELETED_FILE:
@@ -538,6 +541,7 @@ def _load_tree(iset: ImageSet, inv: pb.Inventory, root: pb.Process) -> list[pb.P
         if p.root != "/":
             raise RestoreError(f"process {p.pid} ran chrooted in {p.root}; not supported yet")
         files.check_files(list(p.fds))
+        sockets.check(p.pid, list(p.fds))
     return procs
 
 
@@ -613,6 +617,7 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
             _install_fds(targets[p.pid], staged[p.pid])
         for p in live:
             eventfds.add_watches(targets[p.pid], p)
+            sockets.finish(targets[p.pid], p, _local_copy)
         if tracker is not None:
             _arm(tracker, targets, live, inv)
         for p in live:

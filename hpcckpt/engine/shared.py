@@ -47,6 +47,8 @@ class Descriptions:
     ids: dict[tuple[int, int], int] = field(default_factory=dict)
     pipe_modes: dict[int, set[int]] = field(default_factory=dict)   # pipe inode -> access modes
     _saved: set = field(default_factory=set)
+    cache: dict = field(default_factory=dict)       # per-dump lookups (sockets.py: sock_diag tables)
+    notes: list[str] = field(default_factory=list)  # what the dump left out, for the caller to show
     _outside: dict[int, bool] = field(default_factory=dict)
 
     @classmethod

@@ -1,0 +1,339 @@
+"""Sockets: unix socket pairs inside the tree, and TCP/UDP sockets that hold no connection.
+
+A unix socket whose peer is also held in the tree (socketpair, or an accepted connection)
+is saved as one end of a pair, keyed by the smaller inode of the two; the restore makes
+one socketpair() and gives each end to its process, as pipes are done. Unread data is read
+at dump without being consumed (a duplicate taken with pidfd_getfd, MSG_PEEK, and
+SO_PEEK_OFF to step over messages one by one, keeping their boundaries), and on restore
+sent into the peer end, so it lands in this end's queue again.
+
+A listening TCP socket or a bound UDP socket is recreated, given its options, and bound
+(with SO_REUSEADDR while binding: the killed original may leave TIME_WAIT behind) to the
+same address and port. Established TCP connections (TCP_REPAIR) are refused.
+"""
+import fcntl
+import os
+import socket
+import struct
+import termios
+from dataclasses import dataclass
+
+from ..errors import RestoreError, UnsupportedError
+from ..images import pb
+from ..kernel import sockdiag
+from ..kernel.libc import pidfd_getfd, pidfd_open
+
+SOL_SOCKET, SOL_TCP, SOL_IPV6 = 1, 6, 41
+SO_REUSEADDR, SO_SNDBUF, SO_RCVBUF, SO_REUSEPORT = 2, 7, 8, 15
+SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_PEEK_OFF = 32, 33, 42
+IPV6_V6ONLY, TCP_NODELAY = 26, 1
+O_NONBLOCK, SOCK_NONBLOCK = 0o4000, 0o4000
+F_SETFL = 4
+SCM_RIGHTS = 1
+TYPE_NAMES = {1: "stream", 2: "datagram", 5: "seqpacket"}
+FAMILY_NAMES = {1: "unix", 2: "IPv4", 10: "IPv6", 16: "netlink", 17: "packet"}
+ANC_SPACE = socket.CMSG_SPACE(253 * 4)
+
+
+def _dup(pid: int, fd: int) -> socket.socket:
+    """Our own duplicate of the process's socket (the same socket, not a copy).
+    Never change its blocking mode: that would change the process's too."""
+    pidfd = pidfd_open(pid)
+    try:
+        local = pidfd_getfd(pidfd, fd)
+    finally:
+        os.close(pidfd)
+    return socket.socket(fileno=local)
+
+
+def unix_table(descs) -> dict[int, sockdiag.UnixSock]:
+    if "unix" not in descs.cache:
+        descs.cache["unix"] = sockdiag.unix_sockets()
+    return descs.cache["unix"]
+
+
+def tree_sockets(descs) -> set[int]:
+    """Inodes of every socket an fd of the tree leads to."""
+    if "inodes" not in descs.cache:
+        descs.cache["inodes"] = {r.st.st_ino for r in descs.fds.values() if r.target.startswith("socket:")}
+    return descs.cache["inodes"]
+
+
+def pair_inside(descs, ino: int) -> bool:
+    """A unix socket connected to a socket the tree holds too (so not stdio leading out)."""
+    u = unix_table(descs).get(ino)
+    return u is not None and u.peer != 0 and u.peer in tree_sockets(descs)
+
+
+def _fmt(addr) -> str:
+    if isinstance(addr, tuple):
+        return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+    return repr(addr)
+
+
+def _peek(s: socket.socket, stream: bool, where: str) -> list[bytes]:
+    """The receive queue, message by message, left in place."""
+    inq = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+    size = max(inq, s.getsockopt(SOL_SOCKET, SO_RCVBUF), 1 << 16)
+    old = s.getsockopt(SOL_SOCKET, SO_PEEK_OFF)
+    s.setsockopt(SOL_SOCKET, SO_PEEK_OFF, 0)
+    out: list[bytes] = []
+    try:
+        while True:
+            try:
+                data, anc, flags, _ = s.recvmsg(size, ANC_SPACE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            for level, kind, payload in anc:
+                if level == SOL_SOCKET and kind == SCM_RIGHTS:
+                    fds = struct.unpack(f"{len(payload) // 4}i", payload[:len(payload) // 4 * 4])
+                    for x in fds:
+                        os.close(x)
+                    raise UnsupportedError(f"{where} has file descriptors in flight (SCM_RIGHTS) "
+                                           "in its queue; hpcckpt cannot checkpoint passed fds yet")
+            if flags & socket.MSG_TRUNC:
+                raise UnsupportedError(f"{where} holds a message larger than {size} bytes")
+            if stream and not data:
+                break
+            out.append(data)
+    finally:
+        s.setsockopt(SOL_SOCKET, SO_PEEK_OFF, old)
+    return [b"".join(out)] if stream and out else out
+
+
+def describe(e: pb.Fd, pid: int, ino: int, descs, first: bool) -> None:
+    """Fill `e` for a socket, or refuse it naming process, fd and the socket.
+    `first`: this is the first fd of its description (it carries the queued data)."""
+    s = _dup(pid, e.fd)
+    try:
+        k = pb.Socket(family=s.getsockopt(SOL_SOCKET, socket.SO_DOMAIN),
+                      type=s.getsockopt(SOL_SOCKET, socket.SO_TYPE),
+                      protocol=s.getsockopt(SOL_SOCKET, socket.SO_PROTOCOL),
+                      sndbuf=s.getsockopt(SOL_SOCKET, SO_SNDBUF), rcvbuf=s.getsockopt(SOL_SOCKET, SO_RCVBUF))
+        where = f"process {pid}: fd {e.fd} ({FAMILY_NAMES.get(k.family, k.family)} " \
+                f"{TYPE_NAMES.get(k.type, k.type)} socket:[{ino}])"
+        if k.family == socket.AF_UNIX:
+            _unix(k, s, ino, descs, first, where)
+        elif k.family in (socket.AF_INET, socket.AF_INET6) and k.type in (1, 2):
+            _inet(k, s, ino, descs, first, where)
+        else:
+            raise UnsupportedError(f"{where}: this kind of socket cannot be checkpointed yet")
+    finally:
+        s.close()
+    e.kind = pb.SOCKET
+    e.socket.CopyFrom(k)
+
+
+def _unix(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: str) -> None:
+    u = unix_table(descs).get(ino)
+    if u is None:
+        raise UnsupportedError(f"{where}: not found through sock_diag (another network namespace?)")
+    name = u.name.decode(errors="replace").replace("\0", "@")
+    if u.state == sockdiag.TCP_LISTEN:
+        raise UnsupportedError(f"{where} is listening on {name!r}; named unix sockets cannot be "
+                               "checkpointed yet")
+    if not u.peer:
+        raise UnsupportedError(f"{where}{' bound to ' + repr(name) if name else ''} is not connected "
+                               "to a peer (or its peer closed); only connected pairs can be checkpointed")
+    if u.peer not in tree_sockets(descs):
+        raise UnsupportedError(f"{where} is connected to socket:[{u.peer}], which no process of the "
+                               "tree holds; only unix sockets with both ends in the tree are supported")
+    k.pair_id, k.end, k.shutdown = min(ino, u.peer), int(ino > u.peer), u.shutdown
+    if first:
+        k.queue.extend(_peek(s, k.type == socket.SOCK_STREAM, where))
+
+
+def _inet(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: str) -> None:
+    name = s.getsockname()
+    try:
+        peer = s.getpeername()
+    except OSError:
+        peer = None
+    k.address, k.port = name[0], name[1]
+    if k.address in ("0.0.0.0", "::") and k.port == 0:
+        k.address = ""
+    k.reuseaddr = bool(s.getsockopt(SOL_SOCKET, SO_REUSEADDR))
+    k.reuseport = bool(s.getsockopt(SOL_SOCKET, SO_REUSEPORT))
+    if k.family == socket.AF_INET6:
+        k.v6only = bool(s.getsockopt(SOL_IPV6, IPV6_V6ONLY))
+    if k.type == socket.SOCK_STREAM:
+        k.nodelay = bool(s.getsockopt(SOL_TCP, TCP_NODELAY))
+        state = s.getsockopt(SOL_TCP, socket.TCP_INFO, 1)[0]
+        if peer is not None or state not in (sockdiag.TCP_LISTEN, 7):
+            raise UnsupportedError(
+                f"{where} is an established TCP connection {_fmt(name)} -> {_fmt(peer) if peer else '?'} "
+                f"(state {state}); established TCP connections cannot be checkpointed yet")
+        k.listening = state == sockdiag.TCP_LISTEN
+        if k.listening:
+            q = sockdiag.tcp_listen_queue(ino, k.family)
+            backlog, waiting = q if q else (socket.SOMAXCONN, 0)
+            if waiting:
+                raise UnsupportedError(f"{where} listening on {_fmt(name)} has {waiting} connection(s) "
+                                       "waiting to be accepted; they cannot be checkpointed yet")
+            k.backlog = backlog
+        return
+    if peer is not None:
+        k.peer_address, k.peer_port = peer[0], peer[1]
+    if first:
+        dropped = _peek(s, False, where)
+        if dropped:
+            descs.notes.append(f"{where} on {_fmt(name)}: {len(dropped)} queued datagram(s) "
+                               "dropped (their senders' addresses cannot be given back)")
+
+
+# -- restore -----------------------------------------------------------------------------
+
+@dataclass
+class Pair:
+    owner: object          # restore.Target holding both ends, staged
+    ends: tuple[int, int]
+
+
+def _setint(t, fd: int, level: int, opt: int, value: int, check: bool = True) -> int:
+    return t.sys("setsockopt", fd, level, opt, t.put(struct.pack("<i", value)), 4, check=check)
+
+
+def _buffers(t, fd: int, k: pb.Socket) -> None:
+    for opt, force, v in ((SO_SNDBUF, SO_SNDBUFFORCE, k.sndbuf), (SO_RCVBUF, SO_RCVBUFFORCE, k.rcvbuf)):
+        if v and _setint(t, fd, SOL_SOCKET, force, v // 2, check=False) < 0:
+            _setint(t, fd, SOL_SOCKET, opt, v // 2, check=False)
+
+
+def sockaddr(family: int, address: str, port: int) -> bytes:
+    if family == socket.AF_INET:
+        return struct.pack("<H", family) + struct.pack(">H", port) + socket.inet_pton(family, address or "0.0.0.0") + bytes(8)
+    return (struct.pack("<H", family) + struct.pack(">HI", port, 0)
+            + socket.inet_pton(family, address or "::") + bytes(4))
+
+
+def create(t, e: pb.Fd, pairs: dict[int, Pair], local_copy) -> int:
+    """The socket of `e` in target `t` (a restore.Target); returns its fd there."""
+    k = e.socket
+    where = f"process {t.ns_pid} fd {e.fd}"
+    if k.family == socket.AF_UNIX:
+        if k.pair_id not in pairs:
+            sv = t.put(bytes(8))
+            t.sys("socketpair", socket.AF_UNIX, k.type, 0, sv)
+            a, b = struct.unpack("<ii", t.mem.read(sv, 8))
+            ends = tuple(t.sys("fcntl", x, 1030, t.fd_base) for x in (a, b))  # F_DUPFD_CLOEXEC
+            t.sys("close", a)
+            t.sys("close", b)
+            t.extra_fds += list(ends)
+            pairs[k.pair_id] = Pair(t, ends)
+        pair = pairs[k.pair_id]
+        fd = t.take_fd(pair.owner, pair.ends[k.end])
+        _buffers(t, fd, k)
+        if k.queue:
+            _refill(local_copy(pair.owner, pair.ends[1 - k.end]), k, where)
+        t.sys("fcntl", fd, F_SETFL, e.flags & O_NONBLOCK)
+        return fd
+    fd = t.sys("socket", k.family, k.type | (SOCK_NONBLOCK if e.flags & O_NONBLOCK else 0), k.protocol)
+    _setint(t, fd, SOL_SOCKET, SO_REUSEADDR, 1)
+    if k.reuseport:
+        _setint(t, fd, SOL_SOCKET, SO_REUSEPORT, 1)
+    if k.family == socket.AF_INET6:
+        _setint(t, fd, SOL_IPV6, IPV6_V6ONLY, int(k.v6only))
+    if k.nodelay:
+        _setint(t, fd, SOL_TCP, TCP_NODELAY, 1)
+    _buffers(t, fd, k)
+    if k.address or k.port:
+        sa = sockaddr(k.family, k.address, k.port)
+        res = t.sys("bind", fd, t.put(sa), len(sa), check=False)
+        if res < 0:
+            proto = "TCP" if k.type == socket.SOCK_STREAM else "UDP"
+            raise RestoreError(f"{where}: cannot bind {proto} {_fmt((k.address, k.port))} again: "
+                               f"{os.strerror(-res)}{holder(k)}")
+    if k.listening:
+        t.sys("listen", fd, k.backlog or socket.SOMAXCONN)
+    if k.peer_port:
+        sa = sockaddr(k.family, k.peer_address, k.peer_port)
+        t.sys("connect", fd, t.put(sa), len(sa))
+    if not k.reuseaddr:
+        _setint(t, fd, SOL_SOCKET, SO_REUSEADDR, 0)
+    return fd
+
+
+def _refill(local: int, k: pb.Socket, where: str) -> None:
+    """Send the saved queue of one end through its peer (our duplicate `local`)."""
+    s = socket.socket(fileno=local)
+    try:
+        total = sum(len(m) for m in k.queue)
+        if total > s.getsockopt(SOL_SOCKET, SO_SNDBUF) // 2:
+            s.setsockopt(SOL_SOCKET, SO_SNDBUFFORCE, total * 2 + (1 << 16))
+        for m in k.queue:
+            view = memoryview(m)
+            while True:
+                n = s.send(view, socket.MSG_DONTWAIT)
+                if k.type != socket.SOCK_STREAM or n == len(view):
+                    break
+                view = view[n:]
+    except OSError as ex:
+        raise RestoreError(f"{where}: cannot give the socket its {len(k.queue)} queued "
+                           f"message(s) back: {ex.strerror}") from None
+    finally:
+        s.close()
+
+
+def finish(t, p: pb.Process, local_copy) -> None:
+    """Once every fd is in place and every queue refilled: shut down what was shut down."""
+    for e in p.fds:
+        if e.kind == pb.SOCKET and e.socket.shutdown:
+            how = {1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}[e.socket.shutdown & 3]
+            s = socket.socket(fileno=local_copy(t, e.fd))
+            try:
+                s.shutdown(how)
+            except OSError as ex:
+                raise RestoreError(f"process {p.pid} fd {e.fd}: cannot shut the socket down again: "
+                                   f"{ex.strerror}") from None
+            finally:
+                s.close()
+
+
+# -- checks before a restore touches anything ------------------------------------------
+
+def _bound_here(k: pb.Socket) -> int:
+    """Inode of a socket of this node on the same port and protocol, 0 if none."""
+    tcp = k.type == socket.SOCK_STREAM
+    for name in ("tcp", "tcp6") if tcp else ("udp", "udp6"):
+        try:
+            with open(f"/proc/net/{name}") as f:
+                next(f)
+                for line in f:
+                    x = line.split()
+                    port = int(x[1].rsplit(":", 1)[1], 16)
+                    if port == k.port and (not tcp or x[3] == "0A"):
+                        return int(x[9])
+        except FileNotFoundError:
+            continue
+    return 0
+
+
+def holder(k: pb.Socket) -> str:
+    ino = _bound_here(k)
+    if not ino:
+        return ""
+    target = f"socket:[{ino}]"
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{name}/fd"):
+                if os.readlink(f"/proc/{name}/fd/{fd}") == target:
+                    with open(f"/proc/{name}/comm") as f:
+                        return f" (port {k.port} is held by process {name}, {f.read().strip()})"
+        except OSError:
+            continue
+    return f" (port {k.port} is held by {target}, of a process we cannot see)"
+
+
+def check(pid: int, fds: list[pb.Fd]) -> None:
+    """Every port the process had bound is free here."""
+    for e in fds:
+        k = e.socket
+        if e.kind != pb.SOCKET or k.family == socket.AF_UNIX or not k.port:
+            continue
+        if (k.listening or k.type == socket.SOCK_DGRAM) and _bound_here(k) and not k.reuseport:
+            proto = "TCP" if k.type == socket.SOCK_STREAM else "UDP"
+            raise RestoreError(f"process {pid} fd {e.fd}: {proto} port {k.port} "
+                               f"({_fmt((k.address or '*', k.port))}) is taken on this node"
+                               f"{holder(k) or ''}; free it and restore again")

@@ -1,0 +1,109 @@
+"""Sockets: a socketpair (stream, datagram, seqpacket) between parent and child with data
+queued both ways; listening TCP (IPv4, IPv6) and bound UDP sockets still serving after a
+restore; an established TCP connection refused, the program running on."""
+import socket
+import subprocess
+import sys
+import time
+
+from .helpers import PROGRAMS, Job, cli, reference
+from .test_trees import interrupt_and_resume
+
+PROG = PROGRAMS / "sockets.py"
+
+
+def test_socketpairs_with_queued_data_both_ways(tmp_path):
+    """Under `hpcckpt run` (a tree: the child's PID must be free again at once)."""
+    cmd = [sys.executable, PROG, "pair", 40, 0.03]
+    ref = reference(cmd, tmp_path / "ref.txt")
+    out = tmp_path / "stdout.txt"
+    interrupt_and_resume(tmp_path, cmd, lambda: out.exists() and out.read_bytes().count(b"\n") >= 12)
+    out = out.read_bytes()
+    assert out == ref
+    assert b"DIFFER" not in out and b"child status 0 sndbuf True nonblocking True" in out
+
+
+def _ask_tcp(port: int, text: str, family=socket.AF_INET) -> str:
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    with socket.create_connection((host, port), timeout=10) as c:
+        c.sendall(text.encode() + b"\n")
+        return c.makefile().readline().strip()
+
+
+def _ask_udp(port: int, text: str) -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.settimeout(10)
+        u.sendto(text.encode(), ("127.0.0.1", port))
+        return u.recv(4096).decode()
+
+
+def test_listening_tcp_and_udp_serve_after_restore(tmp_path):
+    job = Job.start([sys.executable, PROG, "serve"], tmp_path / "out.txt")
+    rest = None
+    try:
+        job.wait_lines(1)
+        t4, t6, u = (int(x) for x in job.out.read_text().split()[1:4])
+        assert _ask_tcp(t4, "before") == "tcp echo BEFORE"
+        assert _ask_udp(u, "one") == "udp echo ONE"
+        job.wait_lines(3)
+        cli("dump", "--pid", job.pid, "--images", tmp_path / "img")
+        job.proc.wait(timeout=10)
+        rest = subprocess.Popen([sys.executable, "-m", "hpcckpt.cli", "restore", "--images", tmp_path / "img"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                answer = _ask_tcp(t4, "after")
+                break
+            except OSError:
+                assert rest.poll() is None, rest.communicate()[1].decode()
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert answer == "tcp echo AFTER"
+        assert _ask_tcp(t6, "six", socket.AF_INET6) == "tcp6 echo SIX"
+        assert _ask_udp(u, "two") == "udp echo TWO"
+        assert _ask_tcp(t4, "quit") == "tcp echo QUIT"
+        assert rest.wait(timeout=30) == 0, rest.communicate()[1].decode()
+        assert job.out.read_text().splitlines()[1:] == [
+            "served 1 before", "served 2 one", "served 3 after", "served 4 six", "served 5 two",
+            "served 6 quit", "opts 1 1 1"]
+    finally:
+        job.kill()
+        if rest is not None and rest.poll() is None:
+            rest.kill()
+            rest.wait()
+
+
+def test_port_taken_at_restore_is_named(tmp_path):
+    job = Job.start([sys.executable, PROG, "serve"], tmp_path / "out.txt")
+    try:
+        job.wait_lines(1)
+        t4 = int(job.out.read_text().split()[1])
+        cli("dump", "--pid", job.pid, "--images", tmp_path / "img")
+        job.proc.wait(timeout=10)
+        with socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", t4))
+            squatter.listen(1)
+            res = cli("restore", "--images", tmp_path / "img", check=False)
+        assert res.returncode != 0
+        assert f"TCP port {t4}" in res.stderr and "is taken" in res.stderr, res.stderr
+        assert "held by process" in res.stderr, res.stderr
+    finally:
+        job.kill()
+
+
+def test_established_tcp_refused_naming_connection(tmp_path):
+    job = Job.start([sys.executable, PROG, "connected", 100, 0.02], tmp_path / "out.txt")
+    try:
+        job.wait_lines(2)
+        words = job.out.read_text().split()
+        fd, cport, sport = words[1], words[3], words[4]
+        res = cli("dump", "--pid", job.pid, "--images", tmp_path / "img", check=False)
+        assert res.returncode != 0
+        assert f"process {job.pid}: fd" in res.stderr and "established TCP connection" in res.stderr, res.stderr
+        assert f"127.0.0.1:{sport}" in res.stderr and f"127.0.0.1:{cport}" in res.stderr
+        assert job.proc.wait(timeout=30) == 0            # thawed, ran to its end
+        assert job.out.read_text().endswith("done\n")
+        assert fd
+    finally:
+        job.kill()
