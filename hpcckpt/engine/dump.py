@@ -24,7 +24,7 @@ from ..kernel.inject import Injector, Mem, find_syscall_insn
 from ..progress import Progress
 from ..images.chain import load_chain, new_image_id, relative_parent
 from ..tracking.incremental import IncrementalPlan, plan_incremental
-from . import files, locks, memory, shared, snapshot, timers
+from . import files, memory, shared, snapshot, timers
 from .incremental import Parent, TreeTracker, save_digests
 from . import tree as ptree
 from .freeze import Frozen

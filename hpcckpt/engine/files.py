@@ -14,7 +14,6 @@ from pathlib import Path
 
 from ..errors import RestoreError, UnsupportedError
 from ..images import pb
-from ..kernel import proc
 from ..kernel.libc import libc, pidfd_getfd, pidfd_open
 from . import eventfds, locks, sockets
 

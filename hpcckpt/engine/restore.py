@@ -13,7 +13,6 @@ import signal
 import struct
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..errors import HpcckptError, ImageError, PermissionDeniedError, RestoreError
 from ..images import pb
@@ -21,7 +20,7 @@ from ..images.imageset import ImageSet
 from ..kernel import elf, proc, ptrace, vdso
 from ..kernel.arch import current as arch
 from ..kernel.inject import Injector, Mem, find_syscall_insn
-from ..kernel.libc import PAGE_SIZE, pidfd_getfd, pidfd_open
+from ..kernel.libc import pidfd_getfd, pidfd_open
 from ..progress import Progress
 from . import eventfds, files, locks, memory, pidns, sockets, timers
 from ..images.chain import Link, load_chain, pages_file_size, sources, Source

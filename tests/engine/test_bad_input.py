@@ -1,20 +1,16 @@
 """Bad input gets a clear error and loses nothing; nothing is left frozen or half-restored."""
 import os
 import shutil
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import pytest
 
 from hpcckpt.engine.dump import dump
 from hpcckpt.errors import PermissionDeniedError
-from hpcckpt.images import pb
 from hpcckpt.images.imageset import ImageSet
 
 from .helpers import PROGRAMS, Job, cli, pid_alive, reference

@@ -4,7 +4,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from .helpers import PROGRAMS, Job, cli, pid_alive, reference, restore_fg
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from .helpers import PROGRAMS, Job, cli, pid_alive, reference, restore_fg
+from .helpers import PROGRAMS, Job, cli, pid_alive, reference
 from .test_dump_restore import checkpoint_and_resume
 from .test_trees import interrupt_and_resume
 
