@@ -165,7 +165,7 @@ def node_back(node: str, state: Path, env: dict, timeout: float = 60) -> None:
         while time.monotonic() < deadline:
             q = subprocess.run(["sinfo", "-h", "-N", "-n", node, "-o", "%t"], env={**env, "SLURM_CONF": str(state / "slurm.conf")},
                                capture_output=True, text=True)
-            if q.stdout.strip() == "idle":
+            if set(q.stdout.split()) == {"idle"}:   # one line per partition
                 return
             time.sleep(0.5)
         raise RuntimeError(f"{node} not idle {timeout} s after restarting its slurmd")
