@@ -5,13 +5,16 @@ backend is a small file, and so tests can run the same checks against each backe
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Collection
 from typing import Protocol, runtime_checkable
 
 from .context import JobContext
-from .errors import JobEndedError, WaitTimeoutError
+from .errors import JobEndedError, SchedulerError, WaitTimeoutError
 from .model import Job, JobSubmitDescription
+
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -54,6 +57,19 @@ class SchedulerBackend(Protocol):
     def environment(self) -> JobContext:
         """The current job's context (NotInJobError outside a job)."""
         ...
+
+
+def context_with_limits(load: Callable[[int], Job], env) -> JobContext:
+    """Shared body of ``environment``: the job's context from its environment, with the
+    time limit and end time from the controller (the environment has neither)."""
+    ctx = JobContext.from_environ(env)
+    try:
+        job = load(ctx.job_id)
+    except SchedulerError as exc:
+        # The context is still right without the limits; say why they are missing.
+        log.warning("job %d: time limit unknown: %s", ctx.job_id, exc)
+        return ctx
+    return ctx.with_limits(job.time_limit, job.end_time)
 
 
 def poll_until(load: Callable[[int], Job], job_id: int, states: Collection[str],

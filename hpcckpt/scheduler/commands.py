@@ -12,9 +12,9 @@ import os
 import subprocess
 from collections.abc import Callable, Collection, Mapping
 
-from .backend import poll_until
+from .backend import context_with_limits, poll_until
 from .context import JobContext
-from .errors import BackendUnavailableError, CommandError, JobNotFoundError, SchedulerError
+from .errors import BackendUnavailableError, CommandError, JobNotFoundError
 from .model import Job, JobSubmitDescription
 from .scontrol_text import parse_jobs
 from .squeue_json import job_from_json, parse_document
@@ -114,14 +114,7 @@ class CommandsBackend:
         return poll_until(self.load, job_id, states, timeout, where)
 
     def environment(self) -> JobContext:
-        ctx = JobContext.from_environ(self._env)
-        try:
-            job = self.load(ctx.job_id)
-        except SchedulerError as exc:
-            # The context is still right without the limits; say why they are missing.
-            log.warning("job %d: time limit unknown: %s", ctx.job_id, exc)
-            return ctx
-        return ctx.with_limits(job.time_limit, job.end_time)
+        return context_with_limits(self.load, self._env)
 
 
 def sbatch_options(desc: JobSubmitDescription) -> list[str]:

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from types import ModuleType
 from typing import Any
 
-from .backend import poll_until
+from .backend import context_with_limits, poll_until
 from .context import JobContext
 from .errors import BackendUnavailableError, JobNotFoundError, SchedulerError
 from .hostlist import expand
@@ -158,13 +158,7 @@ class PyslurmBackend:
         return poll_until(self.load, job_id, states, timeout, where)
 
     def environment(self) -> JobContext:
-        ctx = JobContext.from_environ(self._env)
-        try:
-            job = self.load(ctx.job_id)
-        except SchedulerError as exc:
-            log.warning("job %d: time limit unknown: %s", ctx.job_id, exc)
-            return ctx
-        return ctx.with_limits(job.time_limit, job.end_time)
+        return context_with_limits(self.load, self._env)
 
 
 def _to_job(j: Any) -> Job:
