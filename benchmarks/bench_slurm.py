@@ -35,7 +35,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from hpcckpt.scheduler import CommandsBackend, JobSubmitDescription  # noqa: E402
+from hpcckpt.scheduler import CommandsBackend, JobSubmitDescription
 
 CLUSTER_SH = ROOT / "tests" / "slurm_cluster" / "cluster.sh"
 OUT = ROOT / "benchmarks" / "out"
@@ -73,7 +72,7 @@ def hpcckpt(*args: str) -> list[str]:
 # -- overhead ----------------------------------------------------------------------------
 def run_job(argv: list[str]) -> dict:
     t0 = time.monotonic()
-    p = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+    p = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, check=False)
     wall = time.monotonic() - t0
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} exit {p.returncode}:\n{p.stderr[-3000:]}")
@@ -150,7 +149,7 @@ def overhead(a) -> dict:
 # -- requeue -----------------------------------------------------------------------------
 def cluster(cmd: str, state: Path, env: dict) -> None:
     p = subprocess.run(["bash", str(CLUSTER_SH), cmd, str(state)], env=env, capture_output=True,
-                       text=True, timeout=600)
+                       text=True, timeout=600, check=False)
     if p.returncode != 0:
         raise RuntimeError(f"cluster.sh {cmd}: exit {p.returncode}\n{p.stderr}\n{p.stdout}")
 
@@ -164,7 +163,7 @@ def node_back(node: str, state: Path, env: dict, timeout: float = 60) -> None:
     try:
         while time.monotonic() < deadline:
             q = subprocess.run(["sinfo", "-h", "-N", "-n", node, "-o", "%t"], env={**env, "SLURM_CONF": str(state / "slurm.conf")},
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, check=False)
             if set(q.stdout.split()) == {"idle"}:   # one line per partition
                 return
             time.sleep(0.5)
@@ -213,7 +212,7 @@ def one_interruption(backend, job, out, err, store, how, state, conf, timeout=15
         sys.path.insert(0, str(ROOT))
         from tests.slurm_cluster.jobs import kill_node
         kill_node(pid, job, conf)
-    t_running = t_resumed = None
+    t_running = t_resumed = host = None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and t_resumed is None:
         if t_running is None:
@@ -243,7 +242,7 @@ def one_interruption(backend, job, out, err, store, how, state, conf, timeout=15
          "first_output_s": (first[1] - t0) if first else None,
          "resumed_at_step": first[0] if first else None,
          "steps_lost": (last_printed - first[0] + 1) if first else None,
-         "host_before": before.batch_host, "host_after": host if t_running else None}
+         "host_before": before.batch_host, "host_after": host}
     print(f"  {how:8s} {r['host_before']}->{r['host_after']}: RUNNING +{r['running_s']:5.1f} s, "
           f"'resumed from' +{r['resumed_s']:5.1f} s, first new step line +"
           + (f"{r['first_output_s']:5.1f} s (step {first[0]}; {r['steps_lost']} step(s) redone)"
