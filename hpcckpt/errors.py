@@ -15,7 +15,15 @@ class KernelError(HpcckptError):
 
 
 class ProcessGoneError(KernelError):
-    """The process to dump disappeared before or during the dump."""
+    """The process to dump disappeared before or during the dump.
+
+    `wait_status` is its wait status when the wait that noticed the exit also collected
+    it: a caller that is the process's parent cannot wait for it again.
+    """
+
+    def __init__(self, message: str, tid: int | None = None, wait_status: int | None = None):
+        super().__init__(message)
+        self.tid, self.wait_status = tid, wait_status
 
 
 class PermissionDeniedError(HpcckptError):

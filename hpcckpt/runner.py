@@ -227,7 +227,12 @@ class Supervisor:
                              f"a final checkpoint and requeue {format_duration(self.margin())} before")
         walltime_armed = True
         while True:
-            done, status = os.waitpid(self.pid, os.WNOHANG)
+            try:
+                done, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # it ended during a dump, which collected its status
+                if self.gone_status is None:
+                    raise HpcckptError(f"job {self.pid} ended and its exit status was lost") from None
+                done, status = self.pid, self.gone_status
             if done:
                 self.status.exit = _describe(status)
                 self._publish_status("finished")
@@ -237,7 +242,8 @@ class Supervisor:
                 if self._final("final signal"):
                     return None
                 self.pending.discard(self.final_sig)
-                os.kill(self.pid, self.final_sig)  # as if hpcckpt were not there
+                if self.gone_status is None:
+                    os.kill(self.pid, self.final_sig)  # as if hpcckpt were not there
             deadline = self.final_deadline()
             if walltime_armed and deadline is not None and now >= deadline:
                 walltime_armed = False  # one attempt: if it fails, the job runs to its limit
@@ -271,6 +277,9 @@ class Supervisor:
         try:
             where, r = self._dump_chained(final)
         except HpcckptError as e:  # the job runs on; the next interval tries again
+            if isinstance(e, ProcessGoneError) and e.tid == self.pid and e.wait_status is not None:
+                self.gone_status = e.wait_status  # it ended while being frozen: nothing to save
+                return False
             msg = f"{label} failed, job continues: {e}"
             _say(self.quiet, msg)
             self.status.failures += 1
@@ -293,6 +302,7 @@ class Supervisor:
 
     tracker: TreeTracker | None = None
     full_every: int | None = None
+    gone_status: int | None = None  # the job's wait status, when a dump collected it
     depth: int | None = None        # parents of the last image; None: there is none
 
     def _dump_chained(self, final: bool) -> tuple[str, DumpResult]:

@@ -191,5 +191,6 @@ def wait_trap(tid: int) -> Stop:
     if st.exited:
         raise ProcessGoneError(
             f"thread {tid} exited while stopped under hpcckpt"
-            + (f" (killed by {signal.Signals(st.killed_by).name})" if st.killed_by else f" (status {st.exit_code})"))
+            + (f" (killed by {signal.Signals(st.killed_by).name})" if st.killed_by else f" (status {st.exit_code})"),
+            tid, st.killed_by if st.killed_by else (st.exit_code or 0) << 8)
     return st

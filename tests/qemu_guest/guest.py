@@ -154,7 +154,7 @@ for m in MODULES; do /bin/busybox insmod /lib/$m || echo "insmod $m failed"; don
 /bin/busybox mount -t proc proc /mnt/proc
 /bin/busybox mount -t sysfs sys /mnt/sys
 /bin/busybox mount -t devtmpfs dev /mnt/dev
-/bin/busybox mount -t tmpfs tmp /mnt/tmp
+/bin/busybox mount -t tmpfs tmp /mnt/run
 /bin/busybox mkdir -p /mnt/dev/shm; /bin/busybox mount -t tmpfs shm /mnt/dev/shm
 RWMOUNT
 /bin/busybox chroot /mnt /bin/sh -c '. /hpcckpt-guest-cmd' 2>&1 < /dev/null
@@ -213,13 +213,14 @@ def run(command: str, timeout: float = 120, env: dict[str, str] | None = None,
     CACHE.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="run-", dir=CACHE))
     try:
-        # The command runs from a file on the shared host root (read-only in the guest;
-        # not under /tmp, which the guest covers with its own tmpfs).
+        # The command runs from a file on the shared host root (read-only in the guest).
+        # The guest's writable scratch is a tmpfs on /run (TMPDIR), not on /tmp: a checkout
+        # under the host's /tmp (as CI may make) must stay visible.
         cmdfile = work / "cmd.sh"
         initrd = work / "initrd.cpio"
         build_initramfs(moddir, rw_dir, cmdfile, initrd)
         lines = [f"export {k}={shlex.quote(v)}" for k, v in (env or {}).items()]
-        lines += ["export PYTHONDONTWRITEBYTECODE=1 HOME=/tmp", f"cd {shlex.quote(cwd or os.getcwd())}",
+        lines += ["export PYTHONDONTWRITEBYTECODE=1 HOME=/run TMPDIR=/run", f"cd {shlex.quote(cwd or os.getcwd())}",
                   command, f'echo "{MARK}$?"', "/bin/busybox poweroff -f"]
         cmdfile.write_text("\n".join(lines) + "\n")
         append = " ".join([
