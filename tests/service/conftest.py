@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine.conftest import threads_fp  # noqa: F401  (the compiled test program)
+from tests.engine.helpers import PROGRAMS, Job, reference
 
 NOBODY = 65534
 
@@ -71,3 +72,52 @@ def world_dir():
     d.chmod(0o1777)
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+def _build_for_users(name: str, source: Path, *flags: str):
+    """Compile a test program where uid 65534 can run it (/tmp/pytest-of-root is 0700)."""
+    d = Path(tempfile.mkdtemp(prefix=f"hpcckpt-{name}-", dir="/tmp"))
+    d.chmod(0o755)
+    exe = d / name
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(source), *flags], check=True)
+    return d, exe
+
+
+@pytest.fixture(scope="session")
+def user_exe():
+    d, exe = _build_for_users("threads_fp", PROGRAMS / "threads_fp.c", "-pthread", "-lm")
+    yield exe
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def memhog():
+    d, exe = _build_for_users("memhog", Path(__file__).parents[2] / "benchmarks" / "memhog.c")
+    yield exe
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def start_hog(memhog: Path, mib: int) -> subprocess.Popen:
+    """A process holding `mib` MiB of written memory, ready once this returns."""
+    hog = subprocess.Popen([str(memhog), str(mib)], stdout=subprocess.PIPE)
+    assert hog.stdout.readline() == b"ready\n"
+    return hog
+
+
+def start_as_nobody(cmd, out: Path) -> Job:
+    out.touch()
+    os.chown(out, NOBODY, NOBODY)
+    with open(out, "wb") as f:
+        p = subprocess.Popen([str(c) for c in cmd], stdout=f, stdin=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, user=NOBODY, group=NOBODY, extra_groups=[])
+    return Job(p, out)
+
+
+@pytest.fixture
+def nobody_job(world_dir, user_exe):
+    """A user's computation midway: (job, its uninterrupted output, where its image goes)."""
+    cmd = [user_exe, 30, 2, 20]
+    ref = reference(cmd, world_dir / "ref.txt")
+    job = start_as_nobody(cmd, world_dir / "out.txt")
+    job.wait_lines(5)
+    return job, ref, str(world_dir / "img")

@@ -2,9 +2,6 @@
 exits as its process did and passes signals on), progress notifications, and hooks."""
 import os
 import signal
-import shutil
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -13,12 +10,9 @@ import pytest
 from hpcckpt.cli import main as cli_main
 from hpcckpt.client import Client
 from hpcckpt.errors import HpcckptError
-from tests.engine.helpers import pid_alive, reference
+from tests.engine.helpers import pid_alive
 
-from .conftest import NOBODY, as_user
-from .test_service import start_as_nobody, user_exe  # noqa: F401  (fixture)
-
-MEMHOG = Path(__file__).parents[2] / "benchmarks" / "memhog.c"
+from .conftest import NOBODY, as_user, start_as_nobody, start_hog
 
 
 def as_nobody_cli(sock: str, argv: list[str]) -> int:
@@ -29,23 +23,9 @@ def as_nobody_cli(sock: str, argv: list[str]) -> int:
     return as_user(run)
 
 
-@pytest.fixture(scope="module")
-def memhog():
-    d = Path(tempfile.mkdtemp(prefix="hpcckpt-memhog-", dir="/tmp"))
-    d.chmod(0o755)
-    exe = d / "memhog"
-    subprocess.run(["gcc", "-O2", "-o", str(exe), str(MEMHOG)], check=True)
-    yield exe
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def test_cli_routes_a_users_dump_and_restore_through_the_daemon(daemon, world_dir, user_exe):  # noqa: F811
+def test_cli_routes_a_users_dump_and_restore_through_the_daemon(daemon, nobody_job):
     _, sock = daemon
-    cmd = [user_exe, 30, 2, 20]
-    ref = reference(cmd, world_dir / "ref.txt")
-    job = start_as_nobody(cmd, world_dir / "out.txt")
-    job.wait_lines(5)
-    img = str(world_dir / "img")
+    job, ref, img = nobody_job
     assert as_nobody_cli(sock, ["dump", "--pid", str(job.pid), "--images", img]) == 0
     job.proc.wait(timeout=10)
     assert {p.stat().st_uid for p in Path(img).iterdir()} == {NOBODY}
@@ -54,7 +34,7 @@ def test_cli_routes_a_users_dump_and_restore_through_the_daemon(daemon, world_di
     assert as_nobody_cli(sock, ["--service", sock, "check"]) == 0
 
 
-def test_cli_foreground_restore_passes_signals_on_and_dies_of_them(daemon, world_dir, user_exe):  # noqa: F811
+def test_cli_foreground_restore_passes_signals_on_and_dies_of_them(daemon, world_dir, user_exe):
     _, sock = daemon
     job = start_as_nobody([user_exe, 100000, 1, 20], world_dir / "out.txt")
     job.wait_lines(3)
@@ -85,7 +65,7 @@ def test_cli_foreground_restore_passes_signals_on_and_dies_of_them(daemon, world
         time.sleep(0.02)
 
 
-def test_user_may_not_signal_anothers_restore(daemon, tmp_path, user_exe):  # noqa: F811
+def test_user_may_not_signal_anothers_restore(daemon, tmp_path, user_exe):
     _, sock = daemon
     with pytest.raises(HpcckptError, match="no request 424242 of yours"):
         as_user(lambda: Client(sock).signal(424242, signal.SIGTERM))
@@ -93,8 +73,7 @@ def test_user_may_not_signal_anothers_restore(daemon, tmp_path, user_exe):  # no
 
 def test_progress_notifications_are_rate_limited(daemon, tmp_path, memhog):
     _, sock = daemon
-    hog = subprocess.Popen([str(memhog), "1024"], stdout=subprocess.PIPE)
-    assert hog.stdout.readline() == b"ready\n"
+    hog = start_hog(memhog, 1024)
     seen = []
     t0 = time.monotonic()
     r = Client(sock, on_notify=lambda n: seen.append(n) if n.event == "progress" else None).dump(
@@ -108,8 +87,7 @@ def test_progress_notifications_are_rate_limited(daemon, tmp_path, memhog):
 
 def test_dumped_hook_runs_while_frozen_and_a_refusal_thaws(daemon, tmp_path, memhog):
     _, sock = daemon
-    hog = subprocess.Popen([str(memhog), "64"], stdout=subprocess.PIPE)
-    assert hog.stdout.readline() == b"ready\n"
+    hog = start_hog(memhog, 64)
     img = tmp_path / "img"
     seen = []
 
@@ -130,13 +108,9 @@ def test_dumped_hook_runs_while_frozen_and_a_refusal_thaws(daemon, tmp_path, mem
     assert r.pid == hog.pid and (img / "inventory.img").exists()
 
 
-def test_restored_hook_before_the_process_runs(daemon, world_dir, user_exe):  # noqa: F811
+def test_restored_hook_before_the_process_runs(daemon, nobody_job):
     _, sock = daemon
-    cmd = [user_exe, 30, 2, 20]
-    ref = reference(cmd, world_dir / "ref.txt")
-    job = start_as_nobody(cmd, world_dir / "out.txt")
-    job.wait_lines(5)
-    img = str(world_dir / "img")
+    job, ref, img = nobody_job
     as_user(lambda: Client(sock).dump(job.pid, img).pid)
     job.proc.wait(timeout=10)
     size = job.out.stat().st_size

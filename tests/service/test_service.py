@@ -1,10 +1,8 @@
 """hpcckptd: authorization from the kernel, users' own dumps and restores, limits,
 robustness against a killed daemon, cancellation, many clients."""
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -13,28 +11,9 @@ import pytest
 
 from hpcckpt.client import Client
 from hpcckpt.errors import HpcckptError, PermissionDeniedError
-from tests.engine.helpers import PROGRAMS, Job, pid_alive, reference
+from tests.engine.helpers import PROGRAMS, Job, pid_alive
 
-from .conftest import NOBODY, as_user
-
-
-@pytest.fixture(scope="module")
-def user_exe():
-    d = Path(tempfile.mkdtemp(prefix="hpcckpt-svcbin-", dir="/tmp"))
-    d.chmod(0o755)  # users must reach the program
-    exe = d / "threads_fp"
-    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(exe), str(PROGRAMS / "threads_fp.c"), "-lm"], check=True)
-    yield exe
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def start_as_nobody(cmd, out: Path) -> Job:
-    out.touch()
-    os.chown(out, NOBODY, NOBODY)
-    with open(out, "wb") as f:
-        p = subprocess.Popen([str(c) for c in cmd], stdout=f, stdin=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, user=NOBODY, group=NOBODY, extra_groups=[])
-    return Job(p, out)
+from .conftest import NOBODY, as_user, start_hog
 
 
 def test_check_and_status_for_anyone(daemon):
@@ -44,13 +23,9 @@ def test_check_and_status_for_anyone(daemon):
     assert as_user(lambda: Client(sock).status().ok)
 
 
-def test_user_dumps_and_restores_own_process(daemon, world_dir, user_exe):
+def test_user_dumps_and_restores_own_process(daemon, nobody_job):
     _, sock = daemon
-    cmd = [user_exe, 30, 2, 20]
-    ref = reference(cmd, world_dir / "ref.txt")
-    job = start_as_nobody(cmd, world_dir / "out.txt")
-    job.wait_lines(5)
-    img = str(world_dir / "img")
+    job, ref, img = nobody_job
     r = as_user(lambda: Client(sock).dump(job.pid, img).pages_bytes)
     assert r > 0
     job.proc.wait(timeout=10)
@@ -86,13 +61,9 @@ def test_user_may_not_restore_anothers_image_or_one_claiming_root(daemon, tmp_pa
     assert not pid_alive(job.pid)
 
 
-def test_killed_daemon_leaves_target_running_and_publishes_nothing(daemon, tmp_path):
+def test_killed_daemon_leaves_target_running_and_publishes_nothing(daemon, tmp_path, memhog):
     proc, sock = daemon
-    exe = tmp_path / "memhog"
-    subprocess.run(["gcc", "-O2", "-o", str(exe), str(Path(__file__).parents[2] / "benchmarks" / "memhog.c")],
-                   check=True)
-    hog = subprocess.Popen([str(exe), "1536"], stdout=subprocess.PIPE)
-    assert hog.stdout.readline() == b"ready\n"
+    hog = start_hog(memhog, 1536)
     img = tmp_path / "img"
     t = threading.Thread(target=lambda: pytest.raises(HpcckptError, Client(sock).dump, hog.pid, str(img)))
     t.start()
@@ -116,13 +87,9 @@ def test_killed_daemon_leaves_target_running_and_publishes_nothing(daemon, tmp_p
     hog.wait()
 
 
-def test_cancel(daemon, tmp_path):
+def test_cancel(daemon, tmp_path, memhog):
     _, sock = daemon
-    exe = tmp_path / "memhog"
-    subprocess.run(["gcc", "-O2", "-o", str(exe), str(Path(__file__).parents[2] / "benchmarks" / "memhog.c")],
-                   check=True)
-    hog = subprocess.Popen([str(exe), "1536"], stdout=subprocess.PIPE)
-    assert hog.stdout.readline() == b"ready\n"
+    hog = start_hog(memhog, 1536)
     errors = []
     t = threading.Thread(target=lambda: errors.append(pytest.raises(HpcckptError, Client(sock).dump,
                                                                     hog.pid, str(tmp_path / "img"))))

@@ -12,8 +12,9 @@ from .helpers import PAGE, arm, collect, pages
 
 
 def _need(name):
-    if name not in available_backends():
-        pytest.skip(f"{name} does not work here")
+    if name not in available_backends():  # a kernel without it; the probe says why
+        detail = {r.name: r for r in probe()}[name].detail
+        pytest.skip(f"{name} does not work on this kernel: {detail}")
 
 
 def test_uffd_refused_mapping_falls_back_to_hashing(target):
