@@ -10,6 +10,7 @@ import pytest
 
 from hpcckpt.scheduler import CommandsBackend, JobSubmitDescription
 from hpcckpt.store import Store
+from hpcckpt.store.catalog import Catalog
 from tests.engine.helpers import PROGRAMS, reference
 from tests.slurm_cluster.jobs import kill_node, wait_for_line
 
@@ -41,6 +42,34 @@ def wait_checkpoints(store: Path, job: int, n: int, timeout: float = 90) -> None
         time.sleep(0.1)
 
 
+def catalog_rows(store: Path, job: int) -> list[dict]:
+    """The job's rows as catalog.h5 itself holds them (journal folded in first)."""
+    cat = Catalog(store)
+    assert cat.fold(), "catalog fold was locked out"
+    data = cat.load()
+    rows = data.rows[data.job_slice(f"slurm-{job}")]
+    return [{k: (v.decode() if isinstance(v, bytes) else v) for k, v in zip(rows.dtype.names, r.tolist())}
+            for r in rows]
+
+
+def check_catalog(store: Path, job: int, every: float) -> list[dict]:
+    """The catalog lists exactly the published checkpoints, on schedule, with their costs."""
+    rows = catalog_rows(store, job)
+    on_disk = sorted(c.seq for c in Store(store).scan(f"slurm-{job}"))
+    assert [r["seq"] for r in rows] == on_disk, (rows, on_disk)
+    # generation 0's last checkpoint is the final one its SIGTERM asked for: off schedule
+    periodic = [r for r in rows if r["generation"] == 0][:-1]
+    assert len(periodic) >= 2, rows
+    for a, b in zip(periodic, periodic[1:]):
+        # schedule every=1 s after the previous checkpoint ended; the dump itself adds its cost
+        assert b["time"] - a["time"] >= every * 0.9, (a, b)
+    for r in rows:
+        assert r["nprocs"] >= 1 and r["image_bytes"] > 0 and r["memory_bytes"] > 0, r
+        assert r["freeze_s"] > 0 and r["host"], r
+    assert any(r["parent"] >= 0 for r in rows), "no incremental checkpoint in the catalog"
+    return rows
+
+
 @pytest.fixture
 def ref(tmp_path) -> bytes:
     return reference([sys.executable, PROGRAMS / "compute.py", STEPS, PAUSE], tmp_path / "ref.txt")
@@ -58,8 +87,8 @@ def test_requeued_job_resumes(backend: CommandsBackend, cluster, tmp_path, ref):
     log = err.read_text()
     assert "resumed from" in log, log
     assert out.read_bytes() == ref     # each line once, though the first run printed more
-    gens = {c.generation for c in Store(store).scan(f"slurm-{job}")}
-    assert gens >= {1}
+    rows = check_catalog(store, job, every=1)
+    assert {r["generation"] for r in rows} == {0, 1}, rows
 
 
 def test_preempted_job_checkpoints_in_grace_time_and_resumes(backend, cluster, tmp_path, ref):
