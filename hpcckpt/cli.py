@@ -156,6 +156,8 @@ def cmd_run(args) -> int:
     """Inside a Slurm job nobody can fix the command line any more: a bad schedule or an
     unusable store is reported (output and status) and the job runs anyway, without what
     failed. Outside Slurm the same problems stop `run` at once."""
+    from .engine import userns
+    userns.enter_if_unprivileged()   # first: numpy's BLAS threads would make it impossible
     from .runner import run
     from .schedules import ScheduleError, every, parse
     in_job = bool(os.environ.get("SLURM_JOB_ID"))

@@ -15,6 +15,7 @@ from ..errors import RestoreError
 from ..kernel import proc, ptrace
 from ..kernel.arch import current as arch
 from ..kernel.libc import libc_gil
+from . import userns
 
 STUB = shutil.which("true") or "/bin/true"
 CLONE_ARGS = struct.Struct("<11Q")
@@ -35,6 +36,7 @@ def launch_stub(pid: int) -> int:
     res = libc_gil.syscall(ctypes.c_long(arch.SYSCALLS["clone3"]), args, ctypes.c_long(CLONE_ARGS.size))
     if res == 0:  # the child: trace me, then become the stub. Nothing else may run here.
         try:
+            userns.keep_stub_caps()
             libc_gil.ptrace(ctypes.c_long(ptrace.TRACEME), 0, None, None)
             os.execv(STUB, [STUB])
         finally:

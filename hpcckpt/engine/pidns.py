@@ -11,6 +11,7 @@ import signal
 
 from ..errors import KernelError
 from ..kernel.libc import libc
+from . import userns
 
 CLONE_NEWPID = 0x20000000
 PR_SET_PDEATHSIG = 1
@@ -41,6 +42,7 @@ def ensure() -> int:
     global _init_pid
     if _init_pid is not None:
         return _init_pid
+    userns.enter_if_unprivileged()
     if libc.unshare(CLONE_NEWPID) != 0:
         raise KernelError(f"cannot create a PID namespace: {os.strerror(ctypes.get_errno())} (needs root)")
     pid = os.fork()

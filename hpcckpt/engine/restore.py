@@ -22,7 +22,7 @@ from ..kernel.arch import current as arch
 from ..kernel.inject import Injector, Mem, find_syscall_insn
 from ..kernel.libc import pidfd_getfd, pidfd_open
 from ..progress import Progress
-from . import eventfds, files, locks, memory, pidns, sockets, timers
+from . import eventfds, files, locks, memory, pidns, sockets, timers, userns
 from ..images.chain import Link, load_chain, pages_file_size, sources, Source
 from ..images.validate import validate
 from .create import create_tree
@@ -80,7 +80,7 @@ def check_owner(iset: ImageSet, inv: pb.Inventory, p: pb.Process) -> None:
     if owner != 0 and claimed != {owner}:
         raise PermissionDeniedError(
             f"image {iset.path} is owned by uid {owner} but claims uids {sorted(claimed)}: refused")
-    if me != 0:
+    if me != 0 and not userns.active():   # rootless runs hold the powers in their own namespaces
         raise PermissionDeniedError(
             "restoring a process needs root (to choose its PID and address space); run "
             "hpcckpt restore as root or through the hpcckpt node service")
@@ -218,9 +218,13 @@ def _clear_stub(t: Target, vmas: list[pb.Vma]) -> None:
 
 
 def _set_fs_creds(t: Target, c: pb.Creds) -> None:
-    """Open every file as the image's owner would: groups, fsgid, fsuid first."""
-    groups = struct.pack(f"<{len(c.groups)}I", *c.groups)
-    t.sys("setgroups", len(c.groups), t.put(groups) if groups else 0)
+    """Open every file as the image's owner would: groups, fsgid, fsuid first. Groups the
+    stub already has are left alone: a user namespace (rootless `hpcckpt run`) denies
+    setgroups even to the same list."""
+    have = [int(g) for g in proc.status(t.pid).get("Groups", "").split()]
+    if sorted(c.groups) != sorted(have):
+        groups = struct.pack(f"<{len(c.groups)}I", *c.groups)
+        t.sys("setgroups", len(c.groups), t.put(groups) if groups else 0)
     t.sys("setfsgid", c.fsgid)
     t.sys("setfsuid", c.fsuid)
 
@@ -474,10 +478,19 @@ def _restore_thread_state(t: Target, p: pb.Process, th: pb.Thread) -> None:
 
 
 def _drop_creds(t: Target, p: pb.Process) -> None:
+    """The image's ids, then its capabilities: a stub may hold more than the process had
+    (root's full set, or the ambient ones of a rootless run), never the other way round."""
     c = p.creds
+    want = (c.cap_eff, c.cap_prm, c.cap_inh)
     for tid in t.threads:
         t.sys("setresgid", c.gid, c.egid, c.sgid, tid=tid)
         t.sys("setresuid", c.uid, c.euid, c.suid, tid=tid)
+        st = proc.status(t.host[tid])
+        if int(st.get("CapAmb", "0"), 16):
+            t.sys("prctl", userns.PR_CAP_AMBIENT, userns.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0, tid=tid)
+        have = tuple(int(st[k], 16) for k in ("CapEff", "CapPrm", "CapInh"))
+        if have != want:
+            t.sys("capset", t.put(userns.cap_header()), t.put(userns.cap_sets(*want)), tid=tid)
 
 
 def _fill_memory(t: Target, p: pb.Process, srcs: list[Source], iset: ImageSet, sh: Shared, prog) -> None:

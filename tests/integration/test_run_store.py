@@ -114,8 +114,12 @@ def test_kill9_loop_during_dumps_always_resumes_a_complete_image(tmp_path):
                                                "--"] + [str(c) for c in cmd],
                                     stdout=o, stderr=e, start_new_session=True)
     for _ in range(50):
+        lines = log.read_text().count("\n") if log.exists() else 0
         run = start()
-        time.sleep(rng.uniform(0.2, 0.9))
+        # the instants count from the job running again, not from the interpreter's start-up,
+        # which a busy machine stretches past any fixed delay
+        wait_for(lambda: log.read_text().count("\n") > lines or run.poll() is not None, timeout=60)
+        time.sleep(rng.uniform(0.02, 0.45))
         os.killpg(run.pid, signal.SIGKILL)
         run.wait()
         assert b"done" not in out.read_bytes(), "the job finished before the kills did"
