@@ -2,7 +2,10 @@
 each resumes from its newest image and ends with exactly the uninterrupted output."""
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -119,3 +122,34 @@ def test_job_on_crashed_node_resumes_elsewhere(backend, cluster, tmp_path, ref):
     assert done.batch_host != first.batch_host
     assert "resumed from" in err.read_text()
     assert out.read_bytes() == ref     # lost at most the time since the last checkpoint
+
+
+NOBODY = 65534
+
+
+def test_user_job_requeued_resumes(backend: CommandsBackend, cluster, user_env, ref):
+    """An ordinary user's job (uid 65534, submitted with sbatch --uid): `hpcckpt run` needs no
+    root and no daemon; it checkpoints, is requeued, resumes with the uninterrupted output."""
+    home = Path(tempfile.mkdtemp(prefix="hpcckpt-slurm-user-", dir="/tmp"))
+    try:
+        os.chown(home, NOBODY, NOBODY)
+        store, out, err = home / "store", home / "user.out", home / "user.err"
+        job_cmd = " ".join(map(str, user_env.hpcckpt(
+            "run", "--store", store, "--every", 1, "--", user_env.python, user_env.program("compute.py"),
+            STEPS, PAUSE)))
+        script = f"#!/bin/bash\nexport PYTHONPATH={user_env.env['PYTHONPATH']}\nexec {job_cmd}\n"
+        job = backend.submit(JobSubmitDescription(
+            script=script, name="user", output=str(out), error=str(err), requeue=True, time_limit=10,
+            work_dir=str(home), extra_options=["--open-mode=append", f"--uid={NOBODY}", f"--gid={NOBODY}"]))
+        backend.wait_state(job, {"RUNNING"}, timeout=30)
+        wait_checkpoints(store, job, 2)
+        wait_for_line(out, "step 20 ", timeout=60)
+        backend.requeue(job)
+        done = backend.wait_state(job, {"COMPLETED"}, timeout=120, where=lambda j: j.restart_count >= 1)
+        assert done.restart_count == 1
+        assert "resumed from" in err.read_text(), err.read_text()
+        assert out.read_bytes() == ref
+        assert {(p.stat().st_uid) for p in (store / f"slurm-{job}").glob("0*")} == {NOBODY}
+        check_catalog(store, job, every=1)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
