@@ -73,7 +73,8 @@ def cmd_dump(args) -> int:
     def do_dump(path, parent=None):
         return dump(args.pid, path, leave_running=args.leave_running, policies=policies,
                     show_progress=not args.quiet, parent=parent or args.parent, tree=not args.single,
-                    track_mem=args.track_mem or pre, live=getattr(args, "live", False), pre_dump=pre)
+                    track_mem=args.track_mem or pre, live=getattr(args, "live", False), pre_dump=pre,
+                    shell_job=getattr(args, "shell_job", False))
     if args.images and not args.store:  # the image set itself, as CRIU's -D
         where, r = args.images, do_dump(args.images)
     else:
@@ -102,9 +103,9 @@ def cmd_restore(args) -> int:
             for seq, problems in m.checkpoints[-1].skipped:
                 print(f"hpcckpt: skipped damaged checkpoint {args.job}/{seq:08d}: {'; '.join(problems)}",
                       file=sys.stderr)
-            r = restore(str(path), show_progress=not args.quiet)
+            r = restore(str(path), show_progress=not args.quiet, shell_job=args.shell_job)
     elif args.images:
-        r = restore(args.images, show_progress=not args.quiet)
+        r = restore(args.images, show_progress=not args.quiet, shell_job=args.shell_job)
     else:
         raise HpcckptError("say what to restore: --images DIR or --store ROOT --job NAME")
     if not args.quiet:
@@ -113,7 +114,11 @@ def cmd_restore(args) -> int:
     if args.detach:
         print(r.pid)
         return 0
-    return wait_as_parent(r.pid)
+    from .engine.ttys import take_back_foreground
+    try:
+        return wait_as_parent(r.pid)
+    finally:
+        take_back_foreground()    # a shell job had our terminal's foreground: ours again
 
 
 def cmd_catalog(args) -> int:
@@ -259,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     _incremental(d)
     d.add_argument("--live", action="store_true",
                    help="the process runs on while its memory is written (a copy-on-write snapshot)")
+    d.add_argument("--shell-job", "-j", action="store_true",
+                   help="the tree runs in a terminal held outside it (a shell job); see docs/ttys.md")
     d.set_defaults(func=cmd_dump)
     pd = sub.add_parser("pre-dump", help="copy a process's memory while it runs; a dump --parent then "
                                          "freezes it only to write what changed since")
@@ -271,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     _where(r)
     r.add_argument("--checkpoint", type=int, help="with --store: this sequence number, not the newest")
     r.add_argument("--detach", "-d", action="store_true", help="print the PID and leave it running")
+    r.add_argument("--shell-job", "-j", action="store_true",
+                   help="an image of a shell job: the tree gets this command's terminal")
     r.set_defaults(func=cmd_restore)
     s = sub.add_parser("show", help="decode an image set")
     s.add_argument("images")

@@ -131,7 +131,7 @@ def run(command: list[str], dest=None, every: float | None = None, quiet: bool =
         if latest:
             pidns.ensure()
             refilled = outputs.refill(latest)
-            r = restore(latest, show_progress=not quiet, tracker=tracker)
+            r = restore(latest, show_progress=not quiet, tracker=tracker, shell_job=True)  # our terminal, if any
             pid = r.pid
             for note in dest.notes + refilled:
                 _say(quiet, note)
@@ -324,7 +324,7 @@ class Supervisor:
 
     def _dump_into(self, final: bool):
         def do_dump(path, parent=None):
-            r = dump(self.pid, path, leave_running=not final, show_progress=not self.quiet,
+            r = dump(self.pid, path, leave_running=not final, show_progress=not self.quiet, shell_job=True,
                      parent=parent, tracker=self.tracker)
             try:
                 warnings = outputs.keep(Path(path), self.outputs)

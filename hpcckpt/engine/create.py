@@ -50,6 +50,7 @@ class Stub:
 class Tree:
     stubs: dict[int, Stub] = field(default_factory=dict)   # by PID in the tree's namespace
     root_host: int = 0
+    terminals: object = None    # ttys.Terminals: ptys made by the root, controlling terminals
 
     def host(self, ns_pid: int) -> int:
         return self.stubs[ns_pid].host
@@ -123,15 +124,18 @@ def drain_sigchld(s: Stub) -> None:
         pass
 
 
-def create_tree(procs: list[pb.Process]) -> Tree:
-    """All processes of the image, stopped, in their final tree shape, sessions and groups."""
-    t = Tree()
+def create_tree(procs: list[pb.Process], terminals=None) -> Tree:
+    """All processes of the image, stopped, in their final tree shape, sessions and groups
+    (and, with `terminals`, their ptys and controlling terminals)."""
+    t = Tree(terminals=terminals)
     by_pid = {p.pid: p for p in procs}
     root = procs[0]
     t.root_host = launch_stub(root.pid)
     try:
         ptrace.set_options(t.root_host, OPTIONS)
         t.stubs[root.pid] = _stub(root.pid, t.root_host)
+        if terminals is not None:
+            terminals.create(t.stubs[root.pid])
         _session(t, root, None)
         for p in procs[1:]:
             if p.orphan:
@@ -165,6 +169,8 @@ def create_tree(procs: list[pb.Process]) -> Tree:
                 res = t.stubs[p.pid].inj.syscall("setpgid", 0, p.pgid, check=False)
                 if res < 0:
                     raise RestoreError(f"process {p.pid} cannot join process group {p.pgid}: {os.strerror(-res)}")
+        if terminals is not None:
+            terminals.set_foreground(t.stubs)
         for p in procs:
             if p.zombie:
                 z = t.stubs[p.pid]
@@ -190,6 +196,8 @@ def _session(t: Tree, p: pb.Process, parent: pb.Process | None) -> None:
     """setsid() where the process leads its session; check the rest is inherited."""
     if p.sid and p.sid == p.pid:
         t.stubs[p.pid].inj.syscall("setsid")
+        if t.terminals is not None:
+            t.terminals.set_ctty(t.stubs[p.pid], p)
         return
     inherited = parent.sid if parent else 0
     if p.sid != inherited:

@@ -5,6 +5,7 @@ mappings, timers) is looked at while the process is frozen but before anything i
 written; any failure thaws the process exactly as it was and removes the partial image;
 without --leave-running the process is killed only after the image is sealed on disk.
 """
+import dataclasses
 import os
 import platform
 import shutil
@@ -24,7 +25,7 @@ from ..kernel.inject import Injector, Mem, find_syscall_insn
 from ..progress import Progress
 from ..images.chain import load_chain, new_image_id, relative_parent
 from ..tracking.incremental import IncrementalPlan, plan_incremental
-from . import files, memory, shared, snapshot, timers
+from . import files, memory, shared, snapshot, timers, ttys
 from .incremental import Parent, TreeTracker, save_digests
 from . import tree as ptree
 from .freeze import Frozen
@@ -276,7 +277,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
          policies: files.FilePolicies | None = None, show_progress: bool = True,
          tree: bool = True, parent: str | os.PathLike | None = None,
          tracker: "TreeTracker | None" = None, track_mem: bool = False,
-         live: bool = False, pre_dump: bool = False, on_dumped=None) -> DumpResult:
+         live: bool = False, pre_dump: bool = False, on_dumped=None,
+         shell_job: bool = False) -> DumpResult:
     """Checkpoint `pid` and (unless `tree=False`) all its descendants into `images`;
     kill them all afterwards unless `leave_running`.
 
@@ -292,9 +294,12 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     `on_dumped(path)`: called once the image is sealed, before the tree is killed or
     thawed (a caller's hook, e.g. hpcckptd's "dumped"); if it raises, the tree is thawed
     and the image removed.
+    `shell_job`: the tree may run in a terminal held outside it (ttys.py); refused otherwise.
     """
     t0 = time.monotonic()
     check_owner(pid)
+    policies = dataclasses.replace(policies or files.FilePolicies(), shell_job=shell_job)
+    terms = None
     if live or pre_dump:
         leave_running = True
     par = Parent.open(parent) if parent is not None else None
@@ -311,6 +316,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         statuses = {p: check_owner(p) for p in ft.frozen}
         descs = shared.Descriptions.collect(list(ft.frozen))
         shm = ShmemTable(iset.path)
+        terms = ttys.DumpTerminals(descs, ns, shell_job)
         procs: dict[int, pb.Process] = {}
         vmas: dict[int, list] = {}
         for p_host in ft.order:
@@ -320,6 +326,11 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                 procs[p_host], vmas[p_host] = _capture(ft.frozen[p_host], iset, policies or files.FilePolicies(),
                                                        statuses[p_host], descs, shm)
             _relations(ft, p_host, ns, procs[p_host])
+            terms.process(p_host, procs[p_host], ft.table[p_host].sid)
+        tty_images = terms.collect()
+        terms.read_queues()               # last of what reads the frozen tree's state
+        if leave_running:
+            terms.write_back()
         notes.extend(descs.notes)
         live_procs = [h for h in ft.order if h not in ft.zombies]
         plans, used = {}, {}
@@ -360,6 +371,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         inv = _inventory(root, pid)
         inv.pids[:] = [procs[h].pid for h in ft.order]
         inv.shmem.extend(shm.objects)
+        inv.ttys.extend(tty_images)
         for h in ft.order:
             if h not in ft.zombies and h != pid:
                 inv.files.extend(f for f in _mapped_files(list(procs[h].mm.vmas), procs[h].mm.exe)
@@ -388,6 +400,9 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         if tracker is not None:
             tracker.base_id = inv.image_id if leave_running else None
     except BaseException:
+        if terms is not None:
+            terms.write_back()            # before the tree runs: nothing of its terminals lost
+            terms.close()
         ft.thaw()
         if tracker is not None:
             tracker.invalidate()   # collected changes went nowhere: next dump hashes
@@ -397,6 +412,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         if fresh_dir:
             shutil.rmtree(iset.path, ignore_errors=True)
         raise
+    terms.close()
     for s in snaps.values():
         snapshot.release(s)
     if track_mem and (tracker is None or "hashing" in tracker.name):

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import RestoreError, UnsupportedError
 from ..images import pb
 from ..kernel.libc import libc, pidfd_getfd, pidfd_open
-from . import eventfds, locks, sockets
+from . import eventfds, locks, sockets, ttys
 
 O_ACCMODE = 0o3
 O_CLOEXEC = 0o2000000
@@ -35,6 +35,7 @@ POLICY_NAMES = {"rollback": pb.ROLLBACK, "keep": pb.KEEP, "refuse": pb.REFUSE}
 class FilePolicies:
     """What to do with files open for writing, by path prefix (longest match wins)."""
     rules: dict[str, int] = field(default_factory=dict)
+    shell_job: bool = False   # terminals held outside the tree are the restore's own (ttys.py)
 
     @classmethod
     def parse(cls, specs: list[str]) -> "FilePolicies":
@@ -95,7 +96,9 @@ def dump_fds(pid: int, images: Path, policies: FilePolicies, descs=None) -> list
         leads_out = (t.startswith("pipe:") and not descs.pipe_inside(st.st_ino)) or (
             t.startswith("socket:") and not sockets.pair_inside(descs, st.st_ino)) or (
             stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) in TTY_MAJORS)
-        if fd <= 2 and leads_out:
+        if ttys.kind_of(st):
+            ttys.describe_fd(e, pid, fd, st, info, descs, policies.shell_job)
+        elif fd <= 2 and leads_out:
             e.kind = pb.INHERITED
         elif t in eventfds.TARGETS:
             eventfds.describe(e, t, info, pid, descs.first(("desc", fid)))

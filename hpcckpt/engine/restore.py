@@ -22,7 +22,7 @@ from ..kernel.arch import current as arch
 from ..kernel.inject import Injector, Mem, find_syscall_insn
 from ..kernel.libc import pidfd_getfd, pidfd_open
 from ..progress import Progress
-from . import eventfds, files, locks, memory, pidns, sockets, timers, userns
+from . import eventfds, files, locks, memory, pidns, sockets, timers, ttys, userns
 from ..images.chain import Link, load_chain, pages_file_size, sources, Source
 from ..images.validate import validate
 from .create import create_tree
@@ -293,6 +293,7 @@ class Shared:
     shm: dict[int, tuple["Target", int]]             # object id -> (owner, fd)
     objects: dict[int, pb.ShmemObject]
     socks: dict[int, "sockets.Pair"] = field(default_factory=dict)   # unix pair id -> both ends
+    terminals: "ttys.Terminals | None" = None
 
 
 def _local_copy(t: Target, fd: int) -> int:
@@ -372,6 +373,8 @@ def _stage_fds(t: Target, fds: list[pb.Fd], iset: ImageSet, sh: Shared) -> list[
             t.sys("fcntl", fd, F_SETFL, e.flags & ~files.O_ACCMODE)
         elif e.kind == pb.SOCKET:
             fd = sockets.create(t, e, sh.socks, _local_copy)
+        elif e.kind == pb.TTY:
+            fd = sh.terminals.open_fd(t, e)
         elif e.kind in (pb.EVENTFD, pb.TIMERFD, pb.SIGNALFD, pb.EPOLL):
             fd = eventfds.create(t, e, _local_copy)
         elif e.kind == pb.DELETED_FILE:
@@ -589,12 +592,13 @@ def check_pages(chain: list[Link], procs: list[pb.Process], pms: dict[int, pb.Pa
 
 
 def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None,
-            tracker: "TreeTracker | None" = None) -> Restored:
+            tracker: "TreeTracker | None" = None, shell_job: bool = False) -> Restored:
     """Recreate the process tree of an image set (or of the newest image of a chain),
     running, its root our child; returns the root's PID. Nothing runs before every process
     is fully restored; any failure kills every process the restore made. With `tracker`,
     every process is armed for dirty-page tracking before it runs, so the caller's next
-    dump can be incremental against this image."""
+    dump can be incremental against this image. `shell_job`: the tree ran in a terminal
+    held outside it; it gets this command's terminal instead (ttys.py)."""
     t0 = time.monotonic()
     iset = ImageSet(images)
     inv, root, _ = check_image(iset)
@@ -610,11 +614,16 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
             check_ids_free(p) if not p.zombie else None
     pms = {p.pid: iset.pagemap(p.pid) for p in procs if not p.zombie}
     srcs = check_pages(chain, procs, pms)
+    terms = ttys.Terminals.prepare(str(iset.path), inv, procs, shell_job)
     live = [p for p in procs if not p.zombie]
-    ctree = create_tree(procs)
+    try:
+        ctree = create_tree(procs, terms)
+    except BaseException:
+        terms.close()
+        raise
     targets: dict[int, Target] = {}
     try:
-        sh = Shared({}, {}, {}, {o.id: o for o in inv.shmem})
+        sh = Shared({}, {}, {}, {o.id: o for o in inv.shmem}, terminals=terms)
         pages_bytes = sum(s.nbytes for ss in srcs.values() for s in ss)
         prog = Progress(f"restore {root.pid}", pages_bytes, enabled=show_progress)
         for p in live:
@@ -630,6 +639,7 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
         for p in live:
             eventfds.add_watches(targets[p.pid], p)
             sockets.finish(targets[p.pid], p, _local_copy)
+        terms.finish(ctree.host)
         if tracker is not None:
             _arm(tracker, targets, live, inv)
         for p in live:
@@ -642,6 +652,7 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
                 ptrace.detach(tid, 0)
             t.mem.close()
     except BaseException:
+        terms.close()
         ctree.kill_all()
         _kill_stub(ctree.root_host)
         raise

@@ -87,3 +87,52 @@ def validate(where: str, p: pb.Process, pm: pb.Pagemap, pages_size: int) -> None
         _fail(where, f"auxv of {len(mm.auxv)} bytes")
     if not mm.exe.startswith("/") or not p.cwd.startswith("/"):
         _fail(where, f"exe {mm.exe!r} or cwd {p.cwd!r} is not an absolute path")
+
+
+TTY_INDEX_MAX = 1 << 20
+TTY_QUEUE_MAX = 1 << 20
+TERMIOS_SIZE = 36
+TTY_GROUP = 5                      # Debian's "tty" group: devpts' usual gid= for slaves
+
+
+def validate_ttys(where: str, inv: pb.Inventory, procs: list[pb.Process]) -> None:
+    """Terminals of an image (engine/ttys.py): indices bounded and known, termios and
+    window sizes of the kernel's shape, queues bounded, sessions and groups members of
+    the tree, and a slave's owner one of the image's own users and groups."""
+    live = [p for p in procs if not p.zombie]
+    uids = {inv.uid} | {p.creds.uid for p in live}
+    gids = {TTY_GROUP} | {g for p in live for g in (p.creds.gid, p.creds.egid, *p.creds.groups)}
+    by_pid = {p.pid: p for p in procs}
+    internal = set()
+    for t in inv.ttys:
+        what = f"terminal /dev/pts/{t.index}"
+        if t.index >= TTY_INDEX_MAX:
+            _fail(where, f"{what}: index out of range")
+        if t.external:
+            if len([x for x in inv.ttys if x.external]) > 1:
+                _fail(where, "more than one shell-job terminal")
+            if t.pgrp and not any(p.pgid == t.pgrp for p in procs):
+                _fail(where, f"shell-job terminal: foreground group {t.pgrp} is no group of the tree")
+            continue
+        if t.index in internal:
+            _fail(where, f"{what} listed twice")
+        internal.add(t.index)
+        if len(t.termios) != TERMIOS_SIZE or len(t.termios_locked) not in (0, TERMIOS_SIZE):
+            _fail(where, f"{what}: termios of {len(t.termios)}/{len(t.termios_locked)} bytes")
+        if max(t.rows, t.cols, t.xpixel, t.ypixel) > 0xFFFF:
+            _fail(where, f"{what}: window size {t.rows}x{t.cols}")
+        if len(t.output) > TTY_QUEUE_MAX or len(t.input) > TTY_QUEUE_MAX:
+            _fail(where, f"{what}: queued data beyond {TTY_QUEUE_MAX} bytes")
+        if t.mode & ~0o666 or (t.uid or t.gid or t.mode) and (t.uid not in uids or t.gid not in gids):
+            _fail(where, f"{what}: owner {t.uid}:{t.gid} mode {t.mode:o} is not the image's own")
+        if t.sid and (t.sid not in by_pid or by_pid[t.sid].sid != t.sid):
+            _fail(where, f"{what}: session {t.sid} has no leader in the tree")
+        if t.pgrp and (not t.sid or not any(p.pgid == t.pgrp and p.sid == t.sid for p in procs)):
+            _fail(where, f"{what}: foreground group {t.pgrp} is not a group of its session")
+    for p in procs:
+        refs = [(f"fd {f.fd}", f.tty) for f in p.fds if f.kind == pb.TTY]
+        if p.HasField("ctty"):
+            refs.append(("controlling terminal", p.ctty))
+        for name, r in refs:
+            if not (r.external or r.dev_tty) and r.index not in internal:
+                _fail(where, f"process {p.pid} {name}: pty {r.index} is not in the image")
