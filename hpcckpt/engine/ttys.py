@@ -209,6 +209,8 @@ class DumpTerminals:
                     who = _ioctl_int(m, req)
                 except OSError:
                     continue              # ENOTTY: no session has it as controlling terminal
+                if who == 0:
+                    continue              # no foreground group
                 if who not in self.ns:
                     raise UnsupportedError(
                         f"pty /dev/pts/{index} (master: process {host} fd {fd}) is the controlling "

@@ -1,0 +1,210 @@
+"""Terminals: pty pairs held in the tree, controlling terminals, shell jobs, tmux.
+
+Each test drives a real program through a real terminal, checkpoints it midway (the tree
+killed), restores it and drives it on; the transcript is compared with an uninterrupted
+run's, and `ps` (with the tty column) before and after.
+"""
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .helpers import PROGRAMS, cli
+
+HPCCKPT = [sys.executable, "-m", "hpcckpt.cli"]
+PS = "pid,ppid,pgid,sid,tpgid,stat,tty,comm"
+
+
+def ps(pids) -> list[list[str]]:
+    out = subprocess.run(["ps", "-o", PS, "-p", ",".join(map(str, pids))], capture_output=True,
+                         text=True).stdout
+    return [line.split() for line in out.splitlines()[1:]]
+
+
+def wait_until(cond, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.02)
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(name))
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+    return sorted(out)
+
+
+# -- a pty pair inside the tree ------------------------------------------------------
+
+def test_pty_queues_and_settings(tmp_path):
+    """Bytes queued both ways, termios, window size, packet mode: as without a checkpoint."""
+    prog = [sys.executable, str(PROGRAMS / "pty_queues.py")]
+    (tmp_path / "go-ref").touch()
+    ref = subprocess.run([*prog, str(tmp_path / "go-ref")], capture_output=True, text=True, timeout=30,
+                         stdin=subprocess.DEVNULL, start_new_session=True)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "out.txt"
+    with open(out, "wb") as f:
+        p = subprocess.Popen([*prog, str(tmp_path / "go")], stdout=f, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+    wait_until(lambda: b"ready" in out.read_bytes(), "ready")
+    cli("dump", "--pid", p.pid, "--images", tmp_path / "img")
+    p.wait()
+    (tmp_path / "go").touch()
+    res = cli("restore", "--images", tmp_path / "img", timeout=60)
+    lines = out.read_text().splitlines()
+    ref_lines = ref.stdout.splitlines()
+    assert lines[1:-1] == ref_lines[1:-1], res.stderr
+    assert "master read b'out\\r\\nput \\x01 bytesfirst line\\r\\npar" in lines[1], lines[1]
+    assert lines[2] == "slave read [b'first line\\n', b'partial end\\n']"
+    assert lines[-1] == f"name {lines[0].split()[1]}"      # the same /dev/pts/N came back
+
+
+def start_harness(d: Path, keys: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(PROGRAMS / "pty_harness.py"), str(keys), str(log), "--",
+                             sys.executable, str(PROGRAMS / "tty_echo.py")], cwd=d,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+
+
+def text(log: Path) -> str:
+    return log.read_text() if log.exists() else ""
+
+
+def type_and_wait(keys: Path, log: Path, typed: str, expect: str) -> None:
+    with open(keys, "a") as f:
+        f.write(typed)
+    wait_until(lambda: expect in text(log), f"{expect!r} in {text(log)!r}")
+
+
+def test_program_in_a_pty_held_by_the_tree(tmp_path):
+    """A terminal emulator (the harness) and the program in its pty, checkpointed together:
+    after the restore the program still reads and writes its terminal, is in its
+    foreground with it as controlling terminal, and the transcript is the uninterrupted one."""
+    ref_dir, job_dir = tmp_path / "ref", tmp_path / "job"
+    transcripts = {}
+    for d in (ref_dir, job_dir):
+        d.mkdir()
+        keys, log = d / "keys", d / "log"
+        keys.touch()
+        h = start_harness(d, keys, log)
+        try:
+            wait_until(lambda: "hello" in text(log), "hello")
+            type_and_wait(keys, log, "abc\n", "#1 cba")
+            if d is job_dir:
+                prog = children(h.pid)
+                before = ps([h.pid, *prog])
+                assert before[1][6].startswith("pts/") and "+" in before[1][5], before
+                cli("dump", "--pid", h.pid, "--images", d / "img")
+                h.wait()
+                wait_until(lambda: not os.path.exists(f"/proc/{prog[0]}"), "program gone")
+                r = subprocess.Popen([*HPCCKPT, "restore", "--images", str(d / "img")], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                wait_until(lambda: children(r.pid) == [h.pid] and children(h.pid) == prog, "restored tree")
+                time.sleep(0.2)
+                after = ps([h.pid, *prog])
+                before[0][1] = after[0][1] = "-"    # the harness's parent: the test, then restore
+                assert after == before
+            type_and_wait(keys, log, "defg\n", "#2 gfed")
+            type_and_wait(keys, log, "quit\n", "[exit 0]")
+            if d is job_dir:
+                assert r.wait(timeout=30) == 0, r.stderr.read()
+        finally:
+            if h.poll() is None and d is ref_dir:
+                h.kill()
+        transcripts[d] = log.read_text()
+    assert transcripts[job_dir] == transcripts[ref_dir]
+    assert "size=31x97 fg=True canon=True ctty=True" in transcripts[job_dir].splitlines()[-3]
+
+
+# -- a shell job -----------------------------------------------------------------------
+
+class Terminal:
+    """bash on a pty whose master this test holds: the user's terminal, outside any tree."""
+
+    def __init__(self, cwd: Path):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+        env.update(PS1="$ ", TERM="xterm", HISTFILE="/dev/null")
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            os.chdir(cwd)
+            os.closerange(3, os.sysconf("SC_OPEN_MAX"))   # a user's shell: no strays of ours
+            os.execvpe("bash", ["bash", "--norc", "--noprofile", "-i"], env)
+        self.buf = b""
+
+    def read(self) -> str:
+        while select.select([self.fd], [], [], 0)[0]:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            self.buf += chunk
+        return self.buf.decode(errors="replace")
+
+    def type(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def expect(self, what: str, after: int = 0, timeout: float = 60) -> int:
+        wait_until(lambda: what in self.read()[after:], repr(what) + f" in terminal:\n{self.read()[-2000:]}",
+                   timeout)
+        return self.read().index(what, after) + len(what)
+
+    def close(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(self.fd)
+
+
+def test_shell_job(tmp_path):
+    """A program run from an interactive shell in a terminal held outside the tree: refused
+    without --shell-job (and left running), dumped with it, killed, and restored by a
+    command typed into the same shell: it gets that terminal and its foreground, and
+    goes on answering what is typed."""
+    term = Terminal(tmp_path)
+    try:
+        pos = term.expect("$ ")
+        term.type(f"{sys.executable} {PROGRAMS / 'tty_echo.py'}\n")
+        pos = term.expect("hello from a pty: True", pos)
+        term.type("abc\n")
+        pos = term.expect("#1 cba size=", pos)
+        prog = [c for c in children(term.pid)]
+        assert len(prog) == 1
+        res = cli("dump", "--pid", prog[0], "--images", tmp_path / "no", check=False)
+        assert res.returncode != 0 and "shell job" in res.stderr and "--shell-job" in res.stderr, res.stderr
+        assert f"process {prog[0]}: fd 0 is the terminal /dev/pts/" in res.stderr, res.stderr
+        term.type("def\n")
+        pos = term.expect("#2 fed size=", pos)
+        cli("dump", "--pid", prog[0], "--shell-job", "--images", tmp_path / "img")
+        pos = term.expect("$ ", pos)                # the shell saw its job killed
+        res = cli("restore", "--images", tmp_path / "img", check=False)
+        assert res.returncode != 0 and "--shell-job" in res.stderr, res.stderr
+        term.type(f"cd {tmp_path} && {' '.join(HPCCKPT)} -q restore --shell-job --images img; echo rc=$?\n")
+        wait_until(lambda: os.path.exists(f"/proc/{prog[0]}"), "restored program")
+        term.type("ghi\n")
+        pos = term.expect("#3 ihg size=", pos)
+        line = term.read()[pos:].splitlines()[0]
+        assert line.endswith("fg=True canon=True ctty=True"), line
+        term.type("quit\n")
+        pos = term.expect("#4 tiuq", pos)
+        pos = term.expect("rc=0", pos)
+        term.type("echo back $((6*7))\n")
+        term.expect("back 42", pos)                 # the shell has its terminal back
+    finally:
+        term.close()
