@@ -22,6 +22,7 @@ from ..errors import RestoreError, UnsupportedError
 from ..images import pb
 from ..kernel import sockdiag
 from ..kernel.libc import pidfd_getfd, pidfd_open
+from . import unixlisten
 
 SOL_SOCKET, SOL_TCP, SOL_IPV6 = 1, 6, 41
 SO_REUSEADDR, SO_SNDBUF, SO_RCVBUF, SO_REUSEPORT = 2, 7, 8, 15
@@ -130,8 +131,8 @@ def _unix(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: s
         raise UnsupportedError(f"{where}: not found through sock_diag (another network namespace?)")
     name = u.name.decode(errors="replace").replace("\0", "@")
     if u.state == sockdiag.TCP_LISTEN:
-        raise UnsupportedError(f"{where} is listening on {name!r}; named unix sockets cannot be "
-                               "checkpointed yet")
+        unixlisten.describe(k, u.name, u.rqueue, where)
+        return
     if not u.peer:
         raise UnsupportedError(f"{where}{' bound to ' + repr(name) if name else ''} is not connected "
                                "to a peer (or its peer closed); only connected pairs can be checkpointed")
@@ -210,6 +211,8 @@ def create(t, e: pb.Fd, pairs: dict[int, Pair], local_copy) -> int:
     """The socket of `e` in target `t` (a restore.Target); returns its fd there."""
     k = e.socket
     where = f"process {t.ns_pid} fd {e.fd}"
+    if k.family == socket.AF_UNIX and k.listening:
+        return unixlisten.create(t, e)
     if k.family == socket.AF_UNIX:
         if k.pair_id not in pairs:
             sv = t.put(bytes(8))
@@ -328,6 +331,7 @@ def holder(k: pb.Socket) -> str:
 
 def check(pid: int, fds: list[pb.Fd]) -> None:
     """Every port the process had bound is free here."""
+    unixlisten.check(pid, fds)
     for e in fds:
         k = e.socket
         if e.kind != pb.SOCKET or k.family == socket.AF_UNIX or not k.port:

@@ -7,6 +7,7 @@ run's, and `ps` (with the tty column) before and after.
 import os
 import pty
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -208,3 +209,80 @@ def test_shell_job(tmp_path):
         term.expect("back 42", pos)                 # the shell has its terminal back
     finally:
         term.close()
+
+
+# -- tmux with bash and top --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tmux() -> str:
+    if not shutil.which("tmux"):
+        subprocess.run(["apt-get", "install", "-y", "-q", "tmux"], check=True, capture_output=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    return shutil.which("tmux")
+
+
+def test_tmux_with_bash_and_top(tmp_path, tmux):
+    """The tmux server runs as the job of `hpcckpt run` (-D: it does not daemonize, so the
+    job's PID namespace holds it with every pane); bash and top run in its panes. After a
+    final checkpoint and the resume, tmux answers its socket, bash finishes the command line
+    typed half before the checkpoint and runs new ones, top refreshes and takes keys, and
+    `ps` of the namespace (with the tty column and + for each terminal's foreground) is
+    the same as before."""
+    from .test_tree_shape import normalized, ns_init, ns_ps
+    sock = f"ttys-{os.getpid()}"
+    images, out, err = tmp_path / "img", tmp_path / "out.txt", tmp_path / "err.txt"
+
+    def run_server() -> subprocess.Popen:
+        with open(out, "ab") as o, open(err, "ab") as e:
+            return subprocess.Popen([*HPCCKPT, "run", "--images", str(images), "--", tmux, "-L", sock,
+                                     "-f", "/dev/null", "-D"], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                                    stdout=o, stderr=e, start_new_session=True)
+
+    def tm(*args, check=True) -> str:
+        res = subprocess.run([tmux, "-L", sock, *args], capture_output=True, text=True, timeout=30)
+        assert not check or res.returncode == 0, f"tmux {args}: {res.stderr}\n{err.read_text()}"
+        return res.stdout
+
+    def pane(n: int) -> list[str]:
+        return [line.rstrip() for line in tm("capture-pane", "-p", "-t", f"main:{n}").splitlines() if line.strip()]
+
+    mon = run_server()
+    try:
+        wait_until(lambda: os.path.exists(f"/tmp/tmux-{os.getuid()}/{sock}"), "tmux server's socket")
+        tm("new-session", "-d", "-x", "90", "-y", "30", "-s", "main", "env PS1='$ ' bash --norc --noprofile")
+        tm("new-window", "-d", "-t", "main:1", "top -d 1")
+        wait_until(lambda: pane(0) == ["$"], "bash prompt")
+        wait_until(lambda: any(x.startswith("top - ") for x in pane(1)), "top")
+        tm("send-keys", "-t", "main:0", "echo before $((6*7))", "Enter")
+        wait_until(lambda: pane(0)[-2:] == ["before 42", "$"], "before 42")
+        tm("send-keys", "-t", "main:0", "echo par")          # half a command line, in bash
+        wait_until(lambda: pane(0)[-1] == "$ echo par", "typed half")
+        before = normalized(ns_ps(ns_init(mon.pid)))
+        mon.send_signal(signal.SIGTERM)
+        assert mon.wait(timeout=60) == 0, err.read_text()
+        assert "final checkpoint" in err.read_text() and "job stopped" in err.read_text()
+        assert subprocess.run([tmux, "-L", sock, "ls"], capture_output=True).returncode != 0
+        mon = run_server()
+        wait_until(lambda: "resumed from" in err.read_text(), f"resume: {err.read_text()}")
+        after = normalized(ns_ps(ns_init(mon.pid)))
+        assert after == before, f"before:\n{before}\nafter:\n{after}"
+        ttys = [r for r in after if r[6] != "?"]
+        assert len(ttys) == 2 and all("+" in r[5][1] and "s" in r[5][1] for r in ttys), after
+        tm("send-keys", "-t", "main:0", "tial $((2+3))", "Enter")
+        wait_until(lambda: pane(0)[-2:] == ["partial 5", "$"], f"partial 5 in {pane(0)}")
+        tm("send-keys", "-t", "main:0", "echo after $((6*8)); tty", "Enter")
+        wait_until(lambda: len(pane(0)) >= 8 and pane(0)[-1] == "$", f"after 48 in {pane(0)}")
+        assert pane(0)[:-2] == ["$ echo before $((6*7))", "before 42", "$ echo partial $((2+3))", "partial 5",
+                                "$ echo after $((6*8)); tty", "after 48"], pane(0)
+        assert pane(0)[-2].startswith("/dev/pts/")
+        first = next(x for x in pane(1) if x.startswith("top - "))
+        wait_until(lambda: next(x for x in pane(1) if x.startswith("top - ")) != first, "top refreshing")
+        tm("send-keys", "-t", "main:1", "q")
+        wait_until(lambda: tm("list-windows", "-t", "main").count("\n") == 1, "top quit on its key")
+        tm("kill-server")
+        assert mon.wait(timeout=30) == 0, err.read_text()
+    finally:
+        subprocess.run([tmux, "-L", sock, "kill-server"], capture_output=True)
+        if mon.poll() is None:
+            os.killpg(mon.pid, signal.SIGKILL)
+            mon.wait()

@@ -109,3 +109,5 @@ SYSCALLS.update({"socket": 41, "connect": 42, "sendto": 44, "shutdown": 48, "bin
                  "setsockopt": 54, "getsockopt": 55})
 # rootless restores hand back the capabilities their stubs held
 SYSCALLS.update({"capset": 126})
+# named listening unix sockets: a stale socket file replaced, its mode given back
+SYSCALLS.update({"unlinkat": 263, "fchmodat": 268})

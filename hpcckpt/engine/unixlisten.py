@@ -1,0 +1,90 @@
+"""Listening unix sockets bound to a name (a tmux or screen server's socket).
+
+Dump: the name (a path, or an abstract name starting with NUL), the socket file's mode
+(tmux keeps state in its execute bits), and a refusal if connections wait in the accept
+queue (they would need their client's end, outside the tree). Clients that connect
+later simply reconnect to the new socket, as they would after a server restart.
+
+Restore: the dead original leaves its socket file behind; it is removed (only if it is
+a socket, and by the restored process itself, with the image owner's file credentials,
+so an image cannot remove anything its owner could not) and the name is bound again,
+then listened on. Before anything is touched, a name that a live server still answers
+on is refused.
+"""
+import os
+import socket
+import stat
+import struct
+
+from ..errors import ImageError, RestoreError, UnsupportedError
+from ..images import pb
+
+AT_FDCWD = -100
+SOCK_NONBLOCK = 0o4000
+O_NONBLOCK = 0o4000
+
+
+def describe(k: pb.Socket, name: bytes, pending: int, where: str) -> None:
+    """Fill `k` for a listening unix socket bound to `name` (as sock_diag gives it)."""
+    if pending:
+        raise UnsupportedError(f"{where} listening on {name!r} has {pending} connection(s) waiting "
+                               "to be accepted; they cannot be checkpointed yet")
+    abstract = name.startswith(b"\0")
+    if not abstract:
+        name = name.rstrip(b"\0")
+        if not name.startswith(b"/"):
+            raise UnsupportedError(f"{where} listens on the relative path {name!r}, which names "
+                                   "no file once the process moved; not supported")
+        try:
+            st = os.lstat(name)
+            if stat.S_ISSOCK(st.st_mode):
+                k.unix_mode = stat.S_IMODE(st.st_mode)
+        except FileNotFoundError:
+            pass
+    k.address = os.fsdecode(name)
+    k.listening = True
+    k.backlog = socket.SOMAXCONN      # sock_diag does not say; the backlog changes nothing seen
+
+
+def check(pid: int, fds: list[pb.Fd]) -> None:
+    """Before a restore: no live server answers on any name we are to bind."""
+    for e in fds:
+        k = e.socket
+        if e.kind != pb.SOCKET or k.family != socket.AF_UNIX or not k.listening:
+            continue
+        if k.unix_mode & ~0o777 or not k.address or "\0" in k.address[1:]:
+            raise ImageError(f"image is invalid: process {pid} fd {e.fd}: unix socket name "
+                             f"{k.address!r} or mode {k.unix_mode:o}")
+        probe = socket.socket(socket.AF_UNIX, k.type)
+        try:
+            probe.connect(os.fsencode(k.address))
+        except OSError:
+            continue                  # stale file or no file: ours to bind again
+        finally:
+            probe.close()
+        raise RestoreError(f"process {pid} fd {e.fd}: a live server already listens on unix socket "
+                           f"{k.address!r}; stop it (or restore elsewhere) and restore again")
+
+
+def create(t, e: pb.Fd) -> int:
+    """The listening socket of `e` in target `t` (restore.Target)."""
+    k = e.socket
+    where = f"process {t.ns_pid} fd {e.fd}"
+    name = os.fsencode(k.address)
+    abstract = name.startswith(b"\0")
+    if not abstract:
+        path = t.cstr(k.address)
+        try:
+            if stat.S_ISSOCK(os.lstat(name).st_mode):
+                t.sys("unlinkat", AT_FDCWD, path, 0, check=False)
+        except FileNotFoundError:
+            pass
+    fd = t.sys("socket", socket.AF_UNIX, k.type | (SOCK_NONBLOCK if e.flags & O_NONBLOCK else 0), 0)
+    sa = struct.pack("<H", socket.AF_UNIX) + name + (b"" if abstract else b"\0")
+    res = t.sys("bind", fd, t.put(sa), len(sa), check=False)
+    if res < 0:
+        raise RestoreError(f"{where}: cannot bind unix socket {k.address!r} again: {os.strerror(-res)}")
+    if k.unix_mode and not abstract:
+        t.sys("fchmodat", AT_FDCWD, t.cstr(k.address), k.unix_mode, 0, check=False)
+    t.sys("listen", fd, k.backlog or socket.SOMAXCONN)
+    return fd
