@@ -21,6 +21,7 @@ from ..kernel import proc, ptrace
 from ..kernel.arch import current as arch
 from ..kernel.inject import Injector, Mem, find_syscall_insn
 from .launch import launch_stub
+from .sessions import check as leaderless_sessions
 
 OPTIONS = ptrace.O_EXITKILL | ptrace.O_TRACECLONE | ptrace.O_TRACEFORK
 PR_SET_NAME = 15
@@ -131,14 +132,17 @@ def create_tree(procs: list[pb.Process], terminals=None) -> Tree:
     by_pid = {p.pid: p for p in procs}
     root = procs[0]
     t.root_host = launch_stub(root.pid)
+    helpers: dict[int | None, Stub] = {}
     try:
         ptrace.set_options(t.root_host, OPTIONS)
         t.stubs[root.pid] = _stub(root.pid, t.root_host)
         if terminals is not None:
             terminals.create(t.stubs[root.pid])
         _session(t, root, None)
+        leaderless = leaderless_sessions(procs)
         for p in procs[1:]:
             if p.orphan:
+                _orphan(t, p, root, helpers, leaderless)
                 continue
             parent = by_pid.get(p.ppid)
             if parent is None or parent.pid not in t.stubs or parent.zombie:
@@ -146,17 +150,10 @@ def create_tree(procs: list[pb.Process], terminals=None) -> Tree:
                                    "(or was not created before it)")
             t.stubs[p.pid] = fork_child(t.stubs[p.ppid], p.pid)
             _session(t, p, parent)
-        orphans = [p for p in procs[1:] if p.orphan]
-        for p in orphans:
-            rs = t.stubs[root.pid]
-            helper = fork_child(rs, None)
-            try:
-                t.stubs[p.pid] = fork_child(helper, p.pid)
-                _session(t, p, root)
-            finally:
-                exit_stub(helper)
-                rs.inj.syscall("wait4", helper.ns_pid, 0, 0, 0, check=False)
-        if orphans:
+        for key in list(helpers):        # orphans made: their forker exits, the root reaps it
+            exit_stub(helpers[key])
+            t.stubs[root.pid].inj.syscall("wait4", helpers.pop(key).ns_pid, 0, 0, 0, check=False)
+        if leaderless or any(p.orphan for p in procs):
             drain_sigchld(t.stubs[root.pid])
         # for a tree created in the orphans' loop, parents precede children as dumped
         for p in procs:
@@ -164,6 +161,8 @@ def create_tree(procs: list[pb.Process], terminals=None) -> Tree:
                 t.stubs[p.pid].inj.syscall("setpgid", 0, 0)
         for p in procs:
             if p.pgid and p.pgid != p.pid:
+                if p.pgid == p.sid and p.sid in leaderless:
+                    continue             # the dead leader's group: had from the helper
                 if p.pgid not in by_pid:
                     raise RestoreError(f"process {p.pid}: process group {p.pgid} has no member to lead it")
                 res = t.stubs[p.pid].inj.syscall("setpgid", 0, p.pgid, check=False)
@@ -184,12 +183,30 @@ def create_tree(procs: list[pb.Process], terminals=None) -> Tree:
         t.release()
         return t
     except BaseException:
+        for h in helpers.values():
+            try:
+                os.kill(h.host, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         t.kill_all()
         try:
             os.waitpid(t.root_host, 0)
         except ChildProcessError:
             pass
         raise
+
+
+def _orphan(t: Tree, p: pb.Process, root: pb.Process, helpers: dict, leaderless: dict) -> None:
+    """An orphan, forked by a helper that exits once all are made, so the namespace's
+    init adopts them. In a session whose leader is gone (sessions.py) the helper has that
+    session's PID and calls setsid() first: it makes the session and its group."""
+    key = p.sid if p.sid in leaderless else None
+    if key not in helpers:
+        helpers[key] = fork_child(t.stubs[root.pid], key)
+        if key is not None:
+            helpers[key].inj.syscall("setsid")
+    t.stubs[p.pid] = fork_child(helpers[key], p.pid)
+    _session(t, p, pb.Process(pid=key, sid=key) if key is not None else root)
 
 
 def _session(t: Tree, p: pb.Process, parent: pb.Process | None) -> None:

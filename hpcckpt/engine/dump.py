@@ -25,7 +25,7 @@ from ..kernel.inject import Injector, Mem, find_syscall_insn
 from ..progress import Progress
 from ..images.chain import load_chain, new_image_id, relative_parent
 from ..tracking.incremental import IncrementalPlan, plan_incremental
-from . import files, memory, shared, snapshot, timers, ttys
+from . import files, memory, sessions, shared, snapshot, timers, ttys
 from .incremental import Parent, TreeTracker, save_digests
 from . import tree as ptree
 from .freeze import Frozen
@@ -253,7 +253,10 @@ def _relations(ft: ptree.FrozenTree, pid: int, ns: dict[int, int], p: pb.Process
     e, r = ft.table[pid], ft.table[ft.root]
     p.orphan = pid in ft.orphans
     p.ppid = ns.get(e.ppid, 1 if p.orphan else 0) if pid != ft.root else 0
+    leaderless = pid != ft.root and sessions.leaderless(ft, pid, p, e.sid, e.pgid)
     for name in ("pgid", "sid"):
+        if leaderless and (name == "sid" or p.pgid):
+            continue                      # a session whose leader exited (sessions.py)
         host = getattr(e, name)
         if host in ns:
             setattr(p, name, ns[host])

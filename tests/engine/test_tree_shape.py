@@ -20,7 +20,7 @@ from .helpers import PROGRAMS
 
 RUN = [sys.executable, "-m", "hpcckpt.cli", "run"]
 COLUMNS = "pid,ppid,pgid,sid,tpgid,stat,tty,comm"
-READY = 11     # "ready NAME" lines of ps_tree.py
+READY = 13     # "ready NAME" lines of ps_tree.py
 
 
 def ns_init(monitor: int) -> int:
@@ -111,7 +111,8 @@ def test_ps_same_before_and_after(tmp_path):
     n = normalized(before)
     by_pid = {r[0]: r for r in n}
     assert sum(r[5][0] == "zombie" for r in n) == 2, before
-    assert sum(r[1] == "1" for r in n) == 2, before                 # orphans adopted by init
+    assert sum(r[1] == "1" for r in n) == 3, before                 # orphans adopted by init
+    assert sum(r[3] not in by_pid and r[3] != "0" for r in n) == 2, before   # a session without leader
     assert len({r[3] for r in n}) >= 3 and len({r[2] for r in n}) >= 5, before   # sessions, groups
     assert sum("l" in r[5][1] for r in n) >= 2, before              # multithreaded (thread parents)
     assert sum("s" in r[5][1] for r in n) >= 2 and by_pid["1"][6] == "?", before

@@ -13,6 +13,8 @@ Usage: ps_tree.py GO_FILE
   ├── M      two threads; M's second thread forks M1 (a child of a thread)
   ├── C      exits at once, leaving O (root's session) and OS (setsid) behind:
   O, OS      orphans, adopted by the namespace's init
+  ├── X      a daemon's start: setsid, forks DM and exits (reaped by root):
+  DM         an orphan in a session (and group) whose leader is gone, with a child DM1
 Each process prints "ready NAME" once in place and, when GO_FILE shows up, a line of
 True/False checks of its relations before it exits; every parent waits for its
 children (zombies last), so the output is the same however the tree is interrupted.
@@ -115,13 +117,29 @@ def c_body():
     child("OS", leaf("OS", lambda: (os.getppid() == 1, os.getsid(0) == os.getpid()), os.setsid))
 
 
+def x_body():
+    os.setsid()
+
+    def dm_body():
+        sid = os.getsid(0)
+        dm = os.getpid()
+        dm1 = child("DM1", leaf("DM1", lambda: (os.getppid() == dm, os.getsid(0) == sid, os.getpgid(0) == sid)))
+        say("ready DM")
+        wait_go()
+        os.waitpid(dm1, 0)
+        say(f"DM {(os.getppid() == 1, os.getsid(0) == sid != dm, os.getpgid(0) == sid)}")
+    child("DM", dm_body)
+
+
 pids = {"A": child("A", a_body), "G": child("G", g_body), "M": child("M", m_body)}
 z = os.fork()
 if z == 0:
     os._exit(5)
 c = child("C", c_body)
+x = child("X", x_body)
 os.close(w_fd)
 os.waitpid(c, 0)
+os.waitpid(x, 0)
 tkid = []
 helper = threading.Thread(target=lambda: tkid.append(child("T", leaf(
     "T", lambda: (os.getppid() == root, os.getsid(0) == root_sid)))))
