@@ -111,6 +111,8 @@ def cmd_restore(args) -> int:
     if not args.quiet:
         print(f"restored process {r.pid} ({r.threads} threads, {r.pages_bytes / 2**20:.1f} MiB) "
               f"in {r.total_s:.3f} s", file=sys.stderr)
+        for note in getattr(r, "notes", []):
+            print(f"hpcckpt: {note}", file=sys.stderr)
     if args.detach:
         print(r.pid)
         return 0

@@ -48,6 +48,7 @@ class Restored:
     pages_bytes: int
     total_s: float
     processes: int = 1
+    notes: list[str] = field(default_factory=list)   # what came back differently (a pty's index)
 
 
 # -- checks that touch nothing ---------------------------------------------------------
@@ -653,12 +654,13 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
             t.mem.close()
     except BaseException:
         terms.close()
+        ttys.take_back_foreground()
         ctree.kill_all()
         _kill_stub(ctree.root_host)
         raise
     return Restored(pid=ctree.root_host, threads=sum(len(p.threads) for p in live),
                     pages_bytes=pages_bytes,
-                    total_s=time.monotonic() - t0, processes=len(procs))
+                    total_s=time.monotonic() - t0, processes=len(procs), notes=terms.notes)
 
 
 def _arm(tracker: "TreeTracker", targets: dict[int, Target], live: list[pb.Process], inv: pb.Inventory) -> None:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from hpcckpt.images.imageset import ImageSet
+
 from .helpers import PROGRAMS, cli
 
 HPCCKPT = [sys.executable, "-m", "hpcckpt.cli"]
@@ -72,6 +74,83 @@ def test_pty_queues_and_settings(tmp_path):
     assert "master read b'out\\r\\nput \\x01 bytesfirst line\\r\\npar" in lines[1], lines[1]
     assert lines[2] == "slave read [b'first line\\n', b'partial end\\n']"
     assert lines[-1] == f"name {lines[0].split()[1]}"      # the same /dev/pts/N came back
+
+
+def test_pty_queues_left_running(tmp_path):
+    """--leave-running: the queues read for the image are given back to the running tree."""
+    prog = [sys.executable, str(PROGRAMS / "pty_queues.py")]
+    (tmp_path / "go-ref").touch()
+    ref = subprocess.run([*prog, str(tmp_path / "go-ref")], capture_output=True, text=True, timeout=30,
+                         stdin=subprocess.DEVNULL, start_new_session=True)
+    out = tmp_path / "out.txt"
+    with open(out, "wb") as f:
+        p = subprocess.Popen([*prog, str(tmp_path / "go")], stdout=f, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+    wait_until(lambda: b"ready" in out.read_bytes(), "ready")
+    cli("dump", "--pid", p.pid, "--leave-running", "--images", tmp_path / "img")
+    (tmp_path / "go").touch()
+    assert p.wait(timeout=30) == 0
+    inv = ImageSet(tmp_path / "img").inventory()
+    assert len(inv.ttys) == 1 and inv.ttys[0].output.startswith(b"out\r\nput") and inv.ttys[0].input
+    assert out.read_text().splitlines()[1:-1] == ref.stdout.splitlines()[1:-1]
+
+
+@pytest.fixture
+def pty_image(tmp_path):
+    """A sealed image of pty_queues.py (killed after the dump): (image dir, its PID)."""
+    out = tmp_path / "out.txt"
+    with open(out, "wb") as f:
+        p = subprocess.Popen([sys.executable, str(PROGRAMS / "pty_queues.py"), str(tmp_path / "go")],
+                             stdout=f, stdin=subprocess.DEVNULL, start_new_session=True)
+    wait_until(lambda: b"ready" in out.read_bytes(), "ready")
+    cli("dump", "--pid", p.pid, "--images", tmp_path / "img")
+    p.wait()
+    return tmp_path / "img", p.pid
+
+
+def test_pty_index_taken(pty_image, tmp_path):
+    """The pty's old index is in use here: another one is taken, and the restore says so;
+    the program works on."""
+    img, pid = pty_image
+    want = ImageSet(img).inventory().ttys[0].index
+    held = []
+    try:
+        for _ in range(64):
+            m, s = os.openpty()
+            held += [m, s]
+            if os.ttyname(s) == f"/dev/pts/{want}":
+                break
+        else:
+            pytest.skip(f"could not take /dev/pts/{want} for the test")
+        (tmp_path / "go").touch()
+        res = cli("restore", "--images", img)
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert f"pty /dev/pts/{want} is taken here: restored as /dev/pts/" in res.stderr, res.stderr
+    lines = (tmp_path / "out.txt").read_text().splitlines()
+    assert lines[2] == "slave read [b'first line\\n', b'partial end\\n']", lines
+    assert lines[-1] != f"name /dev/pts/{want}" and lines[-1].startswith("name /dev/pts/")
+
+
+@pytest.mark.parametrize("field,value,says", [
+    ("uid", 4242, "owner 4242:"),
+    ("sid", 99999, "session 99999 has no leader"),
+    ("termios", b"\x01\x02", "termios of 2/36 bytes"),
+    ("rows", 1 << 20, "window size"),
+    ("output", b"x" * (2 << 20), "queued data beyond"),
+])
+def test_crafted_terminal_is_refused(pty_image, field, value, says):
+    """An image's terminal fields are untrusted: each bad one is refused, naming it, before
+    any process exists."""
+    img, pid = pty_image
+    iset = ImageSet(img)
+    inv = iset.read_message("inventory.img", "inventory")
+    setattr(inv.ttys[0], field, value)
+    iset.write_message("inventory.img", "inventory", inv)
+    res = cli("restore", "--images", img, check=False)
+    assert res.returncode != 0 and f"image {img}" in res.stderr and says in res.stderr, res.stderr
+    assert not os.path.exists(f"/proc/{pid}")
 
 
 def start_harness(d: Path, keys: Path, log: Path) -> subprocess.Popen:
@@ -187,6 +266,9 @@ def test_shell_job(tmp_path):
         pos = term.expect("#1 cba size=", pos)
         prog = [c for c in children(term.pid)]
         assert len(prog) == 1
+        res = cli("dump", "--pid", term.pid, "--shell-job", "--images", tmp_path / "no", check=False)
+        assert res.returncode != 0 and f"process {term.pid} leads a session whose controlling terminal" \
+            in res.stderr, res.stderr                 # the shell itself: its terminal's master is ours
         res = cli("dump", "--pid", prog[0], "--images", tmp_path / "no", check=False)
         assert res.returncode != 0 and "shell job" in res.stderr and "--shell-job" in res.stderr, res.stderr
         assert f"process {prog[0]}: fd 0 is the terminal /dev/pts/" in res.stderr, res.stderr

@@ -52,4 +52,4 @@ ws = struct.unpack("<4H", fcntl.ioctl(s, termios.TIOCGWINSZ, bytes(8)))
 print(f"master read {got!r}")
 print(f"slave read {lines!r}")
 print(f"flags {a[:4]} erase {a[6][termios.VERASE]!r} winsize {ws} packet {pkt}")
-print(f"name {name}")
+print(f"name {os.ttyname(s)}")              # as the kernel names it now
