@@ -96,7 +96,7 @@ TTY_GROUP = 5                      # Debian's "tty" group: devpts' usual gid= fo
 
 
 def validate_ttys(where: str, inv: pb.Inventory, procs: list[pb.Process]) -> None:
-    """Terminals of an image (engine/ttys.py): indices bounded and known, termios and
+    """Sessions and groups in range; terminals of an image (engine/ttys.py): indices bounded and known, termios and
     window sizes of the kernel's shape, queues bounded, sessions and groups members of
     the tree, and a slave's owner one of the image's own users and groups."""
     live = [p for p in procs if not p.zombie]
@@ -130,6 +130,8 @@ def validate_ttys(where: str, inv: pb.Inventory, procs: list[pb.Process]) -> Non
         if t.pgrp and (not t.sid or not any(p.pgid == t.pgrp and p.sid == t.sid for p in procs)):
             _fail(where, f"{what}: foreground group {t.pgrp} is not a group of its session")
     for p in procs:
+        if not (0 <= p.sid < PID_MAX and 0 <= p.pgid < PID_MAX):
+            _fail(where, f"process {p.pid}: session {p.sid} or group {p.pgid} out of range")
         refs = [(f"fd {f.fd}", f.tty) for f in p.fds if f.kind == pb.TTY]
         if p.HasField("ctty"):
             refs.append(("controlling terminal", p.ctty))
