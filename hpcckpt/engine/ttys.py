@@ -187,7 +187,10 @@ class DumpTerminals:
                 "the process tree; dump the process that holds its master (e.g. the terminal "
                 "emulator, tmux or screen server) with it")
         if not self.shell_job:
-            raise _shell_job_error(host, None, path)
+            # only a controlling terminal, no fd on it (those are refused in describe_fd):
+            # restored, it has whatever session and terminal the restore command has, as
+            # any tree whose session is outside it does
+            return
         p.ctty.CopyFrom(pb.TtyFd(external=True))
         if self.external is None:
             self.external = pb.Tty(external=True, index=pts_index(ctty) if os.major(ctty) in PTS_MAJORS else 0,
