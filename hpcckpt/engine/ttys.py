@@ -148,6 +148,7 @@ def describe_fd(e: pb.Fd, pid: int, fd: int, st: os.stat_result, info: dict, des
         raise _shell_job_error(pid, fd, e.path)
     if not shell_job:
         raise _shell_job_error(pid, fd, e.path)
+    descs.cache["shell-job"] = pts_index(st.st_rdev) if k == "slave" else 0   # an external Tty is due
     if fd <= 2:
         e.kind = pb.INHERITED            # the restore command's own stdio, as before
     else:
@@ -232,6 +233,8 @@ class DumpTerminals:
                 t.uid, t.gid, t.mode = st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
                 t.exclusive = _ioctl_int(s, TIOCGEXCL) != 0
             self.ttys[index] = t
+        if self.external is None and "shell-job" in self.descs.cache:
+            self.external = pb.Tty(external=True, index=self.descs.cache["shell-job"])
         return list(self.ttys.values()) + ([self.external] if self.external else [])
 
     def read_queues(self) -> None:
