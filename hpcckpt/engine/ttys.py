@@ -200,42 +200,49 @@ class DumpTerminals:
     def collect(self) -> list[pb.Tty]:
         """Every pty pair of the tree, read through our duplicate of its master."""
         for index, (host, fd) in sorted(masters(self.descs).items()):
-            m = _local(host, fd)
-            self.fds[index] = (m, None)
-            t = pb.Tty(index=index)
-            t.locked = _ioctl_int(m, TIOCGPTLCK) != 0
-            t.packet_mode = _ioctl_int(m, TIOCGPKT) != 0
-            t.termios = _get(m, TCGETS, TERMIOS_SIZE)
-            t.termios_locked = _get(m, TIOCGLCKTRMIOS, TERMIOS_SIZE)
-            t.rows, t.cols, t.xpixel, t.ypixel = WINSIZE.unpack(_get(m, TIOCGWINSZ, WINSIZE.size))
-            for name, req in (("sid", TIOCGSID), ("pgrp", TIOCGPGRP)):
-                try:
-                    who = _ioctl_int(m, req)
-                except OSError:
-                    continue              # ENOTTY: no session has it as controlling terminal
-                if who == 0:
-                    continue              # no foreground group
-                if who not in self.ns:
-                    raise UnsupportedError(
-                        f"pty /dev/pts/{index} (master: process {host} fd {fd}) is the controlling "
-                        f"terminal of {'session' if name == 'sid' else 'foreground group'} {who}, "
-                        "outside the process tree; dump that session too")
-                setattr(t, name, self.ns[who])
-            if not t.locked:
-                path = f"/dev/pts/{index}"
-                try:
-                    s = os.open(path, os.O_RDWR | O_NOCTTY | O_NONBLOCK | O_CLOEXEC)
-                except OSError as e:
-                    raise KernelError(f"pty {path} (master: process {host} fd {fd}): cannot open its "
-                                      f"slave side: {e.strerror}") from None
-                self.fds[index] = (m, s)
-                st = os.fstat(s)
-                t.uid, t.gid, t.mode = st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
-                t.exclusive = _ioctl_int(s, TIOCGEXCL) != 0
-            self.ttys[index] = t
+            try:
+                self._collect_one(index, host, fd)
+            except OSError as e:
+                raise KernelError(f"pty /dev/pts/{index} (master: process {host} fd {fd}): cannot read "
+                                  f"its state: {e.strerror}") from None
         if self.external is None and "shell-job" in self.descs.cache:
             self.external = pb.Tty(external=True, index=self.descs.cache["shell-job"])
         return list(self.ttys.values()) + ([self.external] if self.external else [])
+
+    def _collect_one(self, index: int, host: int, fd: int) -> None:
+        m = _local(host, fd)
+        self.fds[index] = (m, None)
+        t = pb.Tty(index=index)
+        t.locked = _ioctl_int(m, TIOCGPTLCK) != 0
+        t.packet_mode = _ioctl_int(m, TIOCGPKT) != 0
+        t.termios = _get(m, TCGETS, TERMIOS_SIZE)
+        t.termios_locked = _get(m, TIOCGLCKTRMIOS, TERMIOS_SIZE)
+        t.rows, t.cols, t.xpixel, t.ypixel = WINSIZE.unpack(_get(m, TIOCGWINSZ, WINSIZE.size))
+        for name, req in (("sid", TIOCGSID), ("pgrp", TIOCGPGRP)):
+            try:
+                who = _ioctl_int(m, req)
+            except OSError:
+                continue              # ENOTTY: no session has it as controlling terminal
+            if who == 0:
+                continue              # no foreground group
+            if who not in self.ns:
+                raise UnsupportedError(
+                    f"pty /dev/pts/{index} (master: process {host} fd {fd}) is the controlling "
+                    f"terminal of {'session' if name == 'sid' else 'foreground group'} {who}, "
+                    "outside the process tree; dump that session too")
+            setattr(t, name, self.ns[who])
+        if not t.locked:
+            path = f"/dev/pts/{index}"
+            try:
+                s = os.open(path, os.O_RDWR | O_NOCTTY | O_NONBLOCK | O_CLOEXEC)
+            except OSError as e:
+                raise KernelError(f"pty {path} (master: process {host} fd {fd}): cannot open its "
+                                  f"slave side: {e.strerror}") from None
+            self.fds[index] = (m, s)
+            st = os.fstat(s)
+            t.uid, t.gid, t.mode = st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+            t.exclusive = _ioctl_int(s, TIOCGEXCL) != 0
+        self.ttys[index] = t
 
     def read_queues(self) -> None:
         """Take the bytes queued in both directions (destructive: `write_back` returns
@@ -250,11 +257,14 @@ class DumpTerminals:
             lflag = struct.unpack_from("<I", raw, 12)[0]
             struct.pack_into("<I", raw, 12, lflag & ~(ICANON | ECHO | ISIG | IEXTEN))
             raw[17 + 6], raw[17 + 5] = 0, 0          # VMIN = VTIME = 0
-            fcntl.ioctl(s, TCSETS, bytes(raw))      # a partial line becomes readable too
             try:
-                t.input = _drain(s, packet=False)
-            finally:
-                fcntl.ioctl(s, TCSETS, t.termios)
+                fcntl.ioctl(s, TCSETS, bytes(raw))  # a partial line becomes readable too
+                try:
+                    t.input = _drain(s, packet=False)
+                finally:
+                    fcntl.ioctl(s, TCSETS, t.termios)
+            except OSError as e:
+                raise KernelError(f"pty /dev/pts/{index}: cannot read its queued input: {e.strerror}") from None
 
     def write_back(self) -> None:
         """Give the queues back to the ptys (the tree runs on, or the dump failed)."""
@@ -304,14 +314,28 @@ def put_queues(master: int, slave: int, termios_: bytes, output: bytes, input_: 
     if output:
         struct.pack_into("<4I", t, 0, iflag, oflag & ~OPOST, cflag, lflag)
         fcntl.ioctl(slave, TCSETS, bytes(t))
-        os.write(slave, output)
+        _write_all(slave, output)
     if input_:
         struct.pack_into("<4I", t, 0, iflag & ~(ICRNL | INLCR | IGNCR | ISTRIP | IUCLC | IXON), oflag, cflag,
                          lflag & ~(ECHO | ECHOE | ECHOK | ECHONL | ECHOCTL | ECHOKE | ISIG | IEXTEN))
         fcntl.ioctl(slave, TCSETS, bytes(t))
-        os.write(master, input_)
+        _write_all(master, input_)
         _wait_received(slave, input_, termios_)
     fcntl.ioctl(slave, TCSETS, termios_)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """All of `data` (it came out of these very buffers, so it fits back in); a short
+    write becomes an error naming how much was left."""
+    view = memoryview(data)
+    deadline = time.monotonic() + 1.0
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise OSError(errno.EAGAIN, f"{len(view)} of {len(data)} bytes did not fit") from None
+            time.sleep(0.002)
 
 
 def _wait_received(slave: int, data: bytes, termios_: bytes) -> None:
@@ -386,25 +410,31 @@ class Terminals:
         lowest index first so each can ask for its old one."""
         self.owner_ns_pid = stub.ns_pid
         for index in sorted(self.ttys):
-            t = self.ttys[index]
-            fd, now = _open_ptmx(stub, index)
-            if now != index:
-                self.notes.append(f"pty /dev/pts/{index} is taken here: restored as /dev/pts/{now}")
-            local = _local(stub.host, fd)
-            m = Made(t, now, fd, local)
-            self.made[index] = m
-            _ioctl_int(local, TIOCSPTLCK, 0)
-            m.slave = os.open(m.path, os.O_RDWR | O_NOCTTY | O_NONBLOCK | O_CLOEXEC)
-            if t.uid or t.gid or t.mode:
-                os.fchown(m.slave, t.uid, t.gid)
-                os.fchmod(m.slave, t.mode)
-            if len(t.termios_locked) == TERMIOS_SIZE and any(t.termios_locked):
-                fcntl.ioctl(local, TIOCSLCKTRMIOS, t.termios_locked)
-            fcntl.ioctl(local, TCSETS, t.termios)
-            # before any session owns it: a changed size would send SIGWINCH to nobody
-            fcntl.ioctl(local, TIOCSWINSZ, WINSIZE.pack(t.rows, t.cols, t.xpixel, t.ypixel))
-            if t.exclusive:
-                fcntl.ioctl(m.slave, TIOCEXCL)
+            try:
+                self._create_one(stub, index)
+            except OSError as e:
+                raise RestoreError(f"recreating pty /dev/pts/{index}: {e.strerror}") from None
+
+    def _create_one(self, stub, index: int) -> None:
+        t = self.ttys[index]
+        fd, now = _open_ptmx(stub, index)
+        if now != index:
+            self.notes.append(f"pty /dev/pts/{index} is taken here: restored as /dev/pts/{now}")
+        local = _local(stub.host, fd)
+        m = Made(t, now, fd, local)
+        self.made[index] = m
+        _ioctl_int(local, TIOCSPTLCK, 0)
+        m.slave = os.open(m.path, os.O_RDWR | O_NOCTTY | O_NONBLOCK | O_CLOEXEC)
+        if t.uid or t.gid or t.mode:
+            os.fchown(m.slave, t.uid, t.gid)
+            os.fchmod(m.slave, t.mode)
+        if len(t.termios_locked) == TERMIOS_SIZE and any(t.termios_locked):
+            fcntl.ioctl(local, TIOCSLCKTRMIOS, t.termios_locked)
+        fcntl.ioctl(local, TCSETS, t.termios)
+        # before any session owns it: a changed size would send SIGWINCH to nobody
+        fcntl.ioctl(local, TIOCSWINSZ, WINSIZE.pack(t.rows, t.cols, t.xpixel, t.ypixel))
+        if t.exclusive:
+            fcntl.ioctl(m.slave, TIOCEXCL)
 
     def set_ctty(self, stub, p: pb.Process) -> None:
         """A session leader, right after its setsid(): its controlling terminal."""
@@ -471,9 +501,12 @@ class Terminals:
                 put_queues(m.local, m.slave, t.termios, t.output, t.input)
             except OSError as e:
                 self.notes.append(f"pty {m.path}: queued data not restored ({e.strerror})")
-            _ioctl_int(m.local, TIOCPKT, 1 if t.packet_mode else 0)
-            if t.locked:
-                _ioctl_int(m.local, TIOCSPTLCK, 1)
+            try:
+                _ioctl_int(m.local, TIOCPKT, 1 if t.packet_mode else 0)
+                if t.locked:
+                    _ioctl_int(m.local, TIOCSPTLCK, 1)
+            except OSError as e:
+                raise RestoreError(f"pty {m.path}: cannot set packet mode or lock: {e.strerror}") from None
         if self.external is not None and self.external.pgrp and self.terminal:
             give_foreground(self.terminal, host_of(self.external.pgrp))
         self.close()
