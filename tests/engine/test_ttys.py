@@ -206,7 +206,9 @@ def test_program_in_a_pty_held_by_the_tree(tmp_path):
                 h.kill()
         transcripts[d] = log.read_text()
     assert transcripts[job_dir] == transcripts[ref_dir]
-    assert "size=31x97 fg=True canon=True ctty=True" in transcripts[job_dir].splitlines()[-3]
+    last = [x for x in transcripts[job_dir].splitlines() if x.startswith("#3 tiuq")]
+    assert last and last[0].endswith("size=31x97 fg=True canon=True ctty=True"), transcripts[job_dir]
+    assert "via /dev/tty 3" in transcripts[job_dir]
 
 
 # -- a shell job -----------------------------------------------------------------------
@@ -284,6 +286,7 @@ def test_shell_job(tmp_path):
         pos = term.expect("#3 ihg size=", pos)
         line = term.read()[pos:].splitlines()[0]
         assert line.endswith("fg=True canon=True ctty=True"), line
+        pos = term.expect("via /dev/tty 3", pos)     # its /dev/tty fd: this terminal too
         term.type("quit\n")
         pos = term.expect("#4 tiuq", pos)
         pos = term.expect("rc=0", pos)

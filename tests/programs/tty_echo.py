@@ -9,6 +9,7 @@ import sys
 import termios
 
 n = 0
+tty = os.open("/dev/tty", os.O_WRONLY)               # the controlling terminal, by its alias
 print(f"hello from a pty: {os.ttyname(0).startswith('/dev/pts/')}", flush=True)
 for line in sys.stdin:
     line = line.rstrip("\n")
@@ -19,5 +20,6 @@ for line in sys.stdin:
     sid = struct.unpack("<i", fcntl.ioctl(0, 0x5429, bytes(4)))[0]   # TIOCGSID: stdin is our ctty
     same = sid == os.getsid(0)
     print(f"#{n} {line[::-1]} size={rows}x{cols} fg={fg} canon={canon} ctty={same}", flush=True)
+    os.write(tty, f"via /dev/tty {n}\n".encode())
     if line == "quit":
         break
