@@ -1,8 +1,9 @@
 """The shape of a tree, as `ps` shows it, is the same before the dump and after the restore.
 
 A job under `hpcckpt run` (its own PID namespace) builds several sessions and process
-groups, zombies (an exit status and a signal), orphans adopted by the namespace's init
-and children forked by threads (tests/programs/ps_tree.py). `ps` is run inside the job's
+groups, zombies (an exit status and a signal), orphans adopted by the namespace's init,
+a daemon in a session whose leader exited, children forked by threads, and a session on
+a pty held in the tree with a foreground group (tests/programs/ps_tree.py). `ps` is run inside the job's
 PID namespace (nsenter + a private /proc), so the PIDs it prints are the job's own, the
 ones a restore gives back; the table before the final checkpoint and after the resume
 must be equal, then the job finishes with the output of an uninterrupted run.
@@ -20,7 +21,7 @@ from .helpers import PROGRAMS
 
 RUN = [sys.executable, "-m", "hpcckpt.cli", "run"]
 COLUMNS = "pid,ppid,pgid,sid,tpgid,stat,tty,comm"
-READY = 13     # "ready NAME" lines of ps_tree.py
+READY = 16     # "ready NAME" lines of ps_tree.py
 
 
 def ns_init(monitor: int) -> int:
@@ -116,6 +117,8 @@ def test_ps_same_before_and_after(tmp_path):
     assert len({r[3] for r in n}) >= 3 and len({r[2] for r in n}) >= 5, before   # sessions, groups
     assert sum("l" in r[5][1] for r in n) >= 2, before              # multithreaded (thread parents)
     assert sum("s" in r[5][1] for r in n) >= 2 and by_pid["1"][6] == "?", before
+    on_pty = [r for r in n if r[6] != "?"]                          # a session on a pty, PT1 in front
+    assert len(on_pty) == 2 and sum("+" in r[5][1] for r in on_pty) == 1, before
     assert normalized(after) == n, f"before:\n{before}\nafter:\n{after}"
     lines = out.read_text().splitlines()
     ref_lines = ref_out.read_text().splitlines()

@@ -15,10 +15,13 @@ Usage: ps_tree.py GO_FILE
   O, OS      orphans, adopted by the namespace's init
   ├── X      a daemon's start: setsid, forks DM and exits (reaped by root):
   DM         an orphan in a session (and group) whose leader is gone, with a child DM1
+  └── P      holds a pty's master; its child PT leads a session with the slave as
+             controlling terminal, and PT's child PT1 (a group of its own) is its foreground
 Each process prints "ready NAME" once in place and, when GO_FILE shows up, a line of
 True/False checks of its relations before it exits; every parent waits for its
 children (zombies last), so the output is the same however the tree is interrupted.
 """
+import fcntl
 import os
 import signal
 import sys
@@ -131,7 +134,32 @@ def x_body():
     child("DM", dm_body)
 
 
-pids = {"A": child("A", a_body), "G": child("G", g_body), "M": child("M", m_body)}
+def p_body():
+    m, s = os.openpty()
+
+    def pt_body():
+        os.close(m)
+        os.setsid()
+        fcntl.ioctl(s, 0x540E, 0)                    # TIOCSCTTY
+        pt = os.getpid()
+        pt1 = child("PT1", leaf("PT1", lambda: (os.getsid(0) == pt, os.tcgetpgrp(s) == os.getpgrp() == os.getpid()),
+                                lambda: os.setpgid(0, 0)))
+        while os.getpgid(pt1) != pt1:
+            time.sleep(0.01)
+        os.tcsetpgrp(s, pt1)
+        say("ready PT")
+        wait_go()
+        os.waitpid(pt1, 0)
+        say(f"PT {(os.getsid(0) == pt, os.tcgetpgrp(s) == pt1, os.ttyname(s).startswith('/dev/pts/'))}")
+    ptc = child("PT", pt_body)
+    os.close(s)
+    say("ready P")
+    wait_go()
+    os.waitpid(ptc, 0)
+    say(f"P {os.getppid() == root}")
+
+
+pids = {"A": child("A", a_body), "P": child("P", p_body), "G": child("G", g_body), "M": child("M", m_body)}
 z = os.fork()
 if z == 0:
     os._exit(5)
