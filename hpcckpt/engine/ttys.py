@@ -473,7 +473,7 @@ class Terminals:
 
     def open_fd(self, t, e: pb.Fd) -> int:
         """A terminal fd of restore target `t` (restore.Target), staged at any number."""
-        flags = e.flags & ~O_CLOEXEC
+        flags = e.flags & ~(O_CLOEXEC | 0o100 | 0o200 | 0o1000)      # never O_CREAT, O_EXCL, O_TRUNC
         if e.tty.master:
             fd = t.take_fd(_Holder(self.owner_ns_pid), self.made[e.tty.index].stub_fd)
             t.sys("fcntl", fd, 4, flags & ~O_ACCMODE)          # F_SETFL: one description
