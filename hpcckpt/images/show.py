@@ -49,4 +49,9 @@ def show(path, as_json: bool = False) -> str:
             lines.append(f"  fd {f.fd:3} {pb.FdKind.Name(f.kind):12} {f.path}"
                          + (f" pos {f.pos}" if f.kind == pb.REGULAR else ""))
         lines.append(f"  signal handlers: {len(p.sigactions)}, pending: {len(p.shared_pending)}")
+    for t in inv.ttys:
+        lines.append(f"terminal of a shell job, foreground group {t.pgrp or '-'}" if t.external else
+                     f"pty /dev/pts/{t.index}: {t.rows}x{t.cols}, session {t.sid or '-'}, foreground "
+                     f"{t.pgrp or '-'}, queued {len(t.output)} bytes out, {len(t.input)} in"
+                     + (", packet mode" if t.packet_mode else "") + (", locked" if t.locked else ""))
     return "\n".join(lines)

@@ -66,6 +66,8 @@ def test_pty_queues_and_settings(tmp_path):
     wait_until(lambda: b"ready" in out.read_bytes(), "ready")
     cli("dump", "--pid", p.pid, "--images", tmp_path / "img")
     p.wait()
+    shown = cli("show", tmp_path / "img").stdout
+    assert ": 43x121, session -, foreground -, queued " in shown and "packet mode" in shown, shown
     (tmp_path / "go").touch()
     res = cli("restore", "--images", tmp_path / "img", timeout=60)
     lines = out.read_text().splitlines()
