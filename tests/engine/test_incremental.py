@@ -14,11 +14,12 @@ import pytest
 from hpcckpt.engine.dump import dump
 from hpcckpt.engine.incremental import TreeTracker
 from hpcckpt.engine.merge import merge
+from hpcckpt.engine.restore import restore
 from hpcckpt.errors import HpcckptError
 from hpcckpt.images.imageset import ImageSet
 from tests.tracking.helpers import Target
 
-from .helpers import PROGRAMS, Job, cli, reference, restore_fg
+from .helpers import PROGRAMS, Job, cli, pid_alive, reference, restore_fg
 
 PAGE = 4096
 CHAIN = [sys.executable, PROGRAMS / "chainwork.py"]
@@ -80,22 +81,61 @@ def _chain(tmp_path, n, job, **kw):
     return imgs
 
 
-def test_chain_of_five_restores_to_the_uninterrupted_result(tmp_path):
-    cmd = CHAIN + [40, 0.03]
+def test_chain_of_ten_each_restores_to_the_uninterrupted_result(tmp_path):
+    """A numpy computation checkpointed 10 times, each incremental on the one before:
+    restoring from any one of the 10 finishes with the uninterrupted run's output."""
+    cmd = CHAIN + [40, 0.05]
     ref = reference(cmd, tmp_path / "ref.txt")
     job = Job.start(cmd, tmp_path / "out.txt")
-    imgs = _chain(tmp_path, 6, job)
+    imgs = _chain(tmp_path, 10, job)
     job.kill()
-    depths = [ImageSet(i).inventory().chain_depth for i in imgs]
-    assert depths == [0, 1, 2, 3, 4, 5]
-    for img in (imgs[-1], imgs[2]):
-        assert restore_fg(img).returncode == 0
-        assert job.out.read_bytes() == ref
+    invs = [ImageSet(i).inventory() for i in imgs]
+    assert [i.chain_depth for i in invs] == list(range(10))
+    assert all(i.tracking == "uffd-wp" for i in invs[1:])
+    for img in imgs:      # each restore cuts the output back to its size at the checkpoint
+        assert restore_fg(img).returncode == 0, img
+        assert job.out.read_bytes() == ref, f"restored from {img.name}"
     merge(imgs[-1], tmp_path / "merged")            # what store.compact's merge_fn builds
     inv = ImageSet(tmp_path / "merged").inventory()
-    assert not inv.parent and inv.image_id == ImageSet(imgs[-1]).inventory().image_id
+    assert not inv.parent and inv.image_id == invs[-1].image_id
     shutil.rmtree(imgs[0])                           # standalone: needs no parent
     assert restore_fg(tmp_path / "merged").returncode == 0
+    assert job.out.read_bytes() == ref
+
+
+def _wait_bytes(out: Path, n: int, pid: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while out.read_bytes().count(b"\n") < n:
+        assert time.monotonic() < deadline and pid_alive(pid), f"no {n} lines from {pid}"
+        time.sleep(0.02)
+
+
+def test_restored_then_checkpointed_chain_restores_to_the_uninterrupted_result(tmp_path):
+    """Restore image k with tracking re-armed, checkpoint the restored job incrementally
+    against image k (twice), restore the newest: the uninterrupted result again."""
+    cmd = CHAIN + [40, 0.05]
+    ref = reference(cmd, tmp_path / "ref.txt")
+    job = Job.start(cmd, tmp_path / "out.txt")
+    imgs = _chain(tmp_path, 4, job)
+    job.kill()
+    tt = TreeTracker()
+    r = restore(imgs[2], show_progress=False, tracker=tt)
+    assert tt.valid_for(ImageSet(imgs[2]).inventory().image_id) and tt.name == "uffd-wp"
+    try:
+        parent, lines = imgs[2], 12
+        for k in range(2):
+            _wait_bytes(job.out, lines, r.pid)
+            d = dump(r.pid, tmp_path / f"r{k}", leave_running=True, tracker=tt, parent=parent,
+                     show_progress=False)
+            assert d.incremental and d.tracking == "uffd-wp", d.notes
+            assert d.pages_bytes < d.parent_bytes    # 1-50% of the buffer rewritten per step
+            parent, lines = tmp_path / f"r{k}", lines + 4
+    finally:
+        tt.close()
+        os.kill(r.pid, signal.SIGKILL)
+        os.waitpid(r.pid, 0)
+    assert ImageSet(parent).inventory().chain_depth == 4
+    assert restore_fg(parent).returncode == 0
     assert job.out.read_bytes() == ref
 
 
