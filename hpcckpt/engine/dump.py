@@ -460,6 +460,8 @@ def _changes(h: int, ns_pid: int, vmas: list, par: "Parent", tracker: "TreeTrack
         except HpcckptError as e:
             notes.append(f"process {ns_pid}: {t.name} tracking failed ({e}); comparing page digests")
             tracker.forget(h)
+        finally:
+            notes.extend(t.take_notes())
     try:
         ht = par.hashing_tracker(h, ns_pid)
         try:
@@ -487,6 +489,7 @@ def _keep_armed(tracker: "TreeTracker", ft: ptree.FrozenTree, live_procs: list[i
         try:
             t = tracker.new(h)
             t.arm(h, ft.frozen[h], vmas[h])
+            notes.extend(t.take_notes())
         except ProcessGoneError:
             raise
         except HpcckptError as e:

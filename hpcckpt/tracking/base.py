@@ -48,6 +48,8 @@ class Tracker(ABC):
     def __init__(self) -> None:
         self.pid: int | None = None
         self.layout: dict[int, tuple] = {}     # start -> Region.key at the last arm/collect
+        self.start_time: int | None = None     # /proc/PID/stat starttime: which incarnation
+        self.notes: list[str] = []             # fallbacks taken, for the dump to report
         self._pidfd = -1
 
     # -- the interface ------------------------------------------------------------------
@@ -67,7 +69,13 @@ class Tracker(ABC):
             os.close(self._pidfd)
             self._pidfd = -1
         self.pid = None
+        self.start_time = None
         self.layout = {}
+
+    def take_notes(self) -> list[str]:
+        """The notes gathered since the last call (the dump shows them to the user)."""
+        out, self.notes = self.notes, []
+        return out
 
     # -- shared helpers -----------------------------------------------------------------
     def _start(self, pid: int) -> None:
@@ -78,6 +86,7 @@ class Tracker(ABC):
         except OSError:
             raise ProcessGoneError(f"process {pid} does not exist (or exited)") from None
         self.pid = pid
+        self.start_time = start_time(pid)
 
     def _check_same(self, pid: int) -> None:
         if self.pid is None:
@@ -85,9 +94,18 @@ class Tracker(ABC):
                                     "a fresh hpcckpt process has no tracking state: take a full dump)")
         if pid != self.pid:
             raise TrackingLostError(f"{self.name} tracker is armed on process {self.pid}, not {pid}")
-        if self._pidfd >= 0 and _select.select([self._pidfd], [], [], 0)[0]:
+        gone = self._pidfd >= 0 and bool(_select.select([self._pidfd], [], [], 0)[0])
+        now = start_time(pid)
+        if now is None:
             raise ProcessGoneError(f"process {pid} exited since tracking was armed; "
                                    "its tracking state is lost")
+        if gone or (self.start_time is not None and now != self.start_time):
+            # someone else restarted the job (a restore, a requeue) and the new process
+            # got the same PID: our state describes the old one's memory
+            raise TrackingLostError(
+                f"process {pid} is not the one {self.name} tracking was armed on (it was "
+                "restarted since, e.g. restored by someone else, and has the same PID): "
+                "its changes are unknown; compare with the parent image or take a full dump")
 
     def _split(self, regs: list[Region]) -> tuple[list[Region], Dirty]:
         """Regions that the backend must answer for (trackable and unchanged) and the
@@ -116,6 +134,20 @@ class Tracker(ABC):
             self.disarm()
         except Exception:
             pass
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (None if it does not exist):
+    with the PID, it names one incarnation of a process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = text[text.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
 
 
 def as_regions(vmas) -> list[Region]:

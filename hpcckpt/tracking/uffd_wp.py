@@ -17,13 +17,14 @@ mapping...) is tracked by the fallback backend (content hashing) instead, per ma
 A mapping that was unmapped and re-created at the same place is noticed because it is
 no longer registered (PAGE_IS_WPALLOWED) and is reported whole.
 """
+import errno
 import os
 
 import numpy as np
 
 from ..errors import HpcckptError, KernelError, ProcessGoneError
 from ..kernel import proc
-from .base import Dirty, Tracker, TrackingError
+from .base import Dirty, Tracker, TrackingError, TrackingLostError
 from .hashing import HashingTracker
 from .regions import Region, pages_from_ranges, region, regions, split_by_region
 from .scan import (MAX_END, PAGE_IS_WPALLOWED, PAGE_IS_WRITTEN, PM_SCAN_WP_MATCHING, Scanner)
@@ -69,6 +70,7 @@ class UffdWpTracker(Tracker):
     # -- collect ------------------------------------------------------------------------
     def collect(self, pid: int, vmas) -> Dirty:
         self._check_same(pid)
+        self._check_fd()
         regs = regions(vmas)
         keep, out = self._split(regs)
         try:
@@ -125,6 +127,17 @@ class UffdWpTracker(Tracker):
         super().disarm()
 
     # -- helpers ------------------------------------------------------------------------
+    def _check_fd(self) -> None:
+        """Our userfaultfd must still be one: if it was closed (or replaced) under us, the
+        kernel dropped every registration and no write since was recorded."""
+        try:
+            ok = os.readlink(f"/proc/self/fd/{self.fd}") == "anon_inode:[userfaultfd]"
+        except OSError:
+            ok = False
+        if not ok:
+            raise TrackingLostError(f"the userfaultfd (fd {self.fd}) tracking process {self.pid} "
+                                    "was closed: writes since the last checkpoint are unknown")
+
     def _register(self, regs: list[Region]) -> list[Region]:
         """Register each mapping; the ones refused are returned (fallback's job)."""
         failed = []
@@ -134,7 +147,15 @@ class UffdWpTracker(Tracker):
             except OSError as e:
                 if not os.path.exists(f"/proc/{self.pid}"):
                     raise ProcessGoneError(f"process {self.pid} exited while being armed") from None
+                if e.errno in (errno.EBADF, errno.ENOTTY):
+                    self._check_fd()
+                    raise KernelError(f"UFFDIO_REGISTER for process {self.pid}: {e.strerror}") from None
                 self.refused[r.start] = os.strerror(e.errno)
+                self.notes.append(
+                    f"process {self.pid}: mapping {r.start:#x}-{r.end:#x}"
+                    + (f" ({r.path})" if r.path else "")
+                    + f" cannot be registered for write-protect ({e.strerror}); "
+                    f"tracked by content hashing instead")
                 failed.append(r)
         self.fallback_starts |= {r.start for r in failed}
         return failed

@@ -139,6 +139,101 @@ def test_restored_then_checkpointed_chain_restores_to_the_uninterrupted_result(t
     assert job.out.read_bytes() == ref
 
 
+def test_tracking_lost_when_someone_else_restarted_the_job(tmp_path):
+    """The job was killed and restored by someone else between two checkpoints, with the
+    same PID: the tracker's state describes the old incarnation. The dump says so, compares
+    page digests with the parent instead, arms tracking again, and nothing is lost."""
+    cmd = CHAIN + [30, 0.05]
+    ref = reference(cmd, tmp_path / "ref.txt")
+    job = Job.start(cmd, tmp_path / "out.txt")
+    tt = TreeTracker()
+    job.wait_lines(3)
+    dump(job.pid, tmp_path / "c0", leave_running=True, tracker=tt, show_progress=False)
+    job.kill()
+    r = restore(tmp_path / "c0", show_progress=False)       # not through our tracker
+    assert r.pid == job.pid
+    try:
+        _wait_bytes(job.out, 8, r.pid)
+        d = dump(r.pid, tmp_path / "c1", leave_running=True, tracker=tt, parent=tmp_path / "c0",
+                 show_progress=False)
+        assert d.tracking == "hashing" and any("restarted" in n for n in d.notes), d.notes
+        assert pid_alive(r.pid) and proc_state(r.pid) != "t"    # left running, not stopped
+        _wait_bytes(job.out, 12, r.pid)
+        d = dump(r.pid, tmp_path / "c2", leave_running=True, tracker=tt, parent=tmp_path / "c1",
+                 show_progress=False)
+        assert d.tracking == "uffd-wp" and not d.notes       # armed again on the new one
+    finally:
+        tt.close()
+        os.kill(r.pid, signal.SIGKILL)
+        os.waitpid(r.pid, 0)
+    for img in ("c1", "c2"):
+        assert restore_fg(tmp_path / img).returncode == 0
+        assert job.out.read_bytes() == ref, img
+
+
+def proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0].lower()
+
+
+def _break_uffd(t) -> None:
+    """The userfaultfd closed under the tracker: /dev/null takes its fd number, the kernel
+    releases the uffd and with it every write-protect registration in the target."""
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, t.fd)
+    os.close(null)
+
+
+def _break_scan(t) -> None:
+    """The tracker's /proc/PID/pagemap replaced by /dev/null: PAGEMAP_SCAN fails (ENOTTY)."""
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, t.scanner.fd)
+    os.close(null)
+
+
+@pytest.mark.parametrize("how", ["uffd-closed", "scan-fails", "unregistrable-mapping"])
+def test_backend_failing_midway_loses_nothing(tmp_path, how):
+    """uffd-wp fails between checkpoints, for real: its userfaultfd is gone, PAGEMAP_SCAN
+    fails, or the job maps memory userfaultfd refuses (MAP_DROPPABLE). Each time a note
+    says what happened, the next backend (content hashing: for the whole process, or for
+    that mapping) decides what to write, and every image restores to the exact result."""
+    drop = how == "unregistrable-mapping"
+    cmd = [sys.executable, Path(__file__).parent.parent / "tracking" / "programs" / "dropwork.py",
+           30, 0.05] + ([4] if drop else [])
+    ref = reference(cmd, tmp_path / "ref.txt")
+    job = Job.start(cmd, tmp_path / "out.txt")
+    tt = TreeTracker()
+    try:
+        job.wait_lines(3)
+        dump(job.pid, tmp_path / "c0", leave_running=True, tracker=tt, show_progress=False)
+        t = tt.trackers[job.pid]
+        if how == "uffd-closed":
+            _break_uffd(t)
+        elif how == "scan-fails":
+            _break_scan(t)
+        job.wait_lines(7)
+        d = dump(job.pid, tmp_path / "c1", leave_running=True, tracker=tt, parent=tmp_path / "c0",
+                 show_progress=False)
+        if drop:   # only the refused mapping is hashed; the rest stays write-protect tracked
+            assert d.tracking == "uffd-wp"
+            assert any("cannot be registered for write-protect" in n for n in d.notes), d.notes
+            assert tt.trackers[job.pid].fallback_starts
+        else:
+            want = "userfaultfd (fd" if how == "uffd-closed" else "PAGEMAP_SCAN"
+            assert d.tracking == "hashing" and any(want in n for n in d.notes), d.notes
+        assert proc_state(job.pid) not in ("t", "z")
+        job.wait_lines(11)
+        d = dump(job.pid, tmp_path / "c2", leave_running=True, tracker=tt, parent=tmp_path / "c1",
+                 show_progress=False)
+        assert d.incremental and d.tracking == "uffd-wp", d.notes
+    finally:
+        tt.close()
+        job.kill()
+    for img in ("c2", "c1"):
+        assert restore_fg(tmp_path / img).returncode == 0
+        assert job.out.read_bytes() == ref, img
+
+
 def test_missing_or_damaged_parent_is_named(tmp_path):
     job = Job.start(CHAIN + [200, 0.02], tmp_path / "out.txt")
     imgs = _chain(tmp_path, 3, job)
