@@ -26,7 +26,7 @@ from ..progress import Progress
 from ..images.chain import load_chain, new_image_id, relative_parent
 from ..tracking.incremental import IncrementalPlan, plan_incremental
 from . import files, memory, sessions, shared, snapshot, timers, ttys
-from .incremental import Parent, TreeTracker, save_digests
+from .incremental import Parent, TreeTracker, collect_held, hand_off, save_digests
 from . import tree as ptree
 from .freeze import Frozen
 
@@ -305,6 +305,11 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     terms = None
     if live or pre_dump:
         leave_running = True
+    # a one-shot caller (no tracker of its own) that leaves the job running with tracking
+    # asked for: arm it, and hand it to a holder process at the end (incremental.hand_off)
+    own = tracker is None and leave_running and (pre_dump or track_mem)
+    if own:
+        tracker = TreeTracker()
     par = Parent.open(parent) if parent is not None else None
     fresh_dir = not os.path.exists(images)
     iset = ImageSet(images, create=True)
@@ -402,13 +407,16 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             ft.thaw() if leave_running else ft.kill()
         if tracker is not None:
             tracker.base_id = inv.image_id if leave_running else None
+        if own:
+            notes.extend(hand_off(tracker, iset.path, inv.image_id, {h: procs[h].pid for h in live_procs}))
+            tracker.close()
     except BaseException:
         if terms is not None:
             terms.write_back()            # before the tree runs: nothing of its terminals lost
             terms.close()
         ft.thaw()
         if tracker is not None:
-            tracker.invalidate()   # collected changes went nowhere: next dump hashes
+            tracker.close() if own else tracker.invalidate()   # collected changes went nowhere
         for s in snaps.values():
             snapshot.release(s)
         _remove_new(iset.path, created)
@@ -418,7 +426,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     terms.close()
     for s in snaps.values():
         snapshot.release(s)
-    if track_mem and (tracker is None or "hashing" in tracker.name):
+    if track_mem and (tracker is None or own or "hashing" in tracker.name):
         try:
             chain = load_chain(iset.path, verify=False)
             for h in live_procs:
@@ -462,6 +470,9 @@ def _changes(h: int, ns_pid: int, vmas: list, par: "Parent", tracker: "TreeTrack
             tracker.forget(h)
         finally:
             notes.extend(t.take_notes())
+    dirty = collect_held(par, h, ns_pid, vmas, tracker, notes)
+    if dirty is not None:
+        return dirty, "uffd-wp"
     try:
         ht = par.hashing_tracker(h, ns_pid)
         try:

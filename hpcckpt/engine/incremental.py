@@ -19,13 +19,15 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from ..errors import HpcckptError
+from ..errors import HpcckptError, ProcessGoneError
 from ..images import pb
 from ..images.chain import Link, load_chain, sources
 from ..kernel.libc import PAGE_SIZE
-from ..tracking.base import Tracker
+from ..tracking import holder
+from ..tracking.base import Dirty, Tracker, start_time
 from ..tracking.hashing import NOT_SAVED, HashingTracker
 from ..tracking.regions import region
+from ..tracking.uffd_wp import UffdWpTracker
 
 DIGESTS = "digests-{pid}.npz"
 
@@ -73,6 +75,7 @@ class TreeTracker:
 class Parent:
     """The parent chain of an incremental dump, as the dump needs it."""
     chain: list[Link]
+    held: "_Held | None" = None     # uffd-wp trackers taken over from the image's holder
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Parent":
@@ -105,6 +108,29 @@ class Parent:
             return None
         return None if p.zombie else p
 
+    def held_tracker(self, host_pid: int, ns_pid: int, notes: list[str]) -> UffdWpTracker | None:
+        """The uffd-wp tracker a previous hpcckpt process left armed on this process when
+        it wrote this image (tracking/holder.py), taken over; None if there is none."""
+        if self.held is None:
+            self.held = _Held.take(self.path, self.inv.image_id, notes)
+        entry = self.held.fds.pop(ns_pid, None)
+        if entry is None:
+            return None
+        p, fd = entry
+        if p.host_pid != host_pid:
+            os.close(fd)
+            notes.append(f"process {ns_pid}: tracking kept since {self.path} was of PID {p.host_pid}, "
+                         f"not {host_pid}; comparing page digests")
+            return None
+        try:
+            return UffdWpTracker.adopt(host_pid, fd, {int(k[0]): tuple(k) for k in p.layout})
+        except ProcessGoneError:
+            raise
+        except HpcckptError as e:
+            notes.append(f"process {ns_pid}: uffd-wp tracking kept since {self.path} is not usable "
+                         f"({e}); comparing page digests")
+            return None
+
     def hashing_tracker(self, host_pid: int, ns_pid: int) -> HashingTracker:
         """A hashing tracker whose next collect on `host_pid` compares with this image."""
         f = self.path / DIGESTS.format(pid=ns_pid)
@@ -121,6 +147,76 @@ class Parent:
         t.digests = image_digests(self.chain, p)
         t._remember([region(v) for v in p.mm.vmas])
         return t
+
+
+@dataclass
+class _Held:
+    """Userfaultfds taken from a holder, by namespace PID, until the dump adopts them."""
+    fds: dict[int, tuple["holder.HeldProcess", int]] = field(default_factory=dict)
+
+    @classmethod
+    def take(cls, images: Path, image_id: str, notes: list[str]) -> "_Held":
+        try:
+            rec = holder.HolderRecord.read(images)
+            return cls(holder.take_over(rec, image_id) if rec is not None else {})
+        except (OSError, ValueError) as e:
+            notes.append(f"uffd-wp tracking kept since {images} is lost ({e}); comparing page digests")
+            return cls()
+
+    def __del__(self):
+        for _, fd in self.fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = {}
+
+
+def collect_held(par: Parent, h: int, ns_pid: int, vmas, tracker: "TreeTracker | None",
+                 notes: list[str]) -> Dirty | None:
+    """Changes since `par` from the uffd-wp tracking a previous hpcckpt process left armed
+    (pre-dump, dump --track-mem -R); None if there is none or it fails (then the caller
+    compares digests). The tracker joins `tracker` (it is re-armed by the collect) or is
+    released."""
+    t = par.held_tracker(h, ns_pid, notes)
+    if t is None:
+        return None
+    try:
+        dirty = t.collect(h, vmas)
+    except ProcessGoneError:
+        t.disarm()
+        raise
+    except HpcckptError as e:
+        t.disarm()
+        notes.append(f"process {ns_pid}: uffd-wp tracking kept since {par.path} failed ({e}); "
+                     "comparing page digests")
+        return None
+    notes.extend(t.take_notes())
+    if tracker is not None:
+        tracker.forget(h)
+        tracker.trackers[h] = t
+    else:
+        t.disarm()
+    return dirty
+
+
+def hand_off(tracker: TreeTracker, images: Path, image_id: str, ns: dict[int, int]) -> list[str]:
+    """Leave the uffd-wp tracking of `tracker` armed after this hpcckpt process exits: a
+    holder process keeps the userfaultfds, `tracking-holder.json` beside the image says
+    where, so the next `dump --parent IMAGE` writes (and freezes for) only the changes."""
+    entries = []
+    for h, t in tracker.trackers.items():
+        if isinstance(t, UffdWpTracker) and t.fd >= 0 and t.pid == h and h in ns:
+            entries.append((ns[h], h, t.start_time or start_time(h), t.fd,
+                            [list(k) for k in t.layout.values()]))
+    if not entries:
+        return []
+    try:
+        holder.spawn(image_id, entries).write(images)
+    except (OSError, ValueError) as e:
+        return [f"uffd-wp tracking not kept after this dump ({e}); the next dump --parent "
+                "compares page digests"]
+    return []
 
 
 def image_digests(chain: list[Link], p: pb.Process) -> dict[int, np.ndarray]:

@@ -67,6 +67,38 @@ class UffdWpTracker(Tracker):
             self.disarm()
             raise
 
+    @classmethod
+    def adopt(cls, pid: int, fd: int, layout: dict[int, tuple]) -> "UffdWpTracker":
+        """A tracker on an armed userfaultfd another hpcckpt process left us (holder.py):
+        `fd` (now ours; closed on failure) must be a userfaultfd holding `pid`'s
+        registrations, `layout` the mapping layout at its last arm/collect."""
+        t = cls()
+        try:
+            t._start(pid)
+            t.fd = fd
+            t._check_fd()
+            t.scanner = Scanner(pid)
+            t.layout = dict(layout)
+            t._check_owner(proc.maps(pid))
+        except BaseException:
+            if t.fd < 0:
+                os.close(fd)
+            t.disarm()
+            raise
+        return t
+
+    def _check_owner(self, vmas) -> None:
+        """Our fd holds the process's registrations: registering a registered mapping
+        again is a no-op for the same userfaultfd and EBUSY for any other."""
+        for r in regions(vmas):
+            if "uw" in r.vmflags and self.layout.get(r.start) == r.key:
+                try:
+                    userfaultfd.register_wp(self.fd, r.start, r.end - r.start)
+                except OSError as e:
+                    raise TrackingLostError(f"the userfaultfd handed over does not track process "
+                                            f"{self.pid} ({e.strerror} on {r.start:#x})") from None
+                return
+
     # -- collect ------------------------------------------------------------------------
     def collect(self, pid: int, vmas) -> Dirty:
         self._check_same(pid)

@@ -17,6 +17,9 @@ from hpcckpt.engine.merge import merge
 from hpcckpt.engine.restore import restore
 from hpcckpt.errors import HpcckptError
 from hpcckpt.images.imageset import ImageSet
+from hpcckpt.kernel import proc
+from hpcckpt.tracking.base import start_time
+from hpcckpt.tracking.holder import HolderRecord
 from tests.tracking.helpers import Target
 
 from .helpers import PROGRAMS, Job, cli, pid_alive, reference, restore_fg
@@ -252,7 +255,9 @@ def test_missing_or_damaged_parent_is_named(tmp_path):
         dump(os.getpid(), tmp_path / "x", parent=imgs[1], leave_running=True)
 
 
-def test_cli_dump_parent_uses_saved_digests(tmp_path):
+def test_cli_dump_track_mem_then_parent(tmp_path):
+    """`dump -R --track-mem` leaves tracking armed (a holder keeps it) and saves digests
+    (the fallback when the holder is gone: see the stale-record test below)."""
     cmd = CHAIN + [30, 0.05]
     ref = reference(cmd, tmp_path / "ref.txt")
     job = Job.start(cmd, tmp_path / "out.txt")
@@ -261,7 +266,7 @@ def test_cli_dump_parent_uses_saved_digests(tmp_path):
     assert list((tmp_path / "a").glob("digests-*.npz"))
     job.wait_lines(8)
     res = cli("dump", "--pid", job.pid, "--images", tmp_path / "b", "--parent", tmp_path / "a")
-    assert "in parent images (hashing)" in res.stderr
+    assert "in parent images (uffd-wp)" in res.stderr, res.stderr
     job.proc.wait(timeout=10)
     assert restore_fg(tmp_path / "b").returncode == 0
     assert job.out.read_bytes() == ref
@@ -281,6 +286,87 @@ def test_pre_dump_then_dump(tmp_path):
     job.proc.wait(timeout=10)
     res = cli("restore", "--images", tmp_path / "pre", check=False)
     assert res.returncode != 0 and "pre-dump" in res.stderr
+    assert restore_fg(tmp_path / "fin").returncode == 0
+    assert job.out.read_bytes() == ref
+
+
+def _gone(pid: int, timeout: float = 5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if start_time(pid) is None:        # exited (maybe a zombie until init reaps it)
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_cli_pre_dump_hands_tracking_to_the_final_dump(tmp_path):
+    """One-shot `hpcckpt pre-dump` then `hpcckpt dump --parent`: the tracking armed by the
+    first survives it (a holder process keeps the userfaultfd; the target gets no fd), and
+    the final dump writes exactly the pages written since (uffd-wp, not hashing), then
+    stops the holder."""
+    t = Target()
+    try:
+        base = t.alloc(4096)
+        fds = sorted(os.listdir(f"/proc/{t.pid}/fd"))
+        cli("pre-dump", "--pid", t.pid, "--images", tmp_path / "pre")
+        rec = HolderRecord.read(tmp_path / "pre")
+        assert rec is not None and start_time(rec.holder_pid) == rec.holder_start
+        assert sorted(os.listdir(f"/proc/{t.pid}/fd")) == fds
+        assert any("uw" in v.vmflags for v in proc.maps(t.pid))     # still write-protect armed
+        wrote = {5, 6, 100, 2047, 4000}
+        for i in wrote:
+            t.write(base + i * PAGE)
+        res = cli("dump", "--pid", t.pid, "--images", tmp_path / "fin", "--parent", tmp_path / "pre")
+        assert "in parent images (uffd-wp)" in res.stderr, res.stderr
+        assert written(tmp_path / "fin", t.pid, base, base + 4096 * PAGE) == wrote
+        pm = ImageSet(tmp_path / "fin").pagemap(t.pid)
+        assert pm.pages_bytes < (len(wrote) + 64) * PAGE        # those, plus stack and libc data
+        assert pm.parent_bytes >= 4096 * PAGE
+        assert _gone(rec.holder_pid)                               # taken over: stopped
+        assert t.p.wait(timeout=10) == -signal.SIGKILL             # the final dump killed it
+    finally:
+        t.close()
+
+
+def test_tracking_holder_exits_with_its_process_and_a_stale_record_is_named(tmp_path):
+    t = Target()
+    try:
+        t.alloc(256)
+        cli("pre-dump", "--pid", t.pid, "--images", tmp_path / "pre")
+        rec = HolderRecord.read(tmp_path / "pre")
+        assert start_time(rec.holder_pid) is not None
+        t.cmd("x")
+        t.p.wait()
+        assert _gone(rec.holder_pid)
+    finally:
+        t.close()
+    cmd = CHAIN + [30, 0.05]
+    ref = reference(cmd, tmp_path / "ref.txt")
+    job = Job.start(cmd, tmp_path / "out.txt")
+    job.wait_lines(3)
+    cli("pre-dump", "--pid", job.pid, "--images", tmp_path / "p2")
+    rec = HolderRecord.read(tmp_path / "p2")
+    os.kill(rec.holder_pid, signal.SIGKILL)                       # someone killed the holder
+    assert _gone(rec.holder_pid)
+    job.wait_lines(6)
+    res = cli("dump", "--pid", job.pid, "--images", tmp_path / "f2", "--parent", tmp_path / "p2")
+    assert f"tracking holder {rec.holder_pid} is gone" in res.stderr, res.stderr
+    assert "in parent images (hashing)" in res.stderr
+    job.proc.wait(timeout=10)
+    assert restore_fg(tmp_path / "f2").returncode == 0
+    assert job.out.read_bytes() == ref
+
+
+def test_cli_pre_dump_and_dump_restore_to_the_uninterrupted_result(tmp_path):
+    cmd = CHAIN + [30, 0.05, 16]
+    ref = reference(cmd, tmp_path / "ref.txt")
+    job = Job.start(cmd, tmp_path / "out.txt")
+    job.wait_lines(3)
+    cli("pre-dump", "--pid", job.pid, "--images", tmp_path / "pre")
+    job.wait_lines(6)
+    res = cli("dump", "--pid", job.pid, "--images", tmp_path / "fin", "--parent", tmp_path / "pre")
+    assert "(uffd-wp)" in res.stderr, res.stderr
+    job.proc.wait(timeout=10)
     assert restore_fg(tmp_path / "fin").returncode == 0
     assert job.out.read_bytes() == ref
 
