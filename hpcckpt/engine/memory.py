@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import ProcessGoneError, UnsupportedError
 from ..images import pb
 from ..kernel import proc
-from ..kernel.libc import PAGE_SIZE, vm_read
+from ..kernel.libc import PAGE_SIZE, iovec, libc, vm_read
 
 PROT = {"r": mmap.PROT_READ, "w": mmap.PROT_WRITE, "x": mmap.PROT_EXEC}
 SPECIAL = {"[vdso]": pb.VDSO, "[vvar]": pb.VVAR, "[vvar_vclock]": pb.VVAR_VCLOCK,
@@ -25,8 +25,24 @@ SPECIAL = {"[vdso]": pb.VDSO, "[vvar]": pb.VVAR, "[vvar_vclock]": pb.VVAR_VCLOCK
 # smaps VmFlags we give back with madvise(); the value is the MADV_* number
 MADVISE = {"dc": 10, "wf": 18, "hg": 14, "nh": 15, "dd": 16}
 CHUNK = 4 << 20
+IOV_MAX = 1024     # the kernel's UIO_MAXIOV: iovecs per process_vm_readv
 PM_SWAP_TYPE_MASK = 0x1F
 PTE_MARKER_TYPE = 0x1F     # x86_64: the swap type pagemap gives a pte marker (no swap device has it)
+
+
+def vm_readv(pid: int, local: int, length: int, remote_iov: int, count: int) -> int:
+    """process_vm_readv of `count` remote iovecs (an array at `remote_iov`) into one local
+    buffer; bytes read, 0 if the first remote page is unreadable (the caller reads the
+    rest through /proc/PID/mem); OSError for anything else (ESRCH: the process is gone)."""
+    liov = iovec(local, length)
+    n = libc.process_vm_readv(pid, ctypes.byref(liov), 1, ctypes.cast(remote_iov, ctypes.POINTER(iovec)),
+                              count, 0)
+    if n < 0:
+        e = ctypes.get_errno()
+        if e in (errno.EFAULT, errno.EIO):
+            return 0
+        raise OSError(e, f"{os.strerror(e)} (pid {pid}, {count} runs)")
+    return n
 
 
 def prot_bits(prot: str) -> int:
@@ -122,6 +138,44 @@ class PageWriter:
             done += n
         self.offset += length
         return start
+
+    def copy_runs(self, runs: list[tuple[int, int]]) -> list[int]:
+        """Copy many runs; returns each one's offset in the file. Small runs (scattered
+        dirty pages of an incremental dump: ~26k single pages for 10% of 1 GiB) are
+        gathered, up to IOV_MAX of them and CHUNK bytes, into one process_vm_readv with
+        one remote iovec per run and one write, instead of two calls per run."""
+        offsets: list[int] = []
+        i = 0
+        while i < len(runs):
+            j, total = i, 0
+            while j < len(runs) and j - i < IOV_MAX and total + runs[j][1] <= CHUNK:
+                total += runs[j][1]
+                j += 1
+            if j - i <= 1:                      # a big run (or a lone one): as before
+                offsets.append(self.copy(*runs[i]))
+                i += 1
+                continue
+            batch = runs[i:j]
+            iov = np.array(batch, dtype=np.uint64)
+            got = vm_readv(self.pid, self.addr, total, iov.ctypes.data, len(batch))
+            if got < total:  # an unreadable page (PROT_NONE, ...): /proc/PID/mem for the rest
+                done = 0
+                for addr, n in batch:
+                    if done + n > got:
+                        skip = max(got - done, 0)
+                        self._read_forced(addr + skip, n - skip, into=done + skip)
+                    done += n
+            view = memoryview(self.buf).cast("B")[:total]
+            w = 0
+            while w < total:
+                w += os.write(self.fd, view[w:])
+            start = self.offset
+            for _, n in batch:
+                offsets.append(start)
+                start += n
+            self.offset = start
+            i = j
+        return offsets
 
     def _read_forced(self, addr: int, n: int, into: int = 0) -> int:
         """/proc/PID/mem ignores protections: PROT_NONE and exec-only pages."""

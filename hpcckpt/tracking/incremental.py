@@ -21,6 +21,7 @@ from ..kernel import proc
 from ..kernel.libc import PAGE_SIZE
 from .base import Dirty
 from .reader import pagemap, saved_mask
+from .regions import pages_from_ranges
 
 
 @dataclass
@@ -40,8 +41,14 @@ class IncrementalPlan:
 def parent_pages_from_runs(runs) -> np.ndarray:
     """Sorted page addresses of a parent's pagemap runs (pb.PageRun: vaddr, nr_pages),
     its own and those it references in its parents: what the chain can give back."""
-    parts = [r.vaddr + np.arange(r.nr_pages, dtype=np.int64) * PAGE_SIZE for r in runs]
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+    if not runs:
+        return np.zeros(0, np.int64)
+    starts = np.fromiter((r.vaddr for r in runs), dtype=np.int64, count=len(runs))
+    counts = np.fromiter((r.nr_pages for r in runs), dtype=np.int64, count=len(runs))
+    pages = pages_from_ranges(starts, starts + counts * PAGE_SIZE)
+    if len(pages) > 1 and not (pages[1:] > pages[:-1]).all():   # a pagemap's runs are sorted
+        pages = np.unique(pages)                                  # and disjoint; be safe anyway
+    return pages
 
 
 def _to_save(pid: int, v) -> np.ndarray | None:

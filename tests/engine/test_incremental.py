@@ -13,6 +13,7 @@ import pytest
 
 from hpcckpt.engine.dump import dump
 from hpcckpt.engine.incremental import TreeTracker
+from hpcckpt.engine.memory import PageWriter
 from hpcckpt.engine.merge import merge
 from hpcckpt.engine.restore import restore
 from hpcckpt.errors import HpcckptError
@@ -369,6 +370,29 @@ def test_cli_pre_dump_and_dump_restore_to_the_uninterrupted_result(tmp_path):
     job.proc.wait(timeout=10)
     assert restore_fg(tmp_path / "fin").returncode == 0
     assert job.out.read_bytes() == ref
+
+
+def test_batched_page_copy_is_exact_also_across_unreadable_pages(tmp_path):
+    """Scattered single pages are copied many per process_vm_readv; a batch that meets a
+    page process_vm_readv cannot read (PROT_NONE) finishes through /proc/PID/mem."""
+    t = Target()
+    try:
+        base = t.alloc(256)
+        t.write(base, 128, 2)                              # distinct contents, even pages
+        t.cmd(f"p {base + 100 * PAGE:x} 20 0")             # pages 100-119: PROT_NONE
+        runs = [(base + i * PAGE, PAGE) for i in range(0, 256, 3)] + [(base + 250 * PAGE, 3 * PAGE)]
+        fd = os.open(tmp_path / "pages.bin", os.O_WRONLY | os.O_CREAT, 0o600)
+        w = PageWriter(t.pid, fd)
+        offsets = w.copy_runs(runs)
+        w.close()
+        os.close(fd)
+        assert offsets == sorted(offsets) and len(offsets) == len(runs)
+        data = (tmp_path / "pages.bin").read_bytes()
+        with open(f"/proc/{t.pid}/mem", "rb", buffering=0) as mem:
+            for (addr, n), off in zip(runs, offsets):
+                assert data[off:off + n] == os.pread(mem.fileno(), n, addr), hex(addr)
+    finally:
+        t.close()
 
 
 def _children(pid: int) -> list[str]:

@@ -14,6 +14,9 @@
  *   U ADDR N          register the range with a userfaultfd of our own (missing mode),
  *                     so nobody else can register it (the fallback test)
  *   t ADDR N STEP     like w, but answer the nanoseconds the writes took (benchmarks)
+ *   z ADDR N PERMILLE SEED  write one byte in each of the N pages with probability
+ *                     PERMILLE/1000 (a fixed pseudo-random choice per SEED); answer the
+ *                     count and the nanoseconds the writes took
  *   x                 exit(0) at once
  */
 #define _GNU_SOURCE
@@ -95,6 +98,19 @@ int main(void) {
             struct uffdio_register reg = {.range = {a, n * PG}, .mode = UFFDIO_REGISTER_MODE_MISSING};
             if (fd < 0 || ioctl(fd, UFFDIO_API, &api) || ioctl(fd, UFFDIO_REGISTER, &reg)) puts("err");
             else puts("ok");
+            fflush(stdout);
+        } else if (c == 'z') {
+            unsigned long permille = 0, seed = 0, count = 0;
+            sscanf(line + 1, "%lx %lu %lu %lu", &a, &n, &permille, &seed);
+            struct timespec t0, t1;
+            clock_gettime(CLOCK_MONOTONIC, &t0);
+            for (unsigned long i = 0; i < n; i++) {
+                uint64_t h = (i + 1) * 0x9E3779B97F4A7C15ULL ^ (seed + 1) * 0xBF58476D1CE4E5B9ULL;
+                h ^= h >> 31; h *= 0x94D049BB133111EBULL; h ^= h >> 29;
+                if (h % 1000 < permille) { *(volatile unsigned long *)(a + i * PG + 8) = ++counter; count++; }
+            }
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+            printf("%lu %ld\n", count, (t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec));
             fflush(stdout);
         } else if (c == 'x') {
             _exit(0);
