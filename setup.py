@@ -20,7 +20,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "hypothesis"],
-        "bench": [],
+        "bench": ["matplotlib"],   # benchmarks/*.py --png
         "slurm": ["pyslurm"],
     },
     entry_points={"console_scripts": ["hpcckpt=hpcckpt.cli:main",
