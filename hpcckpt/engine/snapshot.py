@@ -22,7 +22,7 @@ from ..kernel.inject import Injector, find_syscall_insn
 from .freeze import Frozen, freeze
 
 WALL = 0x40000000
-NOT_COPIED = ("dd", "wf")     # smaps VmFlags: dontfork, wipe-on-fork
+NOT_COPIED = ("dc", "wf")     # smaps VmFlags: dontfork ("do not copy"), wipe-on-fork
 
 
 @dataclass

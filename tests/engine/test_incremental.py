@@ -423,6 +423,30 @@ def test_live_snapshot_is_one_instant_and_the_job_runs_on(tmp_path):
     assert job.out.read_bytes() == ref
 
 
+@pytest.mark.parametrize("advice", [10, 18], ids=["dontfork", "wipeonfork"])
+def test_live_snapshot_copies_mappings_a_fork_does_not(tmp_path, advice):
+    """MADV_DONTFORK memory is absent from the snapshot copy and MADV_WIPEONFORK memory is
+    zeros there: both must be read from the target while it is frozen."""
+    t = Target()
+    try:
+        buf = t.alloc(64)
+        t.write(buf, 64)
+        assert t.cmd(f"m {buf:x} 64 {advice}") == "ok"
+        dump(t.pid, tmp_path / "live", live=True, show_progress=False)
+        iset = ImageSet(tmp_path / "live")
+        data = (tmp_path / "live" / iset.pagemap(t.pid).pages_file).read_bytes()
+        with open(f"/proc/{t.pid}/mem", "rb", buffering=0) as mem:
+            want = os.pread(mem.fileno(), 64 * PAGE, buf)
+        got = bytearray(64 * PAGE)
+        for r in iset.pagemap(t.pid).runs:
+            lo, hi = max(r.vaddr, buf), min(r.vaddr + r.nr_pages * PAGE, buf + 64 * PAGE)
+            if lo < hi:
+                got[lo - buf:hi - buf] = data[r.offset + lo - r.vaddr:r.offset + hi - r.vaddr]
+        assert bytes(got) == want
+    finally:
+        t.close()
+
+
 def test_run_incremental_killed_and_resumed(tmp_path):
     cmd = CHAIN + [60, 0.05]
     ref = reference(cmd, tmp_path / "ref.txt")

@@ -17,6 +17,7 @@
  *   z ADDR N PERMILLE SEED  write one byte in each of the N pages with probability
  *                     PERMILLE/1000 (a fixed pseudo-random choice per SEED); answer the
  *                     count and the nanoseconds the writes took
+ *   m ADDR N ADVICE   madvise(ADVICE) (a number: 10 MADV_DONTFORK, 18 MADV_WIPEONFORK)
  *   x                 exit(0) at once
  */
 #define _GNU_SOURCE
@@ -112,6 +113,8 @@ int main(void) {
             clock_gettime(CLOCK_MONOTONIC, &t1);
             printf("%lu %ld\n", count, (t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec));
             fflush(stdout);
+        } else if (c == 'm') {
+            puts(madvise((void *)a, n * PG, (int)m) ? "err" : "ok"); fflush(stdout);
         } else if (c == 'x') {
             _exit(0);
         }
