@@ -64,11 +64,70 @@ def bench(name: str, gib: float) -> dict:
         t.close()
 
 
+UFFDIO_WRITEPROTECT = 0xC018AA06
+
+
+def live_routes(gib: float, reps: int = 5, huge: bool = False) -> dict:
+    """What a live snapshot pauses the job for, by route, on SIZE written memory:
+    fork (engine/snapshot.py: an injected clone copies the page tables) vs synchronous
+    userfaultfd write-protect (a uffd without WP_ASYNC, registered on the writable
+    mappings, then UFFDIO_WRITEPROTECT over them: every later write faults to us first).
+    Both measured while the target is frozen; medians of `reps`."""
+    import fcntl
+    import statistics
+    import struct
+    from hpcckpt.engine import snapshot
+    from hpcckpt.tracking import userfaultfd as uf
+    from hpcckpt.tracking.target import injector
+    npages = int(gib * (1 << 30)) // PAGE
+    t = Target()
+    out = {"fork": [], "uffd-wp sync": []}
+    try:
+        t.alloc(npages, huge=huge)
+        for _ in range(reps):
+            fr = freeze(t.pid)
+            try:
+                t0 = time.perf_counter()
+                s = snapshot.take(fr)
+                out["fork"].append(time.perf_counter() - t0)
+            finally:
+                fr.thaw()
+            snapshot.release(s)
+            fr = freeze(t.pid)
+            fd = -1
+            try:
+                t0 = time.perf_counter()
+                with injector(t.pid, fr) as inj:
+                    fd = uf.open_in_target(inj, t.pid)
+                fcntl.ioctl(fd, uf.UFFDIO_API, bytearray(struct.pack("<3Q", uf.UFFD_API, uf.UFFD_FEATURE_WP_UNPOPULATED, 0)))
+                for v in proc.maps(t.pid, with_flags=False):   # sync WP: anonymous memory only
+                    if v.prot[1] == "w" and v.prot[3] == "p" and v.inode == 0 and not v.path.startswith("[v"):
+                        uf.register_wp(fd, v.start, v.end - v.start)
+                        fcntl.ioctl(fd, UFFDIO_WRITEPROTECT, bytearray(struct.pack("<3Q", v.start, v.end - v.start, 1)))
+                out["uffd-wp sync"].append(time.perf_counter() - t0)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+                fr.thaw()
+    finally:
+        t.close()
+    med = {k: statistics.median(v) for k, v in out.items()}
+    print(f"live snapshot pause on {gib:g} GiB{' (THP)' if huge else ''}: fork {med['fork'] * 1e3:.1f} ms "
+          f"({med['fork'] * 1e3 / gib:.1f} ms/GiB); arming synchronous uffd-wp "
+          f"{med['uffd-wp sync'] * 1e3:.1f} ms ({med['uffd-wp sync'] * 1e3 / gib:.1f} ms/GiB)")
+    return med
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=1.0)
     ap.add_argument("--backends", default="")
+    ap.add_argument("--live-routes", action="store_true", help="only: fork vs sync uffd-wp pause")
+    ap.add_argument("--huge", action="store_true", help="with --live-routes: memory in transparent huge pages")
     a = ap.parse_args()
+    if a.live_routes:
+        live_routes(a.gib, huge=a.huge)
+        return
     works = {r.name: r for r in probe()}
     names = [n for n in (a.backends.split(",") if a.backends else BACKENDS) if n]
     print(f"target: {a.gib:g} GiB of written anonymous memory; kernel {os.uname().release}")

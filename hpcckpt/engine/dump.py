@@ -316,6 +316,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     created = set(os.listdir(iset.path))
     notes: list[str] = []
     snaps: dict[int, "snapshot.Snapshot"] = {}
+    writers: dict[int, _PageFile] = {}
     ft = ptree.freeze_tree(pid, tree)
     t_frozen = time.monotonic()
     t_thawed = None
@@ -349,7 +350,11 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         total = sum(n for plan in plans.values() for _, n in plan.write)
         prog = Progress(f"{'pre-dump' if pre_dump else 'dump'} {pid}", total, enabled=show_progress)
         pagemaps = {h: pb.Pagemap(pages_file=f"pages-{procs[h].pid}.img") for h in ft.order}
-        writers = {h: _PageFile(h, iset, pagemaps[h]) for h in live_procs}
+        # a dump that lets the tree run on afterwards copies to memory while frozen and
+        # writes the image after the thaw (no file write or fsync in the pause), up to a budget
+        stage = (leave_running and not (live or pre_dump) and on_dumped is None
+                 and total <= memory.stage_budget())
+        writers = {h: _PageFile(h, iset, pagemaps[h], stage) for h in live_procs}
         if live:
             for h in live_procs:
                 keep = _not_forked(procs[h].mm.vmas)
@@ -398,6 +403,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         elif leave_running and on_dumped is None:
             ft.thaw()
             t_thawed = time.monotonic()
+            for w in writers.values():
+                w.flush()
             iset.seal(inv)
         else:
             iset.seal(inv)
@@ -415,6 +422,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             terms.write_back()            # before the tree runs: nothing of its terminals lost
             terms.close()
         ft.thaw()
+        for w in writers.values():
+            w._abort()
         if tracker is not None:
             tracker.close() if own else tracker.invalidate()   # collected changes went nowhere
         for s in snaps.values():
@@ -519,9 +528,12 @@ def _inside(run: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
 class _PageFile:
     """One process's pages file, written run by run, maybe from a snapshot copy."""
 
-    def __init__(self, pid: int, iset: ImageSet, pages: pb.Pagemap):
+    def __init__(self, pid: int, iset: ImageSet, pages: pb.Pagemap, stage: bool = False):
         self.pid, self.iset, self.pages = pid, iset, pages
         self.fd = os.open(iset.path / pages.pages_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.final_fd = -1
+        if stage:   # pages go to memory while frozen, to the image file after the thaw (flush)
+            self.final_fd, self.fd = self.fd, os.memfd_create("hpcckpt-stage", os.MFD_CLOEXEC)
         self.writer = memory.PageWriter(pid, self.fd)
         self.written: list[tuple[int, int, int]] = []     # (address, bytes, file offset)
 
@@ -551,10 +563,11 @@ class _PageFile:
             raise
 
     def close(self, in_parent) -> None:
-        try:
-            os.fsync(self.fd)
-        finally:
-            self._abort()
+        if self.final_fd < 0:
+            try:
+                os.fsync(self.fd)
+            finally:
+                self._abort()
         # one sorted pass over plain tuples: sorting the protobuf list costs 10x more
         for addr, n, off in sorted(self.written + [(a, n, -1) for a, n in in_parent]):
             if off < 0:
@@ -564,11 +577,28 @@ class _PageFile:
         self.pages.pages_bytes = self.writer.offset
         self.pages.parent_bytes = sum(n for _, n in in_parent)
 
+    def flush(self) -> None:
+        """Staged pages to the image file (sendfile: kernel to kernel), fsynced."""
+        if self.final_fd < 0:
+            return
+        try:
+            size, off = self.writer.offset, 0
+            while off < size:
+                off += os.sendfile(self.final_fd, self.fd, off, size - off)
+            os.fsync(self.final_fd)
+        except OSError as e:
+            raise KernelError(f"writing pages of process {self.pid} to {self.iset.path}: {e.strerror}") from None
+        finally:
+            self._abort()
+
     def _abort(self) -> None:
         if self.fd >= 0:
             self.writer.close()
             os.close(self.fd)
             self.fd = -1
+        if self.final_fd >= 0:
+            os.close(self.final_fd)
+            self.final_fd = -1
 
 
 def _write_pages(pid: int, iset: ImageSet, pages: pb.Pagemap, plan, prog) -> None:

@@ -25,9 +25,21 @@ SPECIAL = {"[vdso]": pb.VDSO, "[vvar]": pb.VVAR, "[vvar_vclock]": pb.VVAR_VCLOCK
 # smaps VmFlags we give back with madvise(); the value is the MADV_* number
 MADVISE = {"dc": 10, "wf": 18, "hg": 14, "nh": 15, "dd": 16}
 CHUNK = 4 << 20
+STAGE_MAX = 1 << 30
 IOV_MAX = 1024     # the kernel's UIO_MAXIOV: iovecs per process_vm_readv
 PM_SWAP_TYPE_MASK = 0x1F
 PTE_MARKER_TYPE = 0x1F     # x86_64: the swap type pagemap gives a pte marker (no swap device has it)
+
+
+def stage_budget() -> int:
+    """Bytes of pages a dump may hold in memory while the process is frozen, written to
+    the image after the thaw: 1 GiB, or a quarter of the available memory if less."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+    return min(STAGE_MAX, avail // 4)
 
 
 def vm_readv(pid: int, local: int, length: int, remote_iov: int, count: int) -> int:
