@@ -117,6 +117,10 @@ class Parent:
         if entry is None:
             return None
         p, fd = entry
+        if fd < 0:
+            notes.append(f"process {ns_pid}: tracking kept since {self.path} was of another "
+                         f"process {p.host_pid} (exited, or restarted since); comparing page digests")
+            return None
         if p.host_pid != host_pid:
             os.close(fd)
             notes.append(f"process {ns_pid}: tracking kept since {self.path} was of PID {p.host_pid}, "
@@ -165,10 +169,11 @@ class _Held:
 
     def __del__(self):
         for _, fd in self.fds.values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         self.fds = {}
 
 

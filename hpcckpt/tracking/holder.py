@@ -154,8 +154,8 @@ def holder_args(pid: int) -> list[str] | None:
 
 
 def take_over(rec: HolderRecord, base_id: str) -> dict[int, tuple[HeldProcess, int]]:
-    """Every fd the holder keeps, now ours ({ns_pid: (entry, our fd)}); the holder is
-    stopped. OSError/ValueError saying why if the holder is not (any more) the one the
+    """Every fd the holder keeps, now ours ({ns_pid: (entry, our fd)}, fd -1 where that
+    process is not the one tracked any more); the holder is stopped. OSError/ValueError saying why if the holder is not (any more) the one the
     record describes, or its state is not relative to `base_id`."""
     from ..kernel.libc import pidfd_getfd, pidfd_open
     if rec.base_id != base_id:
@@ -176,15 +176,21 @@ def take_over(rec: HolderRecord, base_id: str) -> dict[int, tuple[HeldProcess, i
         out: dict[int, tuple[HeldProcess, int]] = {}
         try:
             for p in rec.processes:
-                if (p.host_pid, p.start, p.fd) not in held or _start_time(p.host_pid) != p.start:
+                if (p.host_pid, p.start, p.fd) not in held:
+                    continue     # not what this holder keeps: a forged or mixed-up record
+                if _start_time(p.host_pid) != p.start:
+                    # exited, or restarted by someone else with the same PID: its writes
+                    # since the image are not in this uffd (it tracked the old process)
+                    out[p.ns_pid] = (p, -1)
                     continue
                 try:
                     out[p.ns_pid] = (p, pidfd_getfd(pfd, p.fd))
                 except OSError:
-                    continue     # that process exited: the holder closed its fd
+                    out[p.ns_pid] = (p, -1)  # that process exited: the holder closed its fd
         except BaseException:
             for _, fd in out.values():
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
             raise
         signal.pidfd_send_signal(pfd, signal.SIGTERM)
         return out

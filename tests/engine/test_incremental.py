@@ -358,6 +358,33 @@ def test_tracking_holder_exits_with_its_process_and_a_stale_record_is_named(tmp_
     assert job.out.read_bytes() == ref
 
 
+def test_cli_tracking_lost_when_the_job_was_restarted_after_pre_dump(tmp_path):
+    """pre-dump, then someone kills and restores the job (same PID): the holder tracked the
+    old process and has gone with it; the final dump says so, compares digests, and the
+    image restores to the uninterrupted result."""
+    cmd = CHAIN + [30, 0.05]
+    ref = reference(cmd, tmp_path / "ref.txt")
+    job = Job.start(cmd, tmp_path / "out.txt")
+    job.wait_lines(3)
+    cli("dump", "--pid", job.pid, "--images", tmp_path / "c0", "-R", "--track-mem")
+    rec = HolderRecord.read(tmp_path / "c0")
+    job.kill()
+    r = restore(tmp_path / "c0", show_progress=False)
+    assert r.pid == job.pid
+    try:
+        _wait_bytes(job.out, 6, r.pid)
+        res = cli("dump", "--pid", r.pid, "--images", tmp_path / "c1", "--parent", tmp_path / "c0", "-R")
+        # the holder noticed the exit (or, if not yet, the start time tells the new process)
+        assert (f"tracking holder {rec.holder_pid} is gone" in res.stderr
+                or "was of another process" in res.stderr), res.stderr
+        assert "in parent images (hashing)" in res.stderr
+    finally:
+        os.kill(r.pid, signal.SIGKILL)
+        os.waitpid(r.pid, 0)
+    assert restore_fg(tmp_path / "c1").returncode == 0
+    assert job.out.read_bytes() == ref
+
+
 def test_cli_pre_dump_and_dump_restore_to_the_uninterrupted_result(tmp_path):
     cmd = CHAIN + [30, 0.05, 16]
     ref = reference(cmd, tmp_path / "ref.txt")
