@@ -54,12 +54,13 @@ class Scanner:
         self.vec = np.zeros((VEC_LEN, 3), dtype=np.uint64)
 
     def scan(self, start: int, end: int, category_mask: int, return_mask: int,
-             flags: int = 0, anyof_mask: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(starts, ends, categories) of the matching regions in [start, end)."""
+             flags: int = 0, anyof_mask: int = 0, inverted: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(starts, ends, categories) of the matching regions in [start, end). A page
+        matches when (its categories ^ inverted) has every bit of category_mask."""
         end = min(end, MAX_END)
         parts = []
         arg = ScanArg(size=ctypes.sizeof(ScanArg), flags=flags, vec=self.vec.ctypes.data,
-                      vec_len=VEC_LEN, category_mask=category_mask,
+                      vec_len=VEC_LEN, category_mask=category_mask, category_inverted=inverted,
                       category_anyof_mask=anyof_mask, return_mask=return_mask)
         pos = start
         while pos < end:

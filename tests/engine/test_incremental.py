@@ -341,7 +341,7 @@ def test_tracking_holder_exits_with_its_process_and_a_stale_record_is_named(tmp_
         assert _gone(rec.holder_pid)
     finally:
         t.close()
-    cmd = CHAIN + [30, 0.05]
+    cmd = CHAIN + [80, 0.05]   # runs 4 s: the dump below must find it alive
     ref = reference(cmd, tmp_path / "ref.txt")
     job = Job.start(cmd, tmp_path / "out.txt")
     job.wait_lines(3)

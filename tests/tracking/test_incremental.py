@@ -1,11 +1,14 @@
 """plan_incremental: write only dirty pages, reference the rest, drop vanished ones."""
 import numpy as np
+import pytest
 
 from hpcckpt.engine import memory
 from hpcckpt.engine.freeze import freeze
 from hpcckpt.kernel import proc
 from hpcckpt.tracking import HashingTracker, UffdWpTracker
-from hpcckpt.tracking.incremental import plan_incremental
+from hpcckpt.images import pb
+from hpcckpt.tracking.incremental import _to_save, plan_incremental, scan_supported
+from hpcckpt.tracking.scan import Scanner
 from hpcckpt.tracking.select import available_backends
 
 from .helpers import PAGE, arm
@@ -44,3 +47,41 @@ def test_plan(target):
     assert _pages(plan.in_parent, buf, end) == set(range(64)) - {5, 6, 30, 31}
     assert plan.write_bytes < full.write_bytes
     tracker.disarm()
+
+
+def test_save_mask_from_pagemap_scan_equals_pagemap(target):
+    """The plan's save mask from PAGEMAP_SCAN ranges is the one pagemap entries give:
+    present, dropped (with uffd-wp pte markers), zero-page reads, THP, file-private copies."""
+    if not scan_supported():
+        pytest.skip("no PAGEMAP_SCAN on this kernel")
+    buf = target.alloc(128)
+    huge = target.alloc(1024, huge=True)
+    tracker = UffdWpTracker() if "uffd-wp" in available_backends() else HashingTracker()
+    arm(tracker, target)
+    try:
+        assert target.cmd(f"d {buf + 10 * PAGE:x} 20") == "ok"      # markers where tracked
+        assert target.cmd(f"r {buf + 12 * PAGE:x} 4") == "ok"       # zero pages read back
+        target.write(buf + 100 * PAGE, 3)
+        assert target.cmd(f"d {huge + 600 * PAGE:x} 7") == "ok"     # splits the huge page
+        target.cmd("b 40000")
+        fr = freeze(target.pid)
+        try:
+            vmas = [memory.describe(target.pid, v) for v in proc.maps(target.pid)]
+            sc = Scanner(target.pid)
+            try:
+                kinds = set()
+                for v in vmas:
+                    slow, fast = _to_save(target.pid, v, None), _to_save(target.pid, v, sc)
+                    assert (slow is None) == (fast is None), v
+                    if slow is not None:
+                        assert np.array_equal(slow, fast), (hex(v.start), v.path)
+                        kinds.add(v.kind)
+            finally:
+                sc.close()
+        finally:
+            fr.thaw()
+        assert {pb.ANON_PRIVATE, pb.FILE_PRIVATE} <= kinds
+        mask = _to_save(target.pid, next(v for v in vmas if v.start <= buf < v.end), None)
+        assert not mask[(buf - next(v for v in vmas if v.start <= buf < v.end).start) // PAGE + 10]
+    finally:
+        tracker.disarm()
