@@ -385,6 +385,30 @@ def test_cli_tracking_lost_when_the_job_was_restarted_after_pre_dump(tmp_path):
     assert job.out.read_bytes() == ref
 
 
+def test_cli_pre_dump_of_a_process_tree(tmp_path):
+    """A multiprocessing pool (3 processes): one holder keeps the tracking of all of them,
+    the final dump takes it over for each, and the tree restores to the exact output."""
+    cmd = [sys.executable, PROGRAMS / "pool.py", 80, 0.05]
+    ref = reference(cmd, tmp_path / "ref.txt")
+    job = Job.start(cmd, tmp_path / "out.txt")
+    job.wait_lines(10)
+    cli("pre-dump", "--pid", job.pid, "--images", tmp_path / "pre")
+    rec = HolderRecord.read(tmp_path / "pre")
+    assert sorted(p.ns_pid for p in rec.processes) == sorted(ImageSet(tmp_path / "pre").inventory().pids)
+    assert len(rec.processes) == 3
+    job.wait_lines(20)
+    res = cli("dump", "--pid", job.pid, "--images", tmp_path / "fin", "--parent", tmp_path / "pre")
+    assert "(uffd-wp)" in res.stderr and "hpcckpt:" not in res.stderr, res.stderr   # no fallback note
+    assert _gone(rec.holder_pid)
+    job.proc.wait(timeout=10)
+    deadline = time.monotonic() + 10           # the killed workers are init's to reap
+    while any(os.path.exists(f"/proc/{p.host_pid}") for p in rec.processes):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert restore_fg(tmp_path / "fin").returncode == 0
+    assert job.out.read_bytes() == ref
+
+
 def test_cli_pre_dump_and_dump_restore_to_the_uninterrupted_result(tmp_path):
     cmd = CHAIN + [30, 0.05, 16]
     ref = reference(cmd, tmp_path / "ref.txt")
