@@ -25,7 +25,7 @@ from ..kernel.inject import Injector, Mem, find_syscall_insn
 from ..progress import Progress
 from ..images.chain import load_chain, new_image_id, relative_parent
 from ..tracking.incremental import IncrementalPlan, plan_incremental
-from . import files, memory, sessions, shared, snapshot, timers, ttys
+from . import files, memory, sessions, shared, snapshot, sysvipc, timers, ttys
 from .incremental import Parent, TreeTracker, collect_held, hand_off, save_digests
 from . import tree as ptree
 from .freeze import Frozen
@@ -336,6 +336,10 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                                                        statuses[p_host], descs, shm)
             _relations(ft, p_host, ns, procs[p_host])
             terms.process(p_host, procs[p_host], ft.table[p_host].sid)
+        ipc, undo = sysvipc.dump(pid, {h: ns[h] for h in ft.order if h not in ft.zombies}, vmas,
+                                 iset.path, notes)
+        for h, u in undo.items():
+            procs[h].sem_undo.extend(u)
         tty_images = terms.collect()
         terms.read_queues()               # last of what reads the frozen tree's state
         if leave_running:
@@ -385,6 +389,9 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         inv.pids[:] = [procs[h].pid for h in ft.order]
         inv.shmem.extend(shm.objects)
         inv.ttys.extend(tty_images)
+        if ipc is not None:
+            inv.own_ipc_namespace = True
+            inv.ipc.CopyFrom(ipc)
         for h in ft.order:
             if h not in ft.zombies and h != pid:
                 inv.files.extend(f for f in _mapped_files(list(procs[h].mm.vmas), procs[h].mm.exe)

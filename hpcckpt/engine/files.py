@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import RestoreError, UnsupportedError
 from ..images import pb
 from ..kernel.libc import libc, pidfd_getfd, pidfd_open
-from . import eventfds, locks, sockets, ttys
+from . import eventfds, fsnotify, locks, sockets, ttys
 
 O_ACCMODE = 0o3
 O_CLOEXEC = 0o2000000
@@ -102,6 +102,8 @@ def dump_fds(pid: int, images: Path, policies: FilePolicies, descs=None) -> list
             e.kind = pb.INHERITED
         elif t in eventfds.TARGETS:
             eventfds.describe(e, t, info, pid, descs.first(("desc", fid)))
+        elif t in fsnotify.TARGETS:
+            fsnotify.describe(e, t, pid, descs.first(("desc", fid)), descs.notes)
         elif t.startswith("socket:"):
             sockets.describe(e, pid, st.st_ino, descs, descs.first(("sock", fid)))
         elif t.startswith("pipe:"):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from ..errors import HpcckptError, ProcessGoneError
 from ..kernel import proc, ptrace
+from ..kernel.arch import current as arch
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Frozen:
         for tid in self.tids:
             sigs = self.deferred.get(tid, [])
             try:
+                _reissue_sysv_wait(tid)
                 ptrace.detach(tid, sigs[0] if sigs else 0)
                 for s in sigs[1:]:
                     os.kill(tid, s)
@@ -45,6 +47,18 @@ class Frozen:
                 ptrace.wait(tid)
             except HpcckptError:
                 pass
+
+
+def _reissue_sysv_wait(tid: int) -> None:
+    """Stopping a thread in semop/msgrcv/msgsnd made the call fail with EINTR (the kernel
+    never restarts those); going on, it makes the call again instead of seeing that."""
+    try:
+        regs = ptrace.get_regs(tid)
+        again = arch.reissue_sysv_wait(regs)
+        if again is not regs:
+            ptrace.set_regs(tid, again)
+    except HpcckptError:
+        pass        # gone: the detach that follows says so
 
 
 def _stop(fr: Frozen, tid: int) -> bool:

@@ -69,13 +69,12 @@ def describe(pid: int, v: proc.Vma) -> pb.Vma:
                  vmflags=[f for f in v.vmflags if f in MADVISE])
     if v.path in SPECIAL:
         out.kind = SPECIAL[v.path]
+    elif v.path.startswith("/SYSV") and v.shared:   # the inode is the segment's ID (engine/sysvipc.py)
+        out.kind, out.sysv_shmid = pb.SYSV_SHM, v.inode
     elif v.inode == 0:
         if v.shared:
             raise UnsupportedError(f"process {pid}: shared mapping {v.start:#x}-{v.end:#x} without a file")
         out.kind = pb.ANON_PRIVATE
-    elif v.path.startswith("/SYSV"):
-        raise UnsupportedError(
-            f"process {pid}: SysV shared memory at {v.start:#x} ({v.path}) is not supported yet")
     elif v.shared and (v.path.startswith("/dev/zero") or v.path.startswith("/memfd:")
                        or v.path.endswith(" (deleted)")):
         out.kind = pb.ANON_SHARED
@@ -93,7 +92,7 @@ def describe(pid: int, v: proc.Vma) -> pb.Vma:
 
 def pages_to_save(pid: int, vma: pb.Vma) -> list[tuple[int, int]]:
     """(address, length) runs of one mapping whose content the image must hold."""
-    if vma.kind in (pb.VDSO, pb.VVAR, pb.VVAR_VCLOCK, pb.VSYSCALL, pb.FILE_SHARED):
+    if vma.kind in (pb.VDSO, pb.VVAR, pb.VVAR_VCLOCK, pb.VSYSCALL, pb.FILE_SHARED, pb.SYSV_SHM):
         return []
     if vma.shmid:      # saved once for the whole tree, in shmem-ID.img
         return []

@@ -1,6 +1,8 @@
-"""A PID namespace of our own, so a restored process always gets its PIDs back.
+"""A PID namespace of our own, so a restored process always gets its PIDs back, and an IPC
+namespace of our own, so the job's SysV IPC objects are its own and come back with their
+IDs (engine/sysvipc.py).
 
-The monitor unshares CLONE_NEWPID and forks a minimal init (PID 1 in the namespace)
+The monitor unshares CLONE_NEWPID (and CLONE_NEWIPC, which moves the monitor itself) and forks a minimal init (PID 1 in the namespace)
 that reaps orphans at once; the job is then created as PID 2, by fork for a fresh run
 or by clone3(set_tid) for a restore. The monitor stays the job's parent, so it gets the
 job's exit status. If the monitor dies, the init dies (PDEATHSIG) and with it the job.
@@ -14,10 +16,17 @@ from ..kernel.libc import libc
 from . import userns
 
 CLONE_NEWPID = 0x20000000
+CLONE_NEWIPC = 0x08000000
 PR_SET_PDEATHSIG = 1
 JOB_PID = 2  # the job's PID inside its namespace
 
 _init_pid: int | None = None
+_ipc_ns: int | None = None   # inode of the IPC namespace ensure() made
+
+
+def ipc_namespace() -> int | None:
+    """The IPC namespace ensure() made (the job's), or None."""
+    return _ipc_ns
 
 
 def _init_loop() -> None:
@@ -38,13 +47,19 @@ def _init_loop() -> None:
 
 
 def ensure() -> int:
-    """Enter a new PID namespace (once per process) with its init; returns the init's PID."""
-    global _init_pid
+    """Enter a new PID namespace (once per process) with its init, and a new IPC namespace;
+    returns the init's PID."""
+    global _init_pid, _ipc_ns
     if _init_pid is not None:
         return _init_pid
+    from .sysvipc import read_limits, write_limits
+    limits = read_limits()
     userns.enter_if_unprivileged()
-    if libc.unshare(CLONE_NEWPID) != 0:
-        raise KernelError(f"cannot create a PID namespace: {os.strerror(ctypes.get_errno())} (needs root)")
+    if libc.unshare(CLONE_NEWPID | CLONE_NEWIPC) != 0:
+        raise KernelError(f"cannot create a PID and IPC namespace: {os.strerror(ctypes.get_errno())} "
+                          "(needs root)")
+    _ipc_ns = os.stat("/proc/thread-self/ns/ipc").st_ino
+    write_limits(limits)     # a new IPC namespace starts from the kernel's defaults
     pid = os.fork()
     if pid == 0:
         try:

@@ -22,9 +22,9 @@ from ..kernel.arch import current as arch
 from ..kernel.inject import Injector, Mem, find_syscall_insn
 from ..kernel.libc import pidfd_getfd, pidfd_open
 from ..progress import Progress
-from . import eventfds, files, locks, memory, pidns, sockets, timers, ttys, userns
+from . import eventfds, files, fsnotify, locks, memory, pidns, sockets, sysvipc, timers, ttys, userns
 from ..images.chain import Link, load_chain, pages_file_size, sources, Source
-from ..images.validate import validate
+from ..images.validate import validate, validate_fsnotify, validate_ipc
 from .create import create_tree
 from .incremental import TreeTracker
 
@@ -246,7 +246,7 @@ def _map_vmas(t: Target, vmas: list[pb.Vma], written: set[int]) -> None:
     opened: dict[tuple[str, int], int] = {}
     try:
         for v in vmas:
-            if v.kind in KIND_NAMES or v.kind == pb.VSYSCALL:
+            if v.kind in KIND_NAMES or v.kind in (pb.VSYSCALL, pb.SYSV_SHM):
                 continue
             prot = v.prot | (memory.PROT["w"] if v.start in written else 0)
             size = v.end - v.start
@@ -378,6 +378,8 @@ def _stage_fds(t: Target, fds: list[pb.Fd], iset: ImageSet, sh: Shared) -> list[
             fd = sh.terminals.open_fd(t, e)
         elif e.kind in (pb.EVENTFD, pb.TIMERFD, pb.SIGNALFD, pb.EPOLL):
             fd = eventfds.create(t, e, _local_copy)
+        elif e.kind in (pb.INOTIFY, pb.FANOTIFY):
+            fd = fsnotify.create(t, e, _local_copy)
         elif e.kind == pb.DELETED_FILE:
             d = os.path.dirname(e.path.removesuffix(" (deleted)")) or "/tmp"
             fd = t.sys("openat", AT_FDCWD, t.cstr(d if os.path.isdir(d) else "/tmp"),
@@ -510,6 +512,7 @@ def _fill_memory(t: Target, p: pb.Process, srcs: list[Source], iset: ImageSet, s
     _open_shmem(t, vmas, sh, iset)
     _set_fs_creds(t, p.creds)
     _set_mm(t, p.mm)
+    sysvipc.attach(t, vmas)
     _map_vmas(t, vmas, written)
     for fd, s in zip(fds, srcs):
         try:
@@ -608,6 +611,10 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
     check_kernel(inv)
     timers.check_kernel(procs)
     check_mapped_files(inv)
+    owner = os.stat(iset.path / "inventory.img").st_uid
+    validate_ipc(str(iset.path), inv, owner, procs)
+    for p in procs:
+        validate_fsnotify(str(iset.path), p, owner)
     if inv.own_pid_namespace:
         pidns.ensure()
     else:
@@ -615,8 +622,12 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
             check_ids_free(p) if not p.zombie else None
     pms = {p.pid: iset.pagemap(p.pid) for p in procs if not p.zombie}
     srcs = check_pages(chain, procs, pms)
-    terms = ttys.Terminals.prepare(str(iset.path), inv, procs, shell_job)
     live = [p for p in procs if not p.zombie]
+    ipc_removed = []
+    if inv.own_ipc_namespace:   # the job's SysV objects, same IDs, before anyone attaches
+        sysvipc.enter_fresh_namespace()
+        ipc_removed = sysvipc.create(inv.ipc, iset.path, live)
+    terms = ttys.Terminals.prepare(str(iset.path), inv, procs, shell_job)
     try:
         ctree = create_tree(procs, terms)
     except BaseException:
@@ -637,6 +648,8 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
         staged = {p.pid: _stage_fds(targets[p.pid], list(p.fds), iset, sh) for p in live}
         for p in live:
             _install_fds(targets[p.pid], staged[p.pid])
+        sysvipc.restore_undo(targets, live)
+        sysvipc.remove(ipc_removed)
         for p in live:
             eventfds.add_watches(targets[p.pid], p)
             sockets.finish(targets[p.pid], p, _local_copy)

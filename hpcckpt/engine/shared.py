@@ -120,7 +120,7 @@ def _held_outside(target: str, tree: set[int]) -> bool:
 
 def is_shared_object(v: proc.Vma) -> bool:
     """A shared mapping whose memory lives in a tmpfs/shmem object we must save."""
-    return v.shared and v.inode != 0 and (
+    return v.shared and v.inode != 0 and not v.path.startswith("/SYSV") and (
         v.path.startswith(("/dev/zero", "/memfd:", "/dev/shm/")) or v.path.endswith(" (deleted)"))
 
 

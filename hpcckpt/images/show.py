@@ -35,6 +35,8 @@ def show(path, as_json: bool = False) -> str:
     lines = [f"image set {iset.path}: format {inv.format_version}, hpcckpt {inv.hpcckpt_version}, "
              f"{inv.arch} kernel {inv.kernel} on {inv.host}, uid {inv.uid}"
              + (", own PID namespace" if inv.own_pid_namespace else "")]
+    if inv.own_ipc_namespace:
+        lines.extend(_ipc_lines(inv.ipc))
     for pid in inv.pids:
         p, pm = iset.process(pid), iset.pagemap(pid)
         lines.append(f"process {p.pid} '{p.comm}' ppid {p.ppid} exe {p.mm.exe} cwd {p.cwd}")
@@ -55,3 +57,19 @@ def show(path, as_json: bool = False) -> str:
                      f"{t.pgrp or '-'}, queued {len(t.output)} bytes out, {len(t.input)} in"
                      + (", packet mode" if t.packet_mode else "") + (", locked" if t.locked else ""))
     return "\n".join(lines)
+
+
+def _ipc_lines(ipc: pb.IpcNamespace) -> list[str]:
+    """The job's own IPC namespace: one line per SysV object."""
+    out = [f"own IPC namespace: {len(ipc.shm)} shared memory segments, {len(ipc.sem)} semaphore "
+           f"sets, {len(ipc.msg)} message queues"]
+    for o in ipc.shm:
+        out.append(f"  shm {o.perm.id} key {o.perm.key:#x} uid {o.perm.uid} mode {o.perm.mode:o} "
+                   f"{o.size} bytes" + (" (removed)" if o.removed else ""))
+    for o in ipc.sem:
+        out.append(f"  sem {o.perm.id} key {o.perm.key:#x} uid {o.perm.uid} mode {o.perm.mode:o} "
+                   f"values {list(o.values)}")
+    for o in ipc.msg:
+        out.append(f"  msg {o.perm.id} key {o.perm.key:#x} uid {o.perm.uid} mode {o.perm.mode:o} "
+                   f"{len(o.messages)} messages, {sum(len(m.data) for m in o.messages)} bytes")
+    return out

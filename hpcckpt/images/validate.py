@@ -138,3 +138,106 @@ def validate_ttys(where: str, inv: pb.Inventory, procs: list[pb.Process]) -> Non
         for name, r in refs:
             if not (r.external or r.dev_tty) and r.index not in internal:
                 _fail(where, f"process {p.pid} {name}: pty {r.index} is not in the image")
+
+
+IPC_ID_MAX = 1 << 31
+SEMMSL_MAX = 32000          # the kernel's ceiling for semaphores per set (SEMMSL)
+SEMVMX = 32767              # the largest semaphore value
+SHM_SIZE_MAX = 1 << 46
+MSG_TOTAL_MAX = 1 << 30
+
+
+def validate_ipc(where: str, inv: pb.Inventory, owner: int, procs: list[pb.Process]) -> None:
+    """The SysV IPC objects an image recreates (engine/sysvipc.py), and the attachments
+    naming them. An image never creates an object owned by another user than the image's
+    owner, nor of a group none of its processes had."""
+    ipc = inv.ipc
+    if not inv.own_ipc_namespace and (ipc.shm or ipc.sem or ipc.msg):
+        _fail(where, "SysV IPC objects without an IPC namespace of the job's own")
+    gids = {g for p in procs if not p.zombie for g in (p.creds.gid, p.creds.egid, p.creds.sgid,
+                                                       p.creds.fsgid, *p.creds.groups)}
+    sizes = {}
+    for kind, objs in (("shm", ipc.shm), ("sem", ipc.sem), ("msg", ipc.msg)):
+        seen = set()
+        for o in objs:
+            q = o.perm
+            what = f"SysV {kind} {q.id}"
+            if not 0 <= q.id < IPC_ID_MAX or q.id in seen:
+                _fail(where, f"{what}: bad or repeated ID")
+            seen.add(q.id)
+            if q.mode & ~0o777:
+                _fail(where, f"{what}: mode {q.mode:#o}")
+            if owner != 0 and q.uid != owner:
+                _fail(where, f"{what} would be owned by uid {q.uid}, the image's owner is uid {owner}")
+            if owner != 0 and q.gid not in gids:
+                _fail(where, f"{what} would belong to group {q.gid}, which no process of the image has")
+        if kind == "shm":
+            for o in objs:
+                if not 0 < o.size <= SHM_SIZE_MAX:
+                    _fail(where, f"SysV shm {o.perm.id}: size {o.size}")
+                if o.data_file != f"sysvshm-{o.perm.id}.img" or o.data_file not in inv.digests \
+                        or inv.digests[o.data_file].size != o.size:
+                    _fail(where, f"SysV shm {o.perm.id}: data file {o.data_file!r} is not the one "
+                          "the inventory lists with the segment's size")
+                sizes[o.perm.id] = o.size
+        elif kind == "sem":
+            for o in objs:
+                if not 0 < len(o.values) <= SEMMSL_MAX or any(v > SEMVMX for v in o.values):
+                    _fail(where, f"SysV sem {o.perm.id}: {len(o.values)} semaphores or a value above {SEMVMX}")
+        else:
+            for o in objs:
+                if sum(len(m.data) for m in o.messages) > MSG_TOTAL_MAX or any(m.type <= 0 for m in o.messages):
+                    _fail(where, f"SysV msg {o.perm.id}: too much data or a message type <= 0")
+    nsems = {o.perm.id: len(o.values) for o in ipc.sem}
+    for p in procs:
+        for u in p.sem_undo:
+            if nsems.get(u.semid) != len(u.adj) or any(abs(a) > SEMVMX for a in u.adj):
+                _fail(where, f"process {p.pid}: SEM_UNDO adjustments {list(u.adj)[:8]} for semaphore "
+                      f"set {u.semid}, which the image lacks or sizes otherwise")
+        for v in p.mm.vmas:
+            if v.kind != pb.SYSV_SHM:
+                continue
+            size = sizes.get(v.sysv_shmid)
+            if size is None:
+                _fail(where, f"process {p.pid} attaches SysV segment {v.sysv_shmid}, which the image lacks")
+            if v.start < v.pgoff or v.pgoff + (v.end - v.start) > (size + PAGE - 1) // PAGE * PAGE:
+                _fail(where, f"process {p.pid}: attachment {v.start:#x}-{v.end:#x} of SysV segment "
+                      f"{v.sysv_shmid} lies outside the segment")
+
+
+WATCHES_MAX = 1 << 20
+# fanotify_init flags only CAP_SYS_ADMIN may use (FANOTIFY_ADMIN_INIT_FLAGS): permission
+# classes, FAN_ENABLE_AUDIT, FAN_REPORT_PIDFD, FAN_REPORT_TID, FAN_UNLIMITED_QUEUE/MARKS
+FAN_ADMIN_FLAGS = 0x4 | 0x8 | 0x40 | 0x80 | 0x100 | 0x10 | 0x20
+FAN_REPORT_ID_FLAGS = 0x200 | 0x400 | 0x800 | 0x4000   # FID, DIR_FID, NAME, MNT
+FAN_MARK_TYPES = (0, 1, 2)
+
+
+def validate_fsnotify(where: str, p: pb.Process, owner: int) -> None:
+    """inotify watches and fanotify marks (engine/fsnotify.py). Watches are added as the
+    image's owner, so the kernel checks read access to each path; what it does not check
+    for a process that is still root while being restored is the fanotify privilege: an
+    image of a non-root owner may only hold what the kernel lets users set up unprivileged
+    (notification class with file-id reporting, inode marks)."""
+    for f in p.fds:
+        if f.kind == pb.INOTIFY:
+            wds = [w.wd for w in f.inotify]
+            if len(wds) > WATCHES_MAX or len(set(wds)) != len(wds) or any(not 0 < w < IPC_ID_MAX for w in wds):
+                _fail(where, f"process {p.pid} fd {f.fd}: inotify watch numbers {sorted(wds)[:8]}")
+            for w in f.inotify:
+                if not w.path.startswith("/"):
+                    _fail(where, f"process {p.pid} fd {f.fd}: inotify watch {w.wd} on relative path {w.path!r}")
+        elif f.kind == pb.FANOTIFY:
+            fa = f.fanotify
+            if len(fa.marks) > WATCHES_MAX:
+                _fail(where, f"process {p.pid} fd {f.fd}: {len(fa.marks)} fanotify marks")
+            for m in fa.marks:
+                if m.type not in FAN_MARK_TYPES or not m.path.startswith("/"):
+                    _fail(where, f"process {p.pid} fd {f.fd}: fanotify mark {m.type} on {m.path!r}")
+            if owner != 0:
+                if fa.flags & FAN_ADMIN_FLAGS or not fa.flags & FAN_REPORT_ID_FLAGS:
+                    _fail(where, f"process {p.pid} fd {f.fd}: fanotify flags {fa.flags:#x} need "
+                          f"CAP_SYS_ADMIN, which the image's owner (uid {owner}) lacks")
+                if any(m.type != 0 for m in fa.marks):
+                    _fail(where, f"process {p.pid} fd {f.fd}: fanotify mount or file system marks "
+                          f"need CAP_SYS_ADMIN, which the image's owner (uid {owner}) lacks")

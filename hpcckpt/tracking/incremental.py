@@ -57,7 +57,7 @@ def parent_pages_from_runs(runs) -> np.ndarray:
 def _to_save(pid: int, v, scanner: Scanner | None = None) -> np.ndarray | None:
     """engine.memory.pages_to_save's rule as a mask, but with uffd-wp pte markers (absent
     pages that pagemap shows as swapped) left out."""
-    if v.kind in (pb.VDSO, pb.VVAR, pb.VVAR_VCLOCK, pb.VSYSCALL, pb.FILE_SHARED) or v.shmid:
+    if v.kind in (pb.VDSO, pb.VVAR, pb.VVAR_VCLOCK, pb.VSYSCALL, pb.FILE_SHARED, pb.SYSV_SHM) or v.shmid:
         return None     # shared memory objects are saved whole, once per tree (shmem-ID.img)
     n = (v.end - v.start) // PAGE_SIZE
     if v.kind == pb.ANON_SHARED:

@@ -60,9 +60,11 @@ def test_eventfd_timerfd_signalfd_epoll_shared_with_child(tmp_path, kobjects):
     assert b"timerfd kept ticking: 1\nepoll sees the pending signal: 1" in out and b"epoll wrong" not in out
 
 
-def test_inotify_still_refused_naming_process_fd_and_kind(tmp_path):
+def test_io_uring_refused_naming_process_fd_and_kind(tmp_path):
+    """An fd kind the engine does not handle (an io_uring instance) stops the dump."""
     code = ("import ctypes,sys,time\n"
-            "fd=ctypes.CDLL(None).inotify_init(); print(fd, flush=True)\n"
+            "fd=ctypes.CDLL(None).syscall(425, 8, ctypes.create_string_buffer(120)); assert fd >= 0\n"
+            "print(fd, flush=True)\n"
             "[time.sleep(0.02) for _ in range(100)]; print('done', flush=True)\n")
     job = Job.start([sys.executable, "-c", code], tmp_path / "out.txt")
     try:
@@ -70,7 +72,7 @@ def test_inotify_still_refused_naming_process_fd_and_kind(tmp_path):
         fd = job.out.read_text().split()[0]
         res = cli("dump", "--pid", job.pid, "--images", tmp_path / "img", check=False)
         assert res.returncode != 0
-        assert f"process {job.pid}: fd {fd} is a inotify" in res.stderr
+        assert f"process {job.pid}: fd {fd} is a io_uring" in res.stderr
         assert job.proc.wait(timeout=30) == 0          # thawed, ran to its end
         assert job.out.read_text().endswith("done\n")
     finally:

@@ -153,10 +153,11 @@ def test_inside_slurm_an_unusable_store_is_reported_and_the_job_runs(tmp_path):
 
 
 def test_unsupported_resource_job_runs_and_status_has_the_error(tmp_path):
-    """A job holding something the engine can't checkpoint (an inotify instance): each
+    """A job holding something the engine can't checkpoint (an io_uring instance): each
     checkpoint fails with the reason, the job runs to its end, and `hpcckpt status` shows
     the error."""
-    prog = ("import ctypes, time\nfd = ctypes.CDLL(None).inotify_init()\nassert fd >= 0\n"
+    prog = ("import ctypes, time\nfd = ctypes.CDLL(None).syscall(425, 8, ctypes.create_string_buffer(120))\n"
+            "assert fd >= 0\n"
             "for i in range(40):\n    print(i, flush=True); time.sleep(0.1)\n")
     store = tmp_path / "store"
     r = subprocess.run(HPCCKPT + ["run", "--store", store, "--job", "sock", "--schedule", "every=0.5s", "--",
@@ -167,4 +168,4 @@ def test_unsupported_resource_job_runs_and_status_has_the_error(tmp_path):
     st = json.loads(subprocess.run(HPCCKPT + ["status", "sock", "--store", store, "--json"],
                                    capture_output=True, text=True, check=True).stdout)
     assert st["run"]["failures"] >= 1 and st["run"]["checkpoints"] == 0
-    assert any("inotify" in e for e in st["run"]["errors"]), st["run"]["errors"]
+    assert any("io_uring" in e for e in st["run"]["errors"]), st["run"]["errors"]

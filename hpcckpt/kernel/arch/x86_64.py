@@ -49,6 +49,10 @@ SYSCALLS = {
 # live snapshots: a copy-on-write child of the frozen target (clone without CLONE_VM)
 SYSCALLS.update({"clone": 56})
 SYSCALLS.update({"wait4": 61, "setpgid": 109, "setsid": 112, "rt_sigtimedwait": 128, "kcmp": 312})
+# SysV shared memory attachments and inotify/fanotify (engine/sysvipc.py, engine/fsnotify.py)
+SYSCALLS.update({"shmat": 30, "inotify_add_watch": 254, "inotify_rm_watch": 255,
+                 "inotify_init1": 294, "fanotify_init": 300, "fanotify_mark": 301,
+                 "semop": 65, "unshare": 272})
 
 
 def prepare_syscall(regs: Regs, nr: int, args: tuple[int, ...], ip: int) -> Regs:
@@ -84,6 +88,29 @@ def sp(regs: Regs) -> int:
 _RESTART_CODES = {-512, -513, -514, -516}  # ERESTARTSYS, NOINTR, NOHAND, RESTART_RESTARTBLOCK
 
 
+# SysV IPC waits are never restarted by the kernel, not even after a mere stop (signal(7)):
+# a thread that a freeze stopped in semop/msgrcv/msgsnd has EINTR in hand. Stopped right
+# after such a call (orig_rax is only kept on the syscall exit path), it is re-issued.
+_EINTR_REISSUED = {65, 220, 69, 70}   # semop, semtimedop, msgsnd, msgrcv
+
+
+def _sysv_eintr(orig: int, r: Regs) -> bool:
+    return orig in _EINTR_REISSUED and syscall_return(r) == -4
+
+
+def reissue_sysv_wait(regs: Regs) -> Regs:
+    """Registers for a thread going on after a freeze: a SysV IPC wait the freeze cut short
+    with EINTR is made again, as if nothing had happened; anything else is left alone."""
+    orig = regs.orig_rax - (1 << 64) if regs.orig_rax >= (1 << 63) else regs.orig_rax
+    if not _sysv_eintr(orig, regs):
+        return regs
+    r = regs.copy()
+    r.rax = orig
+    r.rip -= len(SYSCALL_INSN)
+    r.orig_rax = 0xFFFFFFFFFFFFFFFF
+    return r
+
+
 def rewind_interrupted_syscall(regs: Regs) -> Regs:
     """Registers that re-issue the syscall a thread was stopped in, on any kernel.
 
@@ -92,7 +119,7 @@ def rewind_interrupted_syscall(regs: Regs) -> Regs:
     """
     r = regs.copy()
     orig = r.orig_rax - (1 << 64) if r.orig_rax >= (1 << 63) else r.orig_rax
-    if orig >= 0 and syscall_return(r) in _RESTART_CODES:
+    if orig >= 0 and (syscall_return(r) in _RESTART_CODES or _sysv_eintr(orig, r)):
         r.rax = orig
         r.rip -= len(SYSCALL_INSN)
     r.orig_rax = 0xFFFFFFFFFFFFFFFF
