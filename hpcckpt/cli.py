@@ -60,6 +60,10 @@ def _service(args) -> str | None:
     return socket_for(args)
 
 
+TCP_HELP = ("checkpoint established TCP connections (TCP_REPAIR); their packets are held back "
+            "from the dump until the restore, and only a restore of this checkpoint can take them up")
+
+
 def cmd_dump(args) -> int:
     if sock := _service(args):
         from .service import viacli
@@ -74,7 +78,8 @@ def cmd_dump(args) -> int:
         return dump(args.pid, path, leave_running=args.leave_running, policies=policies,
                     show_progress=not args.quiet, parent=parent or args.parent, tree=not args.single,
                     track_mem=args.track_mem or pre, live=getattr(args, "live", False), pre_dump=pre,
-                    shell_job=getattr(args, "shell_job", False))
+                    shell_job=getattr(args, "shell_job", False),
+                    tcp_established=getattr(args, "tcp_established", False))
     if args.images and not args.store:  # the image set itself, as CRIU's -D
         where, r = args.images, do_dump(args.images)
     else:
@@ -189,7 +194,8 @@ def cmd_run(args) -> int:
         dest = None
     return run(args.command, dest=dest, quiet=args.quiet, schedule=schedule,
                checkpoint_signal=args.checkpoint_signal, final_signal=args.final_signal,
-               requeue=args.requeue, walltime=args.walltime, errors=errors, full_every=args.full_every)
+               requeue=args.requeue, walltime=args.walltime, errors=errors, full_every=args.full_every,
+               tcp_established=args.tcp_established)
 
 
 def cmd_status(args) -> int:
@@ -268,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the process runs on while its memory is written (a copy-on-write snapshot)")
     d.add_argument("--shell-job", "-j", action="store_true",
                    help="the tree runs in a terminal held outside it (a shell job); see docs/ttys.md")
+    d.add_argument("--tcp-established", action="store_true", help=TCP_HELP)
     d.set_defaults(func=cmd_dump)
     pd = sub.add_parser("pre-dump", help="copy a process's memory while it runs; a dump --parent then "
                                          "freezes it only to write what changed since")
@@ -307,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after a final checkpoint, requeue the Slurm job (default: inside Slurm)")
     u.add_argument("--full-every", type=int, default=10, metavar="N",
                    help="checkpoints are incremental, every Nth one full (1: always full; default 10)")
+    u.add_argument("--tcp-established", action="store_true", help=TCP_HELP)
     u.add_argument("command", nargs=argparse.REMAINDER)
     u.set_defaults(func=cmd_run)
     so = sub.add_parser("status", help="a job's checkpoints, the schedule's next time and the measured costs")

@@ -90,10 +90,11 @@ class Client:
         return self.call(check=spb.CheckRequest())
 
     def dump(self, pid: int, images: str, leave_running: bool = False, file_policy=(),
-             wait_hooks: bool = False, hook_timeout: float = 0) -> spb.Response:
+             wait_hooks: bool = False, hook_timeout: float = 0, tcp_established: bool = False) -> spb.Response:
         return self.call(dump=spb.DumpRequest(pid=pid, images=os.path.abspath(images),
                                               leave_running=leave_running, file_policy=list(file_policy),
-                                              wait_hooks=wait_hooks, hook_timeout=hook_timeout))
+                                              wait_hooks=wait_hooks, hook_timeout=hook_timeout,
+                                              tcp_established=tcp_established))
 
     def restore(self, images: str, detach: bool = False, wait_hooks: bool = False,
                 hook_timeout: float = 0) -> spb.Response:

@@ -103,7 +103,8 @@ def job_end_time(quiet: bool) -> float | None:
 def run(command: list[str], dest=None, every: float | None = None, quiet: bool = False,
         checkpoint_signal: int = signal.SIGUSR1, final_signal: int = signal.SIGTERM,
         requeue: bool | None = None, schedule: Schedule | None = None, walltime: bool = True,
-        errors: list[str] | None = None, full_every: int | None = 10) -> int:
+        errors: list[str] | None = None, full_every: int | None = 10,
+        tcp_established: bool = False) -> int:
     """Start or resume `command`, supervise it, exit as it does.
 
     Checkpoints are incremental (only pages written since the previous one, tracked by
@@ -144,6 +145,7 @@ def run(command: list[str], dest=None, every: float | None = None, quiet: bool =
         end = job_end_time(quiet) if walltime and dest else None
         sup = Supervisor(pid, dest, schedule, quiet, checkpoint_signal, final_signal, requeue, end, errors or [])
         sup.tracker, sup.full_every = tracker, full_every
+        sup.tcp_established = tcp_established
         sup.depth = ImageSet(latest).inventory().chain_depth if latest else None
         if latest:
             dest.release()
@@ -302,6 +304,7 @@ class Supervisor:
 
     tracker: TreeTracker | None = None
     full_every: int | None = None
+    tcp_established: bool = False   # dumps take established TCP connections (engine/tcp.py)
     gone_status: int | None = None  # the job's wait status, when a dump collected it
     depth: int | None = None        # parents of the last image; None: there is none
 
@@ -325,7 +328,7 @@ class Supervisor:
     def _dump_into(self, final: bool):
         def do_dump(path, parent=None):
             r = dump(self.pid, path, leave_running=not final, show_progress=not self.quiet, shell_job=True,
-                     parent=parent, tracker=self.tracker)
+                     parent=parent, tracker=self.tracker, tcp_established=self.tcp_established)
             try:
                 warnings = outputs.keep(Path(path), self.outputs)
             except (HpcckptError, OSError, ValueError) as e:  # the checkpoint itself is good

@@ -5,8 +5,9 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 need_apt=()
 # command -> Debian package: compilers for the test programs, bzip2 and make for the tree
-# tests, ip for the two-node migration test, munge for its authentication, pgrep
-for pair in gcc:gcc make:make bzip2:bzip2 ip:iproute2 munged:munge pgrep:procps; do
+# tests, ip for the two-node migration test, munge for its authentication, pgrep, nft for
+# the network lock of TCP connections (engine/tcp.py)
+for pair in gcc:gcc make:make bzip2:bzip2 ip:iproute2 munged:munge pgrep:procps nft:nftables; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 dpkg -s libc6-dev >/dev/null 2>&1 || need_apt+=(libc6-dev)

@@ -25,7 +25,7 @@ from ..kernel.inject import Injector, Mem, find_syscall_insn
 from ..progress import Progress
 from ..images.chain import load_chain, new_image_id, relative_parent
 from ..tracking.incremental import IncrementalPlan, plan_incremental
-from . import files, memory, sessions, shared, snapshot, sysvipc, timers, ttys
+from . import files, memory, sessions, shared, snapshot, sysvipc, tcp, timers, ttys
 from .incremental import Parent, TreeTracker, collect_held, hand_off, save_digests
 from . import tree as ptree
 from .freeze import Frozen
@@ -281,7 +281,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
          tree: bool = True, parent: str | os.PathLike | None = None,
          tracker: "TreeTracker | None" = None, track_mem: bool = False,
          live: bool = False, pre_dump: bool = False, on_dumped=None,
-         shell_job: bool = False) -> DumpResult:
+         shell_job: bool = False, tcp_established: bool = False) -> DumpResult:
     """Checkpoint `pid` and (unless `tree=False`) all its descendants into `images`;
     kill them all afterwards unless `leave_running`.
 
@@ -298,6 +298,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     thawed (a caller's hook, e.g. hpcckptd's "dumped"); if it raises, the tree is thawed
     and the image removed.
     `shell_job`: the tree may run in a terminal held outside it (ttys.py); refused otherwise.
+    `tcp_established`: checkpoint established TCP connections (engine/tcp.py); they are
+    locked from the dump to the restore (kept locked when the tree is killed).
     """
     t0 = time.monotonic()
     check_owner(pid)
@@ -317,6 +319,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     notes: list[str] = []
     snaps: dict[int, "snapshot.Snapshot"] = {}
     writers: dict[int, _PageFile] = {}
+    # a pre-dump's fds are never restored: its connections are read (and let go) rather than refused
+    conns = tcp.DumpConnections(tcp_established or pre_dump, pid)
     ft = ptree.freeze_tree(pid, tree)
     t_frozen = time.monotonic()
     t_thawed = None
@@ -324,6 +328,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         ns = _tree_ids(ft)
         statuses = {p: check_owner(p) for p in ft.frozen}
         descs = shared.Descriptions.collect(list(ft.frozen))
+        descs.cache["tcp"] = conns
         shm = ShmemTable(iset.path)
         terms = ttys.DumpTerminals(descs, ns, shell_job)
         procs: dict[int, pb.Process] = {}
@@ -365,8 +370,10 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                 writers[h].copy([r for r in plans[h].write if _inside(r, keep)], prog)
                 snaps[h] = snapshot.take(ft.frozen[h])
         if live or pre_dump:
+            notes.extend(conns.release())
             ft.thaw()
             t_thawed = time.monotonic()
+            notes.extend(conns.cleanup())
         pages_bytes = parent_bytes = 0
         for h in live_procs:
             w = writers[h]
@@ -408,29 +415,39 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             if on_dumped:
                 on_dumped(iset.path)
         elif leave_running and on_dumped is None:
+            notes.extend(conns.release())
             ft.thaw()
             t_thawed = time.monotonic()
             for w in writers.values():
                 w.flush()
+            notes.extend(conns.cleanup())
             iset.seal(inv)
         else:
             iset.seal(inv)
             if on_dumped:
                 on_dumped(iset.path)
             t_thawed = time.monotonic()
-            ft.thaw() if leave_running else ft.kill()
+            if leave_running:
+                notes.extend(conns.release())
+                ft.thaw()
+                notes.extend(conns.cleanup())
+            else:
+                ft.kill()
+                conns.keep()
         if tracker is not None:
             tracker.base_id = inv.image_id if leave_running else None
         if own:
             notes.extend(hand_off(tracker, iset.path, inv.image_id, {h: procs[h].pid for h in live_procs}))
             tracker.close()
     except BaseException:
+        conns.release()
         if terms is not None:
             terms.write_back()            # before the tree runs: nothing of its terminals lost
             terms.close()
         ft.thaw()
         for w in writers.values():
             w._abort()
+        conns.cleanup()
         if tracker is not None:
             tracker.close() if own else tracker.invalidate()   # collected changes went nowhere
         for s in snaps.values():

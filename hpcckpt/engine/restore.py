@@ -11,6 +11,7 @@ import os
 import platform
 import signal
 import struct
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -293,7 +294,7 @@ class Shared:
     pipes: dict[int, tuple["Target", int, int]]      # pipe inode -> (owner, read fd, write fd)
     shm: dict[int, tuple["Target", int]]             # object id -> (owner, fd)
     objects: dict[int, pb.ShmemObject]
-    socks: dict[int, "sockets.Pair"] = field(default_factory=dict)   # unix pair id -> both ends
+    socks: "sockets.Restoring" = field(default_factory=lambda: sockets.Restoring())  # unix pairs, TCP connections
     terminals: "ttys.Terminals | None" = None
 
 
@@ -560,7 +561,8 @@ def _load_tree(iset: ImageSet, inv: pb.Inventory, root: pb.Process) -> list[pb.P
         if p.root != "/":
             raise RestoreError(f"process {p.pid} ran chrooted in {p.root}; not supported yet")
         files.check_files(list(p.fds))
-        sockets.check(p.pid, list(p.fds))
+        # a user's image (not root's) gets no port its process could not have bound itself
+        sockets.check(p.pid, list(p.fds), p.creds if os.stat(iset.path / "inventory.img").st_uid else None)
     return procs
 
 
@@ -658,6 +660,7 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
             _arm(tracker, targets, live, inv)
         for p in live:
             _finish_process(targets[p.pid], p)
+        sockets.resume(sh.socks)
         if on_ready:
             on_ready(ctree.root_host)
         for p in reversed(live):      # children first: no parent runs to find a stopped child
@@ -665,6 +668,8 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
             for tid in t.host.values():
                 ptrace.detach(tid, 0)
             t.mem.close()
+        for note in sockets.cleanup(sh.socks):
+            print(f"hpcckpt: {note}", file=sys.stderr)
     except BaseException:
         terms.close()
         ttys.take_back_foreground()

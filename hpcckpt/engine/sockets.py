@@ -9,7 +9,10 @@ sent into the peer end, so it lands in this end's queue again.
 
 A listening TCP socket or a bound UDP socket is recreated, given its options, and bound
 (with SO_REUSEADDR while binding: the killed original may leave TIME_WAIT behind) to the
-same address and port. Established TCP connections (TCP_REPAIR) are refused.
+same address and port. An established TCP connection is saved and recreated through
+TCP_REPAIR (engine/tcp.py) when the dump was asked to (--tcp-established), locked from the
+dump until the restore has every process in place (`resume`), half-closed ones too;
+connecting or reset ones are refused naming the addresses and the state.
 """
 import fcntl
 import os
@@ -18,11 +21,11 @@ import struct
 import termios
 from dataclasses import dataclass
 
-from ..errors import RestoreError, UnsupportedError
+from ..errors import HpcckptError, RestoreError, UnsupportedError
 from ..images import pb
-from ..kernel import sockdiag
+from ..kernel import netlock, sockdiag
 from ..kernel.libc import pidfd_getfd, pidfd_open
-from . import unixlisten
+from . import tcp, unixlisten
 
 SOL_SOCKET, SOL_TCP, SOL_IPV6 = 1, 6, 41
 SO_REUSEADDR, SO_SNDBUF, SO_RCVBUF, SO_REUSEPORT = 2, 7, 8, 15
@@ -31,7 +34,7 @@ IPV6_V6ONLY, TCP_NODELAY = 26, 1
 O_NONBLOCK, SOCK_NONBLOCK = 0o4000, 0o4000
 F_SETFL = 4
 SCM_RIGHTS = 1
-TYPE_NAMES = {1: "stream", 2: "datagram", 5: "seqpacket"}
+TYPE_NAMES = {1: "stream", 2: "datagram", 3: "raw", 4: "rdm", 5: "seqpacket", 10: "packet"}
 FAMILY_NAMES = {1: "unix", 2: "IPv4", 10: "IPv6", 16: "netlink", 17: "packet"}
 ANC_SPACE = socket.CMSG_SPACE(253 * 4)
 
@@ -159,18 +162,28 @@ def _inet(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: s
         k.v6only = bool(s.getsockopt(SOL_IPV6, IPV6_V6ONLY))
     if k.type == socket.SOCK_STREAM:
         k.nodelay = bool(s.getsockopt(SOL_TCP, TCP_NODELAY))
-        state = s.getsockopt(SOL_TCP, socket.TCP_INFO, 1)[0]
-        if peer is not None or state not in (sockdiag.TCP_LISTEN, 7):
+        state = tcp.state(s)
+        if state in tcp.RESTORABLE and peer is not None:
+            _established(k, s, name, peer, descs, first, where)
+            return
+        if state == 7 and tcp.was_connected(s):
             raise UnsupportedError(
-                f"{where} is an established TCP connection {_fmt(name)} -> {_fmt(peer) if peer else '?'} "
-                f"(state {state}); established TCP connections cannot be checkpointed yet")
+                f"{where}: TCP socket {_fmt(name)} has lost its connection (state CLOSE: reset by the "
+                "peer, or closed on both sides) and the program has yet to close it; such a socket "
+                "cannot be checkpointed: checkpoint again once the program has closed it")
+        if peer is not None or state not in (sockdiag.TCP_LISTEN, 7):
+            peer = peer or _peer_by_inode(ino)
+            raise UnsupportedError(
+                f"{where}: TCP connection {_fmt(name)} -> {_fmt(peer) if peer else '?'} is in state "
+                f"{tcp.STATE_NAMES.get(state, state)}; {STATE_HELP.get(state, 'this state cannot be checkpointed')}")
         k.listening = state == sockdiag.TCP_LISTEN
         if k.listening:
             q = sockdiag.tcp_listen_queue(ino, k.family)
             backlog, waiting = q if q else (socket.SOMAXCONN, 0)
             if waiting:
-                raise UnsupportedError(f"{where} listening on {_fmt(name)} has {waiting} connection(s) "
-                                       "waiting to be accepted; they cannot be checkpointed yet")
+                raise UnsupportedError(f"{where} listening on {_fmt(name)} (state LISTEN) has {waiting} "
+                                       "connection(s) waiting to be accepted; they cannot be checkpointed "
+                                       "yet: checkpoint again once the program has accepted them")
             k.backlog = backlog
         return
     if peer is not None:
@@ -180,6 +193,30 @@ def _inet(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: s
         if dropped:
             descs.notes.append(f"{where} on {_fmt(name)}: {len(dropped)} queued datagram(s) "
                                "dropped (their senders' addresses cannot be given back)")
+
+
+STATE_HELP = {
+    2: "a connection still being opened (SYN_SENT) cannot be checkpointed: try again once it is "
+       "established",
+}
+
+
+def _established(k: pb.Socket, s: socket.socket, name, peer, descs, first: bool, where: str) -> None:
+    """An established TCP connection: saved through TCP_REPAIR (engine/tcp.py), locked
+    from now until the restore, when the dump was asked to (--tcp-established)."""
+    k.peer_address, k.peer_port = peer[0], peer[1]
+    conns = descs.cache.get("tcp")
+    if conns is None or not conns.enabled:
+        raise UnsupportedError(
+            f"{where} is an established TCP connection {_fmt(name)} -> {_fmt(peer)} "
+            f"(state {tcp.STATE_NAMES[tcp.state(s)]}); "
+            "pass --tcp-established to checkpoint it (its peer then waits, its packets held back, "
+            "until the restore; only a restore of this very checkpoint can take it up again)")
+    if len(name) > 3 and (name[3] or peer[3]):
+        raise UnsupportedError(f"{where}: TCP connection {_fmt(name)} -> {_fmt(peer)} uses link-local "
+                               "IPv6 addresses (scoped to an interface); not supported yet")
+    if first:
+        k.tcp.CopyFrom(conns.dump(s, k.family, (name[0], name[1]), (peer[0], peer[1]), k.reuseaddr, where))
 
 
 # -- restore -----------------------------------------------------------------------------
@@ -231,6 +268,8 @@ def create(t, e: pb.Fd, pairs: dict[int, Pair], local_copy) -> int:
         t.sys("fcntl", fd, F_SETFL, e.flags & O_NONBLOCK)
         return fd
     fd = t.sys("socket", k.family, k.type | (SOCK_NONBLOCK if e.flags & O_NONBLOCK else 0), k.protocol)
+    if k.HasField("tcp"):
+        return _connection(t, fd, k, pairs, local_copy, where)
     _setint(t, fd, SOL_SOCKET, SO_REUSEADDR, 1)
     if k.reuseport:
         _setint(t, fd, SOL_SOCKET, SO_REUSEPORT, 1)
@@ -254,6 +293,76 @@ def create(t, e: pb.Fd, pairs: dict[int, Pair], local_copy) -> int:
     if not k.reuseaddr:
         _setint(t, fd, SOL_SOCKET, SO_REUSEADDR, 0)
     return fd
+
+
+class Restoring(dict):
+    """What a restore builds socket by socket: unix pairs by id (the dict), and the TCP
+    connections made so far, in repair mode until `resume` once the whole tree is in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.tcp: list[tuple[socket.socket, pb.Socket]] = []    # (our duplicate, the image's socket)
+        self.locks: dict[tuple[str, int], tuple[int, list]] = {}  # (table, netns) -> (netns fd, connections)
+
+
+def _connection(t, fd: int, k: pb.Socket, pairs, local_copy, where: str) -> int:
+    """An established TCP connection in target `t`'s new socket `fd`: options set by
+    injection as for any inet socket, the connection itself through our duplicate."""
+    if k.reuseport:
+        _setint(t, fd, SOL_SOCKET, SO_REUSEPORT, 1)
+    if k.family == socket.AF_INET6:
+        _setint(t, fd, SOL_IPV6, IPV6_V6ONLY, int(k.v6only))
+    if k.nodelay:
+        _setint(t, fd, SOL_TCP, TCP_NODELAY, 1)
+    _buffers(t, fd, k)
+    s = socket.socket(fileno=local_copy(t, fd))
+    try:
+        tcp.restore(s, k.family, (k.address, k.port), (k.peer_address, k.peer_port), k.tcp,
+                    k.reuseaddr, where)
+    except BaseException:
+        s.close()
+        raise
+    pairs.tcp.append((s, k))
+    return fd
+
+
+def resume(restoring: "Restoring") -> None:
+    """Every process in place, none running yet: the connections leave repair mode and the
+    network locks their dumps left let them through again (`cleanup` tidies up later)."""
+    try:
+        for s, k in restoring.tcp:
+            tcp.resume(s, k.reuseaddr)
+            if k.tcp.lock_table:
+                nsfd = netlock.netns_of(s)
+                key = (k.tcp.lock_table, os.fstat(nsfd).st_ino)
+                if key in restoring.locks:
+                    os.close(nsfd)
+                else:
+                    restoring.locks[key] = (nsfd, [])
+                restoring.locks[key][1].append((k.family, (k.address, k.port), (k.peer_address, k.peer_port)))
+        for (table, _), (nsfd, conns) in restoring.locks.items():
+            netlock.unlock(table, conns, nsfd)
+    except OSError as e:
+        raise RestoreError(f"cannot take a restored TCP connection out of repair mode: {e.strerror}") from None
+    finally:
+        for s, _ in restoring.tcp:
+            s.close()
+        restoring.tcp.clear()
+
+
+def cleanup(restoring: "Restoring") -> list[str]:
+    """Once the restored tree runs: its connections leave the lock tables, and a table
+    that locks nothing more goes (deletions are slow, so they wait until now)."""
+    notes = []
+    for (table, _), (nsfd, conns) in restoring.locks.items():
+        try:
+            netlock.forget(table, conns, nsfd)
+        except HpcckptError as e:
+            notes.append(f"network lock table inet {table} not cleaned up: {e}")
+        finally:
+            os.close(nsfd)
+    restoring.locks.clear()
+    return notes
 
 
 def _refill(local: int, k: pb.Socket, where: str) -> None:
@@ -329,12 +438,94 @@ def holder(k: pb.Socket) -> str:
     return f" (port {k.port} is held by {target}, of a process we cannot see)"
 
 
-def check(pid: int, fds: list[pb.Fd]) -> None:
-    """Every port the process had bound is free here."""
+def _proc_addr(text: str) -> tuple[str, int]:
+    """'0100007F:1F90' (/proc/net/tcp: 32-bit words in host order) -> ('127.0.0.1', 8080)."""
+    addr, port = text.split(":")
+    raw = b"".join(bytes.fromhex(addr[i:i + 8])[::-1] for i in range(0, len(addr), 8))
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw), int(port, 16)
+
+
+def _peer_by_inode(ino: int):
+    """The remote end /proc/net/tcp{,6} shows for socket `ino` (getpeername fails before
+    the handshake ends), None if not found."""
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/net/{name}") as f:
+                next(f)
+                for line in f:
+                    x = line.split()
+                    if x[9] == str(ino):
+                        return _proc_addr(x[2])
+        except (FileNotFoundError, ValueError):
+            continue
+    return None
+
+
+def _connection_here(k: pb.Socket) -> int:
+    """Inode of a socket of this node holding the same connection (4-tuple), 0 if none;
+    -1 when one exists but no socket holds it any more (TIME_WAIT and the like)."""
+    want = {(k.address, k.port, k.peer_address, k.peer_port)}
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/net/{name}") as f:
+                next(f)
+                for line in f:
+                    x = line.split()
+                    if (*_proc_addr(x[1]), *_proc_addr(x[2])) in want:
+                        return int(x[9]) or -1
+        except (FileNotFoundError, ValueError):
+            continue
+    return 0
+
+
+def _connection_holder(ino: int) -> str:
+    if ino < 0:
+        return " (closing, no process holds it; wait for it to time out)"
+    target = f"socket:[{ino}]"
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{name}/fd"):
+                if os.readlink(f"/proc/{name}/fd/{fd}") == target:
+                    with open(f"/proc/{name}/comm") as f:
+                        return f" (held by process {name}, {f.read().strip()}, fd {fd})"
+        except OSError:
+            continue
+    return f" ({target})"
+
+
+CAP_NET_BIND_SERVICE = 10
+
+
+def _unprivileged_port_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1024
+
+
+def check(pid: int, fds: list[pb.Fd], creds: pb.Creds | None = None) -> None:
+    """Every port the process had bound is free here, and no connection it had exists.
+    With `creds` (given for an image a user, not root, owns; check_owner made sure it claims
+    only that user): the restore binds as root, so a port below ip_unprivileged_port_start
+    is only given back to a process that could have bound it itself (CAP_NET_BIND_SERVICE)."""
+    privileged = creds is not None and (creds.euid == 0 or creds.cap_eff >> CAP_NET_BIND_SERVICE & 1)
     unixlisten.check(pid, fds)
     for e in fds:
         k = e.socket
         if e.kind != pb.SOCKET or k.family == socket.AF_UNIX or not k.port:
+            continue
+        if creds is not None and not privileged and k.port < _unprivileged_port_start():
+            raise RestoreError(f"process {pid} fd {e.fd}: the image gives it port {k.port}, which uid "
+                               f"{creds.euid} may not bind (below ip_unprivileged_port_start); refused")
+        if k.HasField("tcp"):
+            ino = _connection_here(k)
+            if ino:
+                raise RestoreError(
+                    f"process {pid} fd {e.fd}: TCP connection {_fmt((k.address, k.port))} -> "
+                    f"{_fmt((k.peer_address, k.peer_port))} already exists on this node"
+                    f"{_connection_holder(ino)}; was the checkpointed process left running? "
+                    "A connection can only be restored once its original is gone")
             continue
         if (k.listening or k.type == socket.SOCK_DGRAM) and _bound_here(k) and not k.reuseport:
             proto = "TCP" if k.type == socket.SOCK_STREAM else "UDP"

@@ -27,6 +27,14 @@ def load(path) -> dict:
     return out
 
 
+def _tcp(k: pb.Socket) -> str:
+    from ..engine.tcp import STATE_NAMES, fmt
+    c = k.tcp
+    return (f" TCP {fmt((k.address, k.port))} -> {fmt((k.peer_address, k.peer_port))} "
+            f"{STATE_NAMES.get(c.state, c.state)}, {len(c.recv_queue)} B unread, {len(c.send_queue)} B "
+            f"unacknowledged ({c.unsent} unsent), MSS {c.mss}, lock {c.lock_table or '-'}")
+
+
 def show(path, as_json: bool = False) -> str:
     if as_json:
         return json.dumps(load(path), indent=1)
@@ -49,7 +57,8 @@ def show(path, as_json: bool = False) -> str:
                          f"{pb.VmaKind.Name(v.kind):12} {saved:7} pages  {v.path}")
         for f in p.fds:
             lines.append(f"  fd {f.fd:3} {pb.FdKind.Name(f.kind):12} {f.path}"
-                         + (f" pos {f.pos}" if f.kind == pb.REGULAR else ""))
+                         + (f" pos {f.pos}" if f.kind == pb.REGULAR else "")
+                         + (_tcp(f.socket) if f.kind == pb.SOCKET and f.socket.HasField("tcp") else ""))
         lines.append(f"  signal handlers: {len(p.sigactions)}, pending: {len(p.shared_pending)}")
     for t in inv.ttys:
         lines.append(f"terminal of a shell job, foreground group {t.pgrp or '-'}" if t.external else

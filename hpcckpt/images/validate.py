@@ -75,6 +75,8 @@ def validate(where: str, p: pb.Process, pm: pb.Pagemap, pages_size: int) -> None
             _fail(where, f"fd {f.fd} names a relative path {f.path!r}")
         if f.data_file and ("/" in f.data_file or f.data_file.startswith(".")):
             _fail(where, f"fd {f.fd} names data file {f.data_file!r} outside the image")
+        if f.kind == pb.SOCKET and f.socket.HasField("tcp"):
+            _tcp(where, f.fd, f.socket)
     for a in p.sigactions:
         if not 1 <= a.signo <= 64:
             _fail(where, f"signal handler for signal {a.signo}")
@@ -241,3 +243,34 @@ def validate_fsnotify(where: str, p: pb.Process, owner: int) -> None:
                 if any(m.type != 0 for m in fa.marks):
                     _fail(where, f"process {p.pid} fd {f.fd}: fanotify mount or file system marks "
                           f"need CAP_SYS_ADMIN, which the image's owner (uid {owner}) lacks")
+
+
+TCP_QUEUE_MAX = 1 << 30
+TCP_OPTIONS = 1 | 2 | 4           # TCPI_OPT_TIMESTAMPS | SACK | WSCALE
+
+
+def _tcp(where: str, fd: int, k: pb.Socket) -> None:
+    """An established TCP connection (engine/tcp.py): a restore binds and connects it and
+    deletes the nftables table it names, so each of those is bounded."""
+    import ipaddress
+    c, what = k.tcp, f"fd {fd} (TCP connection)"
+    if k.family not in (2, 10) or k.type != 1:
+        _fail(where, f"{what} is of family {k.family} type {k.type}, not TCP")
+    for name, addr, port in (("address", k.address, k.port), ("peer address", k.peer_address, k.peer_port)):
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            _fail(where, f"{what} has {name} {addr!r}")
+        if (ip.version == 4) != (k.family == 2) or not 0 < port < 65536:
+            _fail(where, f"{what} has {name} {addr!r} port {port}")
+    if c.state not in (1, 4, 5, 8, 9, 11):
+        _fail(where, f"{what} is in state {c.state}; only ESTABLISHED and half-closed ones are restored")
+    if len(c.recv_queue) > TCP_QUEUE_MAX or len(c.send_queue) > TCP_QUEUE_MAX or c.unsent > len(c.send_queue):
+        _fail(where, f"{what} has queues of {len(c.recv_queue)}/{len(c.send_queue)} bytes, {c.unsent} unsent")
+    if not 0 < c.mss < 65536 or c.options & ~TCP_OPTIONS or c.snd_wscale > 14 or c.rcv_wscale > 14:
+        _fail(where, f"{what} has MSS {c.mss}, options {c.options:#x}, window scales {c.snd_wscale}/{c.rcv_wscale}")
+    if c.tos > 255 or c.peek_off < -1 or c.linger_secs < 0:
+        _fail(where, f"{what} has TOS {c.tos}, peek offset {c.peek_off} or linger {c.linger_secs}")
+    from ..kernel.netlock import valid_name
+    if c.lock_table and not valid_name(c.lock_table):
+        _fail(where, f"{what} names network lock table {c.lock_table!r}, not one hpcckpt makes")

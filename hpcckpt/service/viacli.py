@@ -61,7 +61,8 @@ def dump(args, sock: str) -> int:
     if not args.images:
         raise HpcckptError("say where the images go: --images DIR (through hpcckptd)")
     r = Client(sock, on_notify=ProgressLine(not args.quiet)).dump(
-        args.pid, args.images, leave_running=args.leave_running, file_policy=args.file_policy or ())
+        args.pid, args.images, leave_running=args.leave_running, file_policy=args.file_policy or (),
+        tcp_established=getattr(args, "tcp_established", False))
     if not args.quiet:
         print(f"dumped process {r.pid} to {os.path.abspath(args.images)} through hpcckptd: "
               f"{r.pages_bytes / 2**20:.1f} MiB of pages in {r.total_s:.3f} s, frozen {r.frozen_s:.3f} s"

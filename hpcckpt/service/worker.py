@@ -143,7 +143,7 @@ def main() -> int:
                 s.hook("dumped", d.hook_timeout, detail=str(path), pid=d.pid)
             r = dump(d.pid, d.images, leave_running=d.leave_running,
                      policies=FilePolicies.parse(list(d.file_policy)), show_progress=False,
-                     on_dumped=dumped if d.wait_hooks else None)
+                     on_dumped=dumped if d.wait_hooks else None, tcp_established=d.tcp_established)
             auth.give_to(caller, Path(d.images))
             done.pid, done.pages_bytes, done.frozen_s, done.total_s = r.pid, r.pages_bytes, r.frozen_s, r.total_s
         else:

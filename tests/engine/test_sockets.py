@@ -1,6 +1,7 @@
 """Sockets: a socketpair (stream, datagram, seqpacket) between parent and child with data
 queued both ways; listening TCP (IPv4, IPv6) and bound UDP sockets still serving after a
-restore; an established TCP connection refused, the program running on."""
+restore; an established TCP connection refused without --tcp-established (test_tcp.py has
+the connections themselves), the program running on."""
 import socket
 import subprocess
 import sys
