@@ -181,9 +181,11 @@ def _inet(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: s
             q = sockdiag.tcp_listen_queue(ino, k.family)
             backlog, waiting = q if q else (socket.SOMAXCONN, 0)
             if waiting:
+                peers = ", ".join(_fmt(p) for p in _unaccepted(name[1])) or "?"
                 raise UnsupportedError(f"{where} listening on {_fmt(name)} (state LISTEN) has {waiting} "
-                                       "connection(s) waiting to be accepted; they cannot be checkpointed "
-                                       "yet: checkpoint again once the program has accepted them")
+                                       f"connection(s) waiting to be accepted (from {peers}); they cannot "
+                                       "be checkpointed yet: checkpoint again once the program has "
+                                       "accepted them")
             k.backlog = backlog
         return
     if peer is not None:
@@ -459,6 +461,23 @@ def _peer_by_inode(ino: int):
         except (FileNotFoundError, ValueError):
             continue
     return None
+
+
+def _unaccepted(port: int) -> list[tuple[str, int]]:
+    """Peers of connections to local `port` that no fd holds yet (inode 0: still in a
+    listener's accept queue)."""
+    out = []
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/net/{name}") as f:
+                next(f)
+                for line in f:
+                    x = line.split()
+                    if x[3] in ("01", "03") and x[9] == "0" and _proc_addr(x[1])[1] == port:
+                        out.append(_proc_addr(x[2]))
+        except (FileNotFoundError, ValueError):
+            continue
+    return out
 
 
 def _connection_here(k: pb.Socket) -> int:

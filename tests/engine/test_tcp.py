@@ -487,9 +487,11 @@ def test_connection_waiting_to_be_accepted_refused(tmp_path):
     try:
         job.wait_lines(1)
         port, fd = job.out.read_text().split()[1::2]
-        with socket.create_connection(("127.0.0.1", int(port)), timeout=10):
+        with socket.create_connection(("127.0.0.1", int(port)), timeout=10) as c:
+            me = c.getsockname()
             res = cli("dump", "--pid", job.pid, "--images", tmp_path / "img", "--tcp-established", check=False)
         assert res.returncode != 0
+        assert f"from {me[0]}:{me[1]}" in res.stderr, res.stderr
         assert f"process {job.pid}: fd {fd}" in res.stderr and f"127.0.0.1:{port}" in res.stderr, res.stderr
         assert "state LISTEN" in res.stderr and "1 connection(s) waiting to be accepted" in res.stderr
         assert job.proc.wait(timeout=60) == 0 and job.out.read_text().endswith("done\n")
