@@ -29,7 +29,7 @@ from . import tcp, unixlisten
 
 SOL_SOCKET, SOL_TCP, SOL_IPV6 = 1, 6, 41
 SO_REUSEADDR, SO_SNDBUF, SO_RCVBUF, SO_REUSEPORT = 2, 7, 8, 15
-SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_PEEK_OFF = 32, 33, 42
+SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_PEEK_OFF, SO_BUF_LOCK = 32, 33, 42, 72
 IPV6_V6ONLY, TCP_NODELAY = 26, 1
 O_NONBLOCK, SOCK_NONBLOCK = 0o4000, 0o4000
 F_SETFL = 4
@@ -148,6 +148,10 @@ def _unix(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: s
 
 
 def _inet(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: str) -> None:
+    try:
+        k.buf_lock = s.getsockopt(SOL_SOCKET, SO_BUF_LOCK)
+    except OSError:                     # before Linux 5.14: no telling, keep them as they are
+        k.buf_lock = 3
     name = s.getsockname()
     try:
         peer = s.getpeername()
@@ -280,6 +284,7 @@ def create(t, e: pb.Fd, pairs: dict[int, Pair], local_copy) -> int:
     if k.nodelay:
         _setint(t, fd, SOL_TCP, TCP_NODELAY, 1)
     _buffers(t, fd, k)
+    _setint(t, fd, SOL_SOCKET, SO_BUF_LOCK, k.buf_lock & 3, check=False)   # autotuning back on
     if k.address or k.port:
         sa = sockaddr(k.family, k.address, k.port)
         res = t.sys("bind", fd, t.put(sa), len(sa), check=False)
@@ -324,6 +329,10 @@ def _connection(t, fd: int, k: pb.Socket, pairs, local_copy, where: str) -> int:
     except BaseException:
         s.close()
         raise
+    try:
+        s.setsockopt(SOL_SOCKET, SO_BUF_LOCK, k.buf_lock & 3)   # after the queues forced room
+    except OSError:
+        pass
     pairs.tcp.append((s, k))
     return fd
 

@@ -269,7 +269,7 @@ def _tcp(where: str, fd: int, k: pb.Socket) -> None:
         _fail(where, f"{what} has queues of {len(c.recv_queue)}/{len(c.send_queue)} bytes, {c.unsent} unsent")
     if not 0 < c.mss < 65536 or c.options & ~TCP_OPTIONS or c.snd_wscale > 14 or c.rcv_wscale > 14:
         _fail(where, f"{what} has MSS {c.mss}, options {c.options:#x}, window scales {c.snd_wscale}/{c.rcv_wscale}")
-    if c.tos > 255 or c.peek_off < -1 or c.linger_secs < 0:
+    if k.buf_lock > 3 or c.tos > 255 or c.peek_off < -1 or c.linger_secs < 0:
         _fail(where, f"{what} has TOS {c.tos}, peek offset {c.peek_off} or linger {c.linger_secs}")
     from ..kernel.netlock import valid_name
     if c.lock_table and not valid_name(c.lock_table):

@@ -119,8 +119,8 @@ def _server_dumped(tmp_path: Path, host: str, ns: tuple[str, str] | None = None,
         assert rest.wait(timeout=60) == 0, (tmp_path / "restore.txt").read_text()
         check_stream(client.out, "client", "server", want)
         check_stream(srv.out, "server", "client", want)
-        # TCP_NODELAY, SO_KEEPALIVE, TCP_KEEPIDLE, SO_RCVTIMEO's microseconds
-        assert "server opts 1 1 77 500000" in srv.out.read_text()
+        # TCP_NODELAY, SO_KEEPALIVE, TCP_KEEPIDLE, SO_RCVTIMEO's microseconds, SO_BUF_LOCK
+        assert "server opts 1 1 77 500000 0" in srv.out.read_text()
         assert not our_tables(srv.pid, ns[0] if ns else None), "network lock left after the restore"
     finally:
         for p in (client, srv):

@@ -79,7 +79,8 @@ def server_side(ls: socket.socket, total: int) -> None:
     opts = (conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
             conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
             conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
-            struct.unpack("qq", conn.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))[1])
+            struct.unpack("qq", conn.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))[1],
+            conn.getsockopt(socket.SOL_SOCKET, 72))       # SO_BUF_LOCK: 0, buffers autotuned
     print("server opts", *opts, flush=True)
     conn.close()
 
