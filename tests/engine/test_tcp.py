@@ -105,7 +105,7 @@ def _server_dumped(tmp_path: Path, host: str, ns: tuple[str, str] | None = None,
         port = srv.out.read_text().split()[1]
         client = Job.start([*in_b, sys.executable, PROG, "client", connect or host, port, TOTAL],
                            tmp_path / "client.txt")
-        wait_for(lambda: progress(client.out, "client") > TOTAL // 5, "the stream to get going",
+        wait_for(lambda: progress(client.out, "client") > TOTAL // 10, "the stream to get going",
                  alive=(srv.proc, client.proc))
         cli("dump", "--pid", srv.pid, "--images", tmp_path / "img", "--tcp-established")
         assert srv.proc.wait(timeout=10) != 0                       # killed
@@ -154,7 +154,7 @@ def test_client_dumped_mid_stream(tmp_path):
                        tmp_path / "client.txt")
     rest = None
     try:
-        wait_for(lambda: progress(tmp_path / "server.txt", "server") > TOTAL // 5, "the stream to get going",
+        wait_for(lambda: progress(tmp_path / "server.txt", "server") > TOTAL // 10, "the stream to get going",
                  alive=(srv, client.proc))
         cli("dump", "--pid", client.pid, "--images", tmp_path / "img", "--tcp-established")
         client.proc.wait(timeout=10)
@@ -229,7 +229,7 @@ def test_both_ends_in_the_tree(tmp_path):
     before = set(netlock.tables())
     mon = start()
     try:
-        wait_for(lambda: progress(out, "server") > TOTAL // 5, "the stream to get going", alive=(mon,))
+        wait_for(lambda: progress(out, "server") > TOTAL // 10, "the stream to get going", alive=(mon,))
         mon.send_signal(15)
         said = mon.communicate(timeout=60)[1].decode()
         assert mon.returncode == 0 and "final checkpoint" in said, said
@@ -266,7 +266,7 @@ def test_periodic_checkpoints_leave_connections_alone(tmp_path):
             mon.kill()
             mon.wait()
     assert mon.returncode == 0, err
-    assert err.count("checkpoint") >= 3, err
+    assert err.count("run: checkpoint ") >= 2, err
     check_stream(out, "client", "server", want)
     check_stream(out, "server", "client", want)
 
@@ -809,7 +809,7 @@ def test_server_migrated_between_nodes(tmp_path, three_nodes):
         port = srv.out.read_text().split()[1]
         client = Job.start(["ip", "netns", "exec", c, sys.executable, PROG, "client", vip, port, TOTAL],
                            tmp_path / "client.txt")
-        wait_for(lambda: progress(client.out, "client") > TOTAL // 5, "the stream to get going",
+        wait_for(lambda: progress(client.out, "client") > TOTAL // 10, "the stream to get going",
                  alive=(srv.proc, client.proc))
         cli("dump", "--pid", srv.pid, "--images", tmp_path / "img", "--tcp-established")
         srv.proc.wait(timeout=10)
