@@ -47,9 +47,9 @@ def test_pid_that_already_exited(tmp_path):
 def test_unsupported_fd_leaves_process_running(tmp_path, threads_fp):
     """A netlink socket stops the dump, names process, fd and kind; the job finishes correctly."""
     cmd = [sys.executable, "-c",
-           "import socket,sys,runpy; s=socket.socket(socket.AF_NETLINK, socket.SOCK_RAW); sys.argv=['compute.py','25','0.02']; "
+           "import socket,sys,runpy; s=socket.socket(socket.AF_NETLINK, socket.SOCK_RAW); sys.argv=['compute.py','25','0.06']; "
            f"runpy.run_path({str(PROGRAMS / 'compute.py')!r}, run_name='__main__')"]
-    ref = reference([sys.executable, PROGRAMS / "compute.py", 25, 0.02], tmp_path / "ref.txt")
+    ref = reference([sys.executable, PROGRAMS / "compute.py", 25, 0.06], tmp_path / "ref.txt")
     job = Job.start(cmd, tmp_path / "out.txt")
     job.wait_lines(5)
     res = cli("dump", "--pid", job.pid, "--images", tmp_path / "img", check=False)
@@ -67,9 +67,9 @@ def test_full_disk_leaves_process_running(tmp_path):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
     try:
         cmd = [sys.executable, "-c",
-               "import sys,runpy; big=bytearray(b'x')*(16<<20); sys.argv=['compute.py','25','0.02']; "
+               "import sys,runpy; big=bytearray(b'x')*(16<<20); sys.argv=['compute.py','25','0.06']; "
                f"runpy.run_path({str(PROGRAMS / 'compute.py')!r}, run_name='__main__')"]
-        ref = reference([sys.executable, PROGRAMS / "compute.py", 25, 0.02], tmp_path / "ref.txt")
+        ref = reference([sys.executable, PROGRAMS / "compute.py", 25, 0.06], tmp_path / "ref.txt")
         job = Job.start(cmd, tmp_path / "out.txt")
         job.wait_lines(5)
         res = cli("dump", "--pid", job.pid, "--images", mnt / "img", check=False)
