@@ -117,7 +117,7 @@ def describe(e: pb.Fd, pid: int, ino: int, descs, first: bool) -> None:
         where = f"process {pid}: fd {e.fd} ({FAMILY_NAMES.get(k.family, k.family)} " \
                 f"{TYPE_NAMES.get(k.type, k.type)} socket:[{ino}])"
         if k.family == socket.AF_UNIX:
-            _unix(k, s, ino, descs, first, where)
+            _unix(k, s, ino, descs, first, where, pid)
         elif k.family in (socket.AF_INET, socket.AF_INET6) and k.type in (1, 2):
             _inet(k, s, ino, descs, first, where)
         else:
@@ -128,13 +128,13 @@ def describe(e: pb.Fd, pid: int, ino: int, descs, first: bool) -> None:
     e.socket.CopyFrom(k)
 
 
-def _unix(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: str) -> None:
+def _unix(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: str, pid: int) -> None:
     u = unix_table(descs).get(ino)
     if u is None:
         raise UnsupportedError(f"{where}: not found through sock_diag (another network namespace?)")
     name = u.name.decode(errors="replace").replace("\0", "@")
     if u.state == sockdiag.TCP_LISTEN:
-        unixlisten.describe(k, u.name, u.rqueue, where)
+        unixlisten.describe(k, unixlisten.absolute(u, pid), u.rqueue, where)
         return
     if not u.peer:
         raise UnsupportedError(f"{where}{' bound to ' + repr(name) if name else ''} is not connected "

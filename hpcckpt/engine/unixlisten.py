@@ -24,6 +24,23 @@ SOCK_NONBLOCK = 0o4000
 O_NONBLOCK = 0o4000
 
 
+def absolute(u, pid: int) -> bytes:
+    """The name of a socket bound to a relative path, made absolute: the path from the
+    process' working directory, when the socket file found there is this very socket
+    (sock_diag names its inode). Otherwise the name as bound (refused by describe)."""
+    name = u.name.rstrip(b"\0")
+    if not name or name.startswith((b"/", b"\0")) or not u.vfs_ino:
+        return u.name
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd").encode()
+        st = os.lstat(os.path.join(f"/proc/{pid}/cwd".encode(), name))
+    except OSError:
+        return u.name
+    if stat.S_ISSOCK(st.st_mode) and st.st_ino == u.vfs_ino:
+        return os.path.join(cwd, name)
+    return u.name
+
+
 def describe(k: pb.Socket, name: bytes, pending: int, where: str) -> None:
     """Fill `k` for a listening unix socket bound to `name` (as sock_diag gives it)."""
     if pending:
@@ -33,8 +50,8 @@ def describe(k: pb.Socket, name: bytes, pending: int, where: str) -> None:
     if not abstract:
         name = name.rstrip(b"\0")
         if not name.startswith(b"/"):
-            raise UnsupportedError(f"{where} listens on the relative path {name!r}, which names "
-                                   "no file once the process moved; not supported")
+            raise UnsupportedError(f"{where} listens on the relative path {name!r}, which its working "
+                                   "directory no longer leads to; bind to an absolute path")
         try:
             st = os.lstat(name)
             if stat.S_ISSOCK(st.st_mode):

@@ -14,8 +14,8 @@ NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-UDIAG_SHOW_NAME, UDIAG_SHOW_PEER, UDIAG_SHOW_RQLEN = 0x1, 0x4, 0x10
-UNIX_DIAG_NAME, UNIX_DIAG_PEER, UNIX_DIAG_RQLEN, UNIX_DIAG_SHUTDOWN = 0, 2, 4, 6
+UDIAG_SHOW_NAME, UDIAG_SHOW_VFS, UDIAG_SHOW_PEER, UDIAG_SHOW_RQLEN = 0x1, 0x2, 0x4, 0x10
+UNIX_DIAG_NAME, UNIX_DIAG_VFS, UNIX_DIAG_PEER, UNIX_DIAG_RQLEN, UNIX_DIAG_SHUTDOWN = 0, 1, 2, 4, 6
 TCP_LISTEN = 10
 
 
@@ -28,6 +28,7 @@ class UnixSock:
     name: bytes = b""      # bound path; abstract names start with b"\\0"
     shutdown: int = 0
     rqueue: int = 0
+    vfs_ino: int = 0       # inode of the socket file a path name made, 0 if none
 
 
 def _dump(request: bytes):
@@ -64,7 +65,7 @@ def _attrs(buf: bytes, off: int):
 def unix_sockets() -> dict[int, UnixSock]:
     """Every unix socket of this network namespace, by inode."""
     req = struct.pack("<BBHIII2I", socket.AF_UNIX, 0, 0, 0xFFFFFFFF, 0,
-                      UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN, 0xFFFFFFFF, 0xFFFFFFFF)
+                      UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN, 0xFFFFFFFF, 0xFFFFFFFF)
     out = {}
     try:
         for msg in _dump(req):
@@ -75,6 +76,8 @@ def unix_sockets() -> dict[int, UnixSock]:
                     u.peer = struct.unpack("<I", val[:4])[0]
                 elif kind == UNIX_DIAG_NAME:
                     u.name = val
+                elif kind == UNIX_DIAG_VFS:
+                    u.vfs_ino = struct.unpack("<I", val[:4])[0]
                 elif kind == UNIX_DIAG_SHUTDOWN:
                     u.shutdown = val[0]
                 elif kind == UNIX_DIAG_RQLEN:
