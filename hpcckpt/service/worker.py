@@ -23,6 +23,8 @@ from .. import progress
 from ..errors import HpcckptError
 from ..images import service_pb2 as spb
 from ..kernel.libc import libc
+from ..engine import pidns
+from ..engine import tree as ptree
 from . import auth, framing
 
 PR_SET_PDEATHSIG = 1
@@ -56,15 +58,67 @@ def send(resp: spb.Response) -> None:
         sys.stdout.buffer.flush()
 
 
+STOP_WAIT = 2.0              # seconds a process may take to stop before we kill anyway
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"
+
+
+def kill_tree(root: int) -> None:
+    """Kill a restored job and everything it started, as if its parent had died with it.
+
+    In a PID namespace of the restore's own, killing its init takes every process with it.
+    Otherwise the tree is stopped first (SIGSTOP, waiting until each shows it) and read again
+    until no new member appears, so nothing forks away or is reparented out of sight while
+    we kill; then all get SIGKILL."""
+    if pidns._init_pid is not None:
+        os.kill(pidns._init_pid, signal.SIGKILL)
+        return
+    stopped: set[int] = set()
+    while True:
+        table = ptree.scan()
+        if root not in table:
+            break
+        found, _ = ptree.members(root, table, None)
+        new = [p for p in found if p not in stopped and table[p].state not in "ZX"]
+        if not new:
+            break
+        for p in new:
+            try:
+                os.kill(p, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+            stopped.add(p)
+        deadline = time.monotonic() + STOP_WAIT
+        while any(_state(p) not in "TtZX" for p in new) and time.monotonic() < deadline:
+            time.sleep(0.005)
+    for p in stopped:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @dataclass
 class Session:
-    """What the daemon relays to us after the request, read by a thread of its own."""
+    """What the daemon relays to us after the request, read by a thread of its own.
+
+    A foreground restore (`holds_job`) is held by its caller as a direct restore is by
+    the CLI, its parent: when the caller's connection drops (the daemon then closes our
+    stdin), the job is killed with everything it started. A detached one runs on."""
     rid: int
     answers: queue.Queue = field(default_factory=queue.Queue)
     target: int | None = None            # the restored process, once it exists
     pending: list[int] = field(default_factory=list)   # signals that came before it did
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_progress: float = 0.0
+    holds_job: bool = False
+    caller_gone: bool = False
 
     def read(self) -> None:
         try:
@@ -78,6 +132,11 @@ class Session:
         except (HpcckptError, OSError, ValueError):
             pass
         self.answers.put(None)           # the caller is gone: a hook waiting now fails at once
+        with self.lock:
+            self.caller_gone = True
+            target = self.target if self.holds_job else None
+        if target is not None:
+            kill_tree(target)
 
     def deliver(self, signo: int) -> None:
         with self.lock:
@@ -93,8 +152,16 @@ class Session:
     def running(self, pid: int) -> None:
         with self.lock:
             self.target, pending, self.pending = pid, self.pending, []
+            gone = self.caller_gone and self.holds_job
+        if gone:
+            kill_tree(pid)
         for s in pending:
             self.deliver(s)
+
+    def ended(self) -> None:
+        """The job was reaped: its PID may be anyone's now, never signal it again."""
+        with self.lock:
+            self.target = None
 
     def hook(self, event: str, timeout: float, detail: str = "", pid: int = 0) -> None:
         """Tell the caller, then wait for its Continue before the engine goes on."""
@@ -162,8 +229,16 @@ def main() -> int:
             if not rq.wait_hooks:
                 send(spb.Response(request_id=rid, notification=spb.Notification(
                     event="restored", detail=f"process {r.pid} running", pid=r.pid)))
+            s.holds_job = True
             s.running(r.pid)
-            _, status = os.waitpid(r.pid, 0)
+            try:
+                _, status = os.waitpid(r.pid, 0)
+            except Cancelled:      # cancelled or timed out: a held job ends with its request
+                kill_tree(r.pid)
+                os.waitpid(r.pid, 0)
+                s.ended()
+                raise
+            s.ended()
             done.exit_status = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
     except (HpcckptError, OSError, ValueError) as e:
         done.ok, done.error, done.error_kind = False, str(e), type(e).__name__

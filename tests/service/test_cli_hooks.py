@@ -128,3 +128,90 @@ def test_restored_hook_before_the_process_runs(daemon, nobody_job):
     assert status == 0
     assert seen == [("restored", job.pid, True, True)]      # built, held, not yet running
     assert job.out.read_bytes() == ref
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = open(f"/proc/{name}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(name))
+    return kids
+
+
+def _nobody_cli_child(sock: str, argv: list[str]) -> int:
+    """`hpcckpt ARGV` as nobody in a forked child (a batch script's command); its PID."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            os.environ["HPCCKPTD_SOCKET"] = sock
+            os._exit(cli_main(argv))
+        finally:
+            os._exit(99)
+    return pid
+
+
+def _dumped_tree(sock: str, world_dir: Path, user_exe: Path):
+    """A user's job with a child (threads_fp with a `sleep` it started), dumped by the user."""
+    job = start_as_nobody(["/bin/sh", "-c", f"sleep 1000 & exec {user_exe} 100000 1 20"], world_dir / "out.txt")
+    job.wait_lines(3)
+    kids = _children(job.pid)
+    assert len(kids) == 1
+    img = str(world_dir / "img")
+    assert as_nobody_cli(sock, ["-q", "dump", "--pid", str(job.pid), "--images", img]) == 0
+    job.proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{kids[0]}"):     # init reaps the orphaned child late
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return job, img
+
+
+def _wait_output_grows(job, before: int) -> None:
+    deadline = time.monotonic() + 30
+    while job.out.stat().st_size <= before:       # the restored process runs on
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_killed_foreground_client_takes_its_restored_job_along(daemon, world_dir, user_exe):
+    """The client of a foreground restore is the job's parent to a batch system: SIGKILL
+    it and the daemon must kill the restored tree, as a direct restore's would die."""
+    _, sock = daemon
+    job, img = _dumped_tree(sock, world_dir, user_exe)
+    before = job.out.stat().st_size
+    cli = _nobody_cli_child(sock, ["-q", "restore", "--images", img])
+    _wait_output_grows(job, before)
+    kids = _children(job.pid)
+    assert len(kids) == 1 and pid_alive(kids[0])                  # the tree is back
+    os.kill(cli, signal.SIGKILL)
+    os.waitpid(cli, 0)
+    deadline = time.monotonic() + 10
+    while pid_alive(job.pid) or pid_alive(kids[0]):
+        assert time.monotonic() < deadline, "the restored tree outlived its foreground client"
+        time.sleep(0.02)
+    size = job.out.stat().st_size
+    time.sleep(0.3)
+    assert job.out.stat().st_size == size
+
+
+def test_detached_restore_outlives_its_client(daemon, world_dir, user_exe):
+    _, sock = daemon
+    job, img = _dumped_tree(sock, world_dir, user_exe)
+    before = job.out.stat().st_size
+    cli = _nobody_cli_child(sock, ["-q", "restore", "--detach", "--images", img])
+    _, status = os.waitpid(cli, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    _wait_output_grows(job, before)
+    time.sleep(0.5)
+    kids = _children(job.pid)
+    assert pid_alive(job.pid) and len(kids) == 1 and pid_alive(kids[0])
+    os.kill(kids[0], signal.SIGKILL)
+    os.kill(job.pid, signal.SIGKILL)
