@@ -84,19 +84,29 @@ class Nodes:
     """Two network namespaces joined by a veth pair, with 10.232.N.1 and .2; removed on exit."""
 
     def __enter__(self):
-        n = os.getpid() % 200 + 20
-        self.a, self.b = f"hpcb{n}a", f"hpcb{n}b"
+        n = self._free_pair()
+        self.a, self.b = f"serviceb{n}a", f"serviceb{n}b"
         self.addr_a, self.addr_b = f"10.232.{n}.1", f"10.232.{n}.2"
-        sh("ip", "netns", "add", self.a)
-        sh("ip", "netns", "add", self.b)
-        sh("ip", "link", "add", f"w{n}a", "type", "veth", "peer", "name", f"w{n}b")
-        sh("ip", "link", "set", f"w{n}a", "netns", self.a)
-        sh("ip", "link", "set", f"w{n}b", "netns", self.b)
-        for ns, dev, addr in ((self.a, f"w{n}a", self.addr_a), (self.b, f"w{n}b", self.addr_b)):
+        sh("ip", "link", "add", f"serviceb{n}a", "type", "veth", "peer", "name", f"serviceb{n}b")
+        sh("ip", "link", "set", f"serviceb{n}a", "netns", self.a)
+        sh("ip", "link", "set", f"serviceb{n}b", "netns", self.b)
+        for ns, dev, addr in ((self.a, f"serviceb{n}a", self.addr_a), (self.b, f"serviceb{n}b", self.addr_b)):
             sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             sh("ip", "-n", ns, "link", "set", dev, "up")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
         return self
+
+    @staticmethod
+    def _free_pair() -> int:
+        """`ip netns add` fails on a taken name: another copy of the benchmark picks another N."""
+        for k in range(200):
+            n = (os.getpid() + k) % 200 + 20
+            if subprocess.run(["ip", "netns", "add", f"serviceb{n}a"], capture_output=True).returncode:
+                continue
+            if subprocess.run(["ip", "netns", "add", f"serviceb{n}b"], capture_output=True).returncode == 0:
+                return n
+            subprocess.run(["ip", "netns", "del", f"serviceb{n}a"])
+        raise RuntimeError("no free serviceb N a/b network namespace names")
 
     def __exit__(self, *exc):
         subprocess.run(["ip", "netns", "del", self.a])   # deletes the veth pair with it

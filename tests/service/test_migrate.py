@@ -46,18 +46,30 @@ def munged():
     shutil.rmtree(d, ignore_errors=True)
 
 
+def _free_netns_pair() -> int:
+    """A number N for which namespaces serviceNa/serviceNb could be created: `ip netns add`
+    fails on a taken name, so a second copy of this suite (another worktree) picks another."""
+    start = os.getpid() % 200
+    for k in range(200):
+        n = (start + k) % 200 + 20
+        if subprocess.run(["ip", "netns", "add", f"service{n}a"], capture_output=True).returncode != 0:
+            continue
+        if subprocess.run(["ip", "netns", "add", f"service{n}b"], capture_output=True).returncode == 0:
+            return n
+        subprocess.run(["ip", "netns", "del", f"service{n}a"])
+    raise RuntimeError("no free serviceNa/serviceNb network namespace names")
+
+
 @pytest.fixture(scope="module")
 def nodes():
     """Two network namespaces, 10.231.N.1 and 10.231.N.2, joined by a veth pair."""
-    n = os.getpid() % 200 + 20
-    a, b = f"hpck{n}a", f"hpck{n}b"
-    sh("ip", "netns", "add", a)
-    sh("ip", "netns", "add", b)
+    n = _free_netns_pair()
+    a, b = f"service{n}a", f"service{n}b"
     try:
-        sh("ip", "link", "add", f"v{n}a", "type", "veth", "peer", "name", f"v{n}b")
-        sh("ip", "link", "set", f"v{n}a", "netns", a)
-        sh("ip", "link", "set", f"v{n}b", "netns", b)
-        for ns, dev, addr in ((a, f"v{n}a", f"10.231.{n}.1/24"), (b, f"v{n}b", f"10.231.{n}.2/24")):
+        sh("ip", "link", "add", f"service{n}a", "type", "veth", "peer", "name", f"service{n}b")
+        sh("ip", "link", "set", f"service{n}a", "netns", a)
+        sh("ip", "link", "set", f"service{n}b", "netns", b)
+        for ns, dev, addr in ((a, f"service{n}a", f"10.231.{n}.1/24"), (b, f"service{n}b", f"10.231.{n}.2/24")):
             sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
             sh("ip", "-n", ns, "link", "set", dev, "up")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
@@ -85,6 +97,24 @@ def dest_daemon(nodes, munged, tmp_path):
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def _descendant(root: int, word: str) -> int:
+    """The process under `root` whose command line contains `word`."""
+    ppid, cmd = {}, {}
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid[int(name)] = int(open(f"/proc/{name}/stat").read().rsplit(")", 1)[1].split()[1])
+            cmd[int(name)] = open(f"/proc/{name}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+    for pid, c in cmd.items():
+        p = pid
+        while word in c and "hpcckpt.cli" not in c and p in ppid and p > 1:
+            p = ppid[p]
+            if p == root:
+                return pid
+    raise AssertionError(f"no process running {word} under {root}")
+
+
 def test_migrate_running_job_between_nodes(nodes, munged, dest_daemon, tmp_path):
     a, b, addr = nodes
     cmd = [sys.executable, PROGRAMS / "compute.py", 40, 0.05]
@@ -95,7 +125,7 @@ def test_migrate_running_job_between_nodes(nodes, munged, dest_daemon, tmp_path)
                                 *map(str, cmd)], stdout=o, stderr=subprocess.DEVNULL)
     while out.read_bytes().count(b"\n") < 10:
         time.sleep(0.02)
-    job = int(subprocess.run(["pgrep", "-f", "-n", "compute.py 40"], capture_output=True, text=True).stdout)
+    job = _descendant(run.pid, "compute.py")      # ours, not another suite copy's
     res = subprocess.run(["ip", "netns", "exec", a, sys.executable, "-m", "hpcckpt.cli", "migrate",
                           "--pid", str(job), "--to", f"{addr}:{PORT}", "--munge-socket", munged],
                          capture_output=True, text=True, timeout=120)
