@@ -89,17 +89,33 @@ class Client:
     def check(self) -> spb.Response:
         return self.call(check=spb.CheckRequest())
 
-    def dump(self, pid: int, images: str, leave_running: bool = False, file_policy=(),
-             wait_hooks: bool = False, hook_timeout: float = 0, tcp_established: bool = False) -> spb.Response:
-        return self.call(dump=spb.DumpRequest(pid=pid, images=os.path.abspath(images),
-                                              leave_running=leave_running, file_policy=list(file_policy),
-                                              wait_hooks=wait_hooks, hook_timeout=hook_timeout,
-                                              tcp_established=tcp_established))
+    def dump(self, pid: int, images: str | None = None, leave_running: bool = False, file_policy=(),
+             wait_hooks: bool = False, hook_timeout: float = 0, *, store: str | None = None,
+             job: str | None = None, generation: int | None = None, parent: str | None = None,
+             track_mem: bool = False, live: bool = False, single: bool = False,
+             pre_dump: bool = False, tcp_established: bool = False) -> spb.Response:
+        """Dump into `images`, or as the next checkpoint of `job` in `store` (the response's
+        `where` says which); `parent` makes it incremental. As `hpcckpt dump` would."""
+        d = spb.DumpRequest(pid=pid, images=os.path.abspath(images) if images else "",
+                            leave_running=leave_running, file_policy=list(file_policy),
+                            wait_hooks=wait_hooks, hook_timeout=hook_timeout,
+                            store=os.path.abspath(store) if store else "", job=job or "",
+                            parent=os.path.abspath(parent) if parent else "", track_mem=track_mem,
+                            live=live, single=single, pre_dump=pre_dump, tcp_established=tcp_established)
+        if generation is not None:
+            d.generation = generation
+        return self.call(dump=d)
 
-    def restore(self, images: str, detach: bool = False, wait_hooks: bool = False,
-                hook_timeout: float = 0) -> spb.Response:
-        return self.call(restore=spb.RestoreRequest(images=os.path.abspath(images), detach=detach,
-                                                    wait_hooks=wait_hooks, hook_timeout=hook_timeout))
+    def restore(self, images: str | None = None, detach: bool = False, wait_hooks: bool = False,
+                hook_timeout: float = 0, *, store: str | None = None, job: str | None = None,
+                checkpoint: int | None = None) -> spb.Response:
+        """Restore `images`, or the newest good checkpoint (or `checkpoint`) of `job` in `store`."""
+        r = spb.RestoreRequest(images=os.path.abspath(images) if images else "", detach=detach,
+                               wait_hooks=wait_hooks, hook_timeout=hook_timeout,
+                               store=os.path.abspath(store) if store else "", job=job or "")
+        if checkpoint is not None:
+            r.checkpoint = checkpoint
+        return self.call(restore=r)
 
     def signal(self, request_id: int, signo: int) -> spb.Response:
         """Signal the process of a foreground restore of yours (by request, never by PID)."""

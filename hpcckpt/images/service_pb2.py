@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rservice.proto\x12\x0fhpcckpt.service\"\x0e\n\x0c\x43heckRequest\"\x99\x01\n\x0b\x44umpRequest\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0e\n\x06images\x18\x02 \x01(\t\x12\x15\n\rleave_running\x18\x03 \x01(\x08\x12\x13\n\x0b\x66ile_policy\x18\x04 \x03(\t\x12\x12\n\nwait_hooks\x18\x05 \x01(\x08\x12\x14\n\x0chook_timeout\x18\x06 \x01(\x01\x12\x17\n\x0ftcp_established\x18\x07 \x01(\x08\"Z\n\x0eRestoreRequest\x12\x0e\n\x06images\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tach\x18\x02 \x01(\x08\x12\x12\n\nwait_hooks\x18\x03 \x01(\x08\x12\x14\n\x0chook_timeout\x18\x04 \x01(\x01\"\x0f\n\rStatusRequest\"\r\n\x0bListRequest\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\"2\n\rSignalRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05signo\x18\x02 \x01(\x05\"&\n\x08\x43ontinue\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\")\n\x0bMigrateFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"Q\n\x0eMigrateRequest\x12+\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x1c.hpcckpt.service.MigrateFile\x12\x12\n\ncredential\x18\x02 \x01(\x0c\"\xd7\x03\n\x07Request\x12\x0f\n\x07version\x18\x01 \x01(\r\x12.\n\x05\x63heck\x18\n \x01(\x0b\x32\x1d.hpcckpt.service.CheckRequestH\x00\x12,\n\x04\x64ump\x18\x0b \x01(\x0b\x32\x1c.hpcckpt.service.DumpRequestH\x00\x12\x32\n\x07restore\x18\x0c \x01(\x0b\x32\x1f.hpcckpt.service.RestoreRequestH\x00\x12\x30\n\x06status\x18\r \x01(\x0b\x32\x1e.hpcckpt.service.StatusRequestH\x00\x12,\n\x04list\x18\x0e \x01(\x0b\x32\x1c.hpcckpt.service.ListRequestH\x00\x12\x30\n\x06\x63\x61ncel\x18\x0f \x01(\x0b\x32\x1e.hpcckpt.service.CancelRequestH\x00\x12\x32\n\x07migrate\x18\x10 \x01(\x0b\x32\x1f.hpcckpt.service.MigrateRequestH\x00\x12\x30\n\x06signal\x18\x11 \x01(\x0b\x32\x1e.hpcckpt.service.SignalRequestH\x00\x12)\n\x04\x63ont\x18\x12 \x01(\x0b\x32\x19.hpcckpt.service.ContinueH\x00\x42\x06\n\x04what\":\n\x07\x46\x65\x61ture\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"]\n\x0bRequestInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0b\n\x03uid\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07started\x18\x04 \x01(\x01\x12\x0e\n\x06target\x18\x05 \x01(\t\"e\n\x0cNotification\x12\r\n\x05\x65vent\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x0c\n\x04wait\x18\x05 \x01(\x08\x12\x0b\n\x03pid\x18\x06 \x01(\r\"\xd7\x02\n\x08Response\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x12\n\nerror_kind\x18\x05 \x01(\t\x12\x33\n\x0cnotification\x18\x06 \x01(\x0b\x32\x1d.hpcckpt.service.Notification\x12*\n\x08\x66\x65\x61tures\x18\n \x03(\x0b\x32\x18.hpcckpt.service.Feature\x12\x0b\n\x03pid\x18\x0b \x01(\r\x12\x13\n\x0bpages_bytes\x18\x0c \x01(\x04\x12\x10\n\x08\x66rozen_s\x18\r \x01(\x01\x12\x0f\n\x07total_s\x18\x0e \x01(\x01\x12\x13\n\x0b\x65xit_status\x18\x0f \x01(\x05\x12.\n\x08requests\x18\x10 \x03(\x0b\x32\x1c.hpcckpt.service.RequestInfo\x12\x0e\n\x06\x61\x63tive\x18\x11 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rservice.proto\x12\x0fhpcckpt.service\"\x0e\n\x0c\x43heckRequest\"\xb0\x02\n\x0b\x44umpRequest\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0e\n\x06images\x18\x02 \x01(\t\x12\x15\n\rleave_running\x18\x03 \x01(\x08\x12\x13\n\x0b\x66ile_policy\x18\x04 \x03(\t\x12\x12\n\nwait_hooks\x18\x05 \x01(\x08\x12\x14\n\x0chook_timeout\x18\x06 \x01(\x01\x12\x17\n\x0ftcp_established\x18\x07 \x01(\x08\x12\r\n\x05store\x18\x08 \x01(\t\x12\x0b\n\x03job\x18\t \x01(\t\x12\x17\n\ngeneration\x18\n \x01(\x03H\x00\x88\x01\x01\x12\x0e\n\x06parent\x18\x0b \x01(\t\x12\x11\n\ttrack_mem\x18\x0c \x01(\x08\x12\x0c\n\x04live\x18\r \x01(\x08\x12\x0e\n\x06single\x18\x0e \x01(\x08\x12\x10\n\x08pre_dump\x18\x0f \x01(\x08\x42\r\n\x0b_generation\"\x9e\x01\n\x0eRestoreRequest\x12\x0e\n\x06images\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tach\x18\x02 \x01(\x08\x12\x12\n\nwait_hooks\x18\x03 \x01(\x08\x12\x14\n\x0chook_timeout\x18\x04 \x01(\x01\x12\r\n\x05store\x18\x05 \x01(\t\x12\x0b\n\x03job\x18\x06 \x01(\t\x12\x17\n\ncheckpoint\x18\x07 \x01(\x03H\x00\x88\x01\x01\x42\r\n\x0b_checkpoint\"\x0f\n\rStatusRequest\"\r\n\x0bListRequest\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\"2\n\rSignalRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05signo\x18\x02 \x01(\x05\"&\n\x08\x43ontinue\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\")\n\x0bMigrateFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"Q\n\x0eMigrateRequest\x12+\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x1c.hpcckpt.service.MigrateFile\x12\x12\n\ncredential\x18\x02 \x01(\x0c\"\xd7\x03\n\x07Request\x12\x0f\n\x07version\x18\x01 \x01(\r\x12.\n\x05\x63heck\x18\n \x01(\x0b\x32\x1d.hpcckpt.service.CheckRequestH\x00\x12,\n\x04\x64ump\x18\x0b \x01(\x0b\x32\x1c.hpcckpt.service.DumpRequestH\x00\x12\x32\n\x07restore\x18\x0c \x01(\x0b\x32\x1f.hpcckpt.service.RestoreRequestH\x00\x12\x30\n\x06status\x18\r \x01(\x0b\x32\x1e.hpcckpt.service.StatusRequestH\x00\x12,\n\x04list\x18\x0e \x01(\x0b\x32\x1c.hpcckpt.service.ListRequestH\x00\x12\x30\n\x06\x63\x61ncel\x18\x0f \x01(\x0b\x32\x1e.hpcckpt.service.CancelRequestH\x00\x12\x32\n\x07migrate\x18\x10 \x01(\x0b\x32\x1f.hpcckpt.service.MigrateRequestH\x00\x12\x30\n\x06signal\x18\x11 \x01(\x0b\x32\x1e.hpcckpt.service.SignalRequestH\x00\x12)\n\x04\x63ont\x18\x12 \x01(\x0b\x32\x19.hpcckpt.service.ContinueH\x00\x42\x06\n\x04what\":\n\x07\x46\x65\x61ture\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"]\n\x0bRequestInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0b\n\x03uid\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07started\x18\x04 \x01(\x01\x12\x0e\n\x06target\x18\x05 \x01(\t\"e\n\x0cNotification\x12\r\n\x05\x65vent\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x0c\n\x04wait\x18\x05 \x01(\x08\x12\x0b\n\x03pid\x18\x06 \x01(\r\"\xc1\x03\n\x08Response\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x12\n\nerror_kind\x18\x05 \x01(\t\x12\x33\n\x0cnotification\x18\x06 \x01(\x0b\x32\x1d.hpcckpt.service.Notification\x12*\n\x08\x66\x65\x61tures\x18\n \x03(\x0b\x32\x18.hpcckpt.service.Feature\x12\x0b\n\x03pid\x18\x0b \x01(\r\x12\x13\n\x0bpages_bytes\x18\x0c \x01(\x04\x12\x10\n\x08\x66rozen_s\x18\r \x01(\x01\x12\x0f\n\x07total_s\x18\x0e \x01(\x01\x12\x13\n\x0b\x65xit_status\x18\x0f \x01(\x05\x12.\n\x08requests\x18\x10 \x03(\x0b\x32\x1c.hpcckpt.service.RequestInfo\x12\x0e\n\x06\x61\x63tive\x18\x11 \x01(\r\x12\r\n\x05where\x18\x12 \x01(\t\x12\x11\n\tprocesses\x18\x13 \x01(\r\x12\x0f\n\x07threads\x18\x14 \x01(\r\x12\x14\n\x0cparent_bytes\x18\x15 \x01(\x04\x12\x10\n\x08tracking\x18\x16 \x01(\t\x12\r\n\x05notes\x18\x17 \x03(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,31 +34,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHECKREQUEST']._serialized_start=34
   _globals['_CHECKREQUEST']._serialized_end=48
   _globals['_DUMPREQUEST']._serialized_start=51
-  _globals['_DUMPREQUEST']._serialized_end=204
-  _globals['_RESTOREREQUEST']._serialized_start=206
-  _globals['_RESTOREREQUEST']._serialized_end=296
-  _globals['_STATUSREQUEST']._serialized_start=298
-  _globals['_STATUSREQUEST']._serialized_end=313
-  _globals['_LISTREQUEST']._serialized_start=315
-  _globals['_LISTREQUEST']._serialized_end=328
-  _globals['_CANCELREQUEST']._serialized_start=330
-  _globals['_CANCELREQUEST']._serialized_end=365
-  _globals['_SIGNALREQUEST']._serialized_start=367
-  _globals['_SIGNALREQUEST']._serialized_end=417
-  _globals['_CONTINUE']._serialized_start=419
-  _globals['_CONTINUE']._serialized_end=457
-  _globals['_MIGRATEFILE']._serialized_start=459
-  _globals['_MIGRATEFILE']._serialized_end=500
-  _globals['_MIGRATEREQUEST']._serialized_start=502
-  _globals['_MIGRATEREQUEST']._serialized_end=583
-  _globals['_REQUEST']._serialized_start=586
-  _globals['_REQUEST']._serialized_end=1057
-  _globals['_FEATURE']._serialized_start=1059
-  _globals['_FEATURE']._serialized_end=1117
-  _globals['_REQUESTINFO']._serialized_start=1119
-  _globals['_REQUESTINFO']._serialized_end=1212
-  _globals['_NOTIFICATION']._serialized_start=1214
-  _globals['_NOTIFICATION']._serialized_end=1315
-  _globals['_RESPONSE']._serialized_start=1318
-  _globals['_RESPONSE']._serialized_end=1661
+  _globals['_DUMPREQUEST']._serialized_end=355
+  _globals['_RESTOREREQUEST']._serialized_start=358
+  _globals['_RESTOREREQUEST']._serialized_end=516
+  _globals['_STATUSREQUEST']._serialized_start=518
+  _globals['_STATUSREQUEST']._serialized_end=533
+  _globals['_LISTREQUEST']._serialized_start=535
+  _globals['_LISTREQUEST']._serialized_end=548
+  _globals['_CANCELREQUEST']._serialized_start=550
+  _globals['_CANCELREQUEST']._serialized_end=585
+  _globals['_SIGNALREQUEST']._serialized_start=587
+  _globals['_SIGNALREQUEST']._serialized_end=637
+  _globals['_CONTINUE']._serialized_start=639
+  _globals['_CONTINUE']._serialized_end=677
+  _globals['_MIGRATEFILE']._serialized_start=679
+  _globals['_MIGRATEFILE']._serialized_end=720
+  _globals['_MIGRATEREQUEST']._serialized_start=722
+  _globals['_MIGRATEREQUEST']._serialized_end=803
+  _globals['_REQUEST']._serialized_start=806
+  _globals['_REQUEST']._serialized_end=1277
+  _globals['_FEATURE']._serialized_start=1279
+  _globals['_FEATURE']._serialized_end=1337
+  _globals['_REQUESTINFO']._serialized_start=1339
+  _globals['_REQUESTINFO']._serialized_end=1432
+  _globals['_NOTIFICATION']._serialized_start=1434
+  _globals['_NOTIFICATION']._serialized_end=1535
+  _globals['_RESPONSE']._serialized_start=1538
+  _globals['_RESPONSE']._serialized_end=1987
 # @@protoc_insertion_point(module_scope)

@@ -5,17 +5,27 @@ A non-root caller may dump only processes that run entirely with its own credent
 setuid/setgid, not made undumpable), and write images only where it could itself; it may
 restore only images it owns, which then run with its own credentials.
 """
+import ctypes
+import importlib.abc
+import importlib.machinery
 import os
 import socket
 import stat
 import struct
+import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PermissionDeniedError
 from ..kernel import proc
+from ..kernel.arch import current as arch
+from ..kernel.libc import libc, raw_syscall
 
 SO_PEERCRED = 17
+SO_PEERGROUPS = 59
+MAX_GROUPS = 65536
 
 
 @dataclass(frozen=True)
@@ -23,6 +33,7 @@ class Caller:
     pid: int
     uid: int
     gid: int
+    groups: tuple[int, ...] = ()     # supplementary groups, as the kernel saw them at connect
 
     @property
     def root(self) -> bool:
@@ -31,7 +42,120 @@ class Caller:
 
 def peer(sock: socket.socket) -> Caller:
     pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERCRED, 12))
-    return Caller(pid, uid, gid)
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * MAX_GROUPS)
+        groups = struct.unpack(f"{len(raw) // 4}I", raw)
+    except OSError:     # not a Unix socket's peer: the primary group only
+        groups = ()
+    return Caller(pid, uid, gid, tuple(groups))
+
+
+def _set_groups(groups: list[int]) -> None:
+    """setgroups for this thread only (the raw syscall; glibc's changes every thread)."""
+    arr = (ctypes.c_uint * max(len(groups), 1))(*groups)
+    raw_syscall(arch.SYSCALLS["setgroups"], len(groups), ctypes.addressof(arr))
+
+
+_acting = threading.local()
+
+
+def _fs_root(on: bool) -> None:
+    c = _acting.caller
+    libc.setfsuid(0 if on else c.uid)
+    libc.setfsgid(0 if on else c.gid)
+
+
+class _AsRoot:
+    """A module loader run with root's file credentials (see _RootImports)."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        _fs_root(True)
+        try:
+            return self._loader.create_module(spec)
+        finally:
+            _fs_root(False)
+
+    def exec_module(self, module):
+        _fs_root(True)
+        try:
+            return self._loader.exec_module(module)
+        finally:
+            _fs_root(False)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+class _RootImports(importlib.abc.MetaPathFinder):
+    """While a thread acts as a user, Python may still import the modules the engine, the
+    store or numpy load lazily (zipfile, encodings ...) from root's library directories,
+    which the user may not be able to read: finding and loading go back to root's file
+    credentials for that moment only."""
+
+    def find_spec(self, name, path, target=None):
+        if getattr(_acting, "caller", None) is None:
+            return None
+        _fs_root(True)
+        try:
+            spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        finally:
+            _fs_root(False)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _AsRoot(spec.loader)
+        return spec
+
+
+sys.meta_path.insert(0, _RootImports())
+
+
+@contextmanager
+def acting_as(caller: Caller):
+    """Use the file system as the caller would, in this thread: its fsuid, fsgid and groups.
+
+    Root's file capabilities (DAC override, chown, fowner) drop with the fsuid, so every
+    file created belongs to the caller, and a directory, store, parent image or symlink
+    the caller could not write or read fails as it would for the caller itself: a user's
+    store or image directory can never steer root's writes elsewhere. ptrace and
+    CAP_SYS_ADMIN stay, so the engine still reads the caller's own processes."""
+    if caller.root:
+        yield
+        return
+    old_groups = os.getgroups()
+    _set_groups(list(caller.groups) or [caller.gid])
+    _acting.caller = caller
+    _fs_root(False)
+    try:
+        yield
+    finally:
+        libc.setfsuid(0)
+        libc.setfsgid(0)
+        _acting.caller = None
+        _set_groups(old_groups)
+
+
+def refused(e: PermissionError, caller: Caller, what: str) -> PermissionDeniedError:
+    """EACCES met while acting as the caller, said as the refusal it is."""
+    where = f" ({e.filename})" if e.filename else ""
+    return PermissionDeniedError(f"you (uid {caller.uid}) may not {what}: {e.strerror}{where}")
+
+
+def may_use_parent(caller: Caller, parent: str) -> Path:
+    """A parent image must be the caller's: its pages become part of the caller's image."""
+    path = Path(parent)
+    if not path.is_absolute():
+        raise PermissionDeniedError(f"parent image path {parent!r} must be absolute")
+    if caller.root:
+        return path
+    try:
+        owner = (path / "inventory.img").stat().st_uid
+    except FileNotFoundError:
+        raise PermissionDeniedError(f"parent image {path} has no inventory.img: not an image") from None
+    if owner != caller.uid:
+        raise PermissionDeniedError(f"parent image {path} belongs to uid {owner}, not to you (uid {caller.uid})")
+    return path
 
 
 def may_dump(caller: Caller, pid: int) -> None:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import HpcckptError
+from ..errors import HpcckptError, PermissionDeniedError
 from ..images import service_pb2 as spb
 from . import auth, framing
 
@@ -270,12 +270,30 @@ class Daemon:
         a.close_stdin()
 
     def authorize(self, caller: auth.Caller, req: spb.Request, kind: str) -> str:
+        """Refuse early what the caller may not ask for; the worker then reads and writes
+        images, stores and parents with the caller's own file credentials."""
         if kind == "dump":
-            auth.may_dump(caller, req.dump.pid)
-            auth.may_write_images(caller, req.dump.images)
-            return f"pid {req.dump.pid} -> {req.dump.images}"
-        auth.may_restore(caller, req.restore.images)
-        return req.restore.images
+            d = req.dump
+            auth.may_dump(caller, d.pid)
+            if d.parent:
+                auth.may_use_parent(caller, d.parent)
+            if d.store:
+                if d.images:
+                    raise HpcckptError("give either images or a store, not both")
+                if not os.path.isabs(d.store):
+                    raise PermissionDeniedError(f"store path {d.store!r} must be absolute")
+                return f"pid {d.pid} -> {d.store} job {d.job}"
+            auth.may_write_images(caller, d.images)
+            return f"pid {d.pid} -> {d.images}"
+        rq = req.restore
+        if rq.store:
+            if not os.path.isabs(rq.store):
+                raise PermissionDeniedError(f"store path {rq.store!r} must be absolute")
+            if not rq.job:
+                raise HpcckptError("a restore from a store names the job")
+            return f"{rq.store} job {rq.job}"
+        auth.may_restore(caller, rq.images)
+        return rq.images
 
     def run_worker(self, caller: auth.Caller, req: spb.Request, rid: int, kind: str,
                    conn: socket.socket | None = None):
@@ -286,12 +304,13 @@ class Daemon:
                 raise LimitError(f"you already have {mine} requests running (limit {self.per_user}); wait for one")
             if len(self.active) >= self.total:
                 raise LimitError(f"hpcckptd is busy with {len(self.active)} requests (limit {self.total}); retry soon")
-            a = Active(spb.RequestInfo(request_id=rid, uid=caller.uid, kind=kind, started=time.time(), target=target))
+            name = "pre-dump" if kind == "dump" and req.dump.pre_dump else kind
+            a = Active(spb.RequestInfo(request_id=rid, uid=caller.uid, kind=name, started=time.time(), target=target))
             self.active[rid] = a
         try:
             yield spb.Response(notification=spb.Notification(event="accepted", detail=target))
             w = self.spawn([sys.executable, "-m", "hpcckpt.service.worker", str(caller.uid), str(caller.gid),
-                            str(rid)])
+                            str(rid), ",".join(map(str, caller.groups))])
             with self.lock:
                 a.worker = w
                 if a.cancelled:  # cancelled before the worker existed

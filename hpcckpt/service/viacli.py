@@ -23,7 +23,7 @@ def socket_for(args) -> str | None:
     --service [SOCKET] always; otherwise a non-root caller when a daemon socket exists."""
     if getattr(args, "service", None) is not None:
         return args.service or default_socket()
-    if args.cmd not in ("dump", "restore", "check"):   # pre-dump: only direct for now
+    if args.cmd not in ("dump", "pre-dump", "restore", "check"):
         return None
     if os.geteuid() != 0 and os.path.exists(default_socket()):
         return default_socket()
@@ -47,35 +47,62 @@ class ProgressLine:
             bar.finish()
 
 
-def _unsupported(args, names: list[str]) -> None:
-    given = [n for n in names if getattr(args, n.replace("-", "_"), None)]
-    if given:
-        raise HpcckptError(f"{', '.join('--' + g for g in given)} not available through hpcckptd; "
-                           "use --images DIR, or run as root without --service (direct mode)")
+def _store_job(args) -> tuple[str | None, int | None]:
+    """The job name and fencing generation a direct dump would use, from our environment
+    (Slurm's job id and restart count): the daemon cannot see the caller's environment.
+    As destinations.default_job_name/slurm_generation, without importing the store (numpy,
+    h5py): a client stays light."""
+    if not args.store:
+        return args.job, None
+    jid = os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID")
+    if not args.job and not jid:
+        raise HpcckptError("name the job with --job NAME (outside Slurm there is no job id to name it by)")
+    return args.job or f"slurm-{jid}", int(os.environ.get("SLURM_RESTART_COUNT") or 0) if jid else None
 
 
 def dump(args, sock: str) -> int:
-    if args.cmd != "dump":
-        raise HpcckptError(f"{args.cmd} is not available through hpcckptd; use dump --images DIR")
-    _unsupported(args, ["store", "parent", "track-mem", "live", "single"])
-    if not args.images:
-        raise HpcckptError("say where the images go: --images DIR (through hpcckptd)")
+    pre = args.cmd == "pre-dump"
+    if args.images and args.store:
+        raise HpcckptError("give either --images DIR or --store ROOT, not both")
+    if not args.images and not args.store:
+        raise HpcckptError("say where the images go: --images DIR or --store ROOT [--job NAME]")
+    job, generation = _store_job(args)
     r = Client(sock, on_notify=ProgressLine(not args.quiet)).dump(
         args.pid, args.images, leave_running=args.leave_running, file_policy=args.file_policy or (),
+        store=args.store, job=job, generation=generation, parent=args.parent, track_mem=args.track_mem,
+        live=args.live, single=args.single, pre_dump=pre,
         tcp_established=getattr(args, "tcp_established", False))
     if not args.quiet:
-        print(f"dumped process {r.pid} to {os.path.abspath(args.images)} through hpcckptd: "
-              f"{r.pages_bytes / 2**20:.1f} MiB of pages in {r.total_s:.3f} s, frozen {r.frozen_s:.3f} s"
-              + ("" if args.leave_running else "; process killed"), file=sys.stderr)
+        where = r.where if args.store else os.path.abspath(args.images)
+        print(f"dumped process {r.pid} ({r.processes} processes, {r.threads} threads) to {where} through "
+              f"hpcckptd: {r.pages_bytes / 2**20:.1f} MiB of pages in {r.total_s:.3f} s, frozen {r.frozen_s:.3f} s"
+              + (f"; {r.parent_bytes / 2**20:.1f} MiB in parent images ({r.tracking})" if r.tracking else "")
+              + ("" if args.leave_running or pre or args.live else "; process killed"), file=sys.stderr)
+        for note in r.notes:
+            print(f"hpcckpt: {note}", file=sys.stderr)
     return 0
 
 
-def restore(args, sock: str) -> int:
-    _unsupported(args, ["store"])
+def _what(args) -> dict:
+    if args.store:
+        if not args.job:
+            raise HpcckptError("--store needs --job NAME")
+        return {"store": args.store, "job": args.job, "checkpoint": args.checkpoint}
     if not args.images:
-        raise HpcckptError("say what to restore: --images DIR (through hpcckptd)")
+        raise HpcckptError("say what to restore: --images DIR or --store ROOT --job NAME")
+    return {"images": args.images}
+
+
+def _notes(r: spb.Response) -> None:
+    for note in r.notes:
+        print(f"hpcckpt: {note}", file=sys.stderr)
+
+
+def restore(args, sock: str) -> int:
+    what = _what(args)
     if args.detach:
-        r = Client(sock, on_notify=ProgressLine(not args.quiet)).restore(args.images, detach=True)
+        r = Client(sock, on_notify=ProgressLine(not args.quiet)).restore(detach=True, **what)
+        _notes(r)
         print(r.pid)
         return 0
     rid: list[int] = []
@@ -103,10 +130,11 @@ def restore(args, sock: str) -> int:
     show = ProgressLine(not args.quiet)
     old = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
-        r = Client(sock, on_notify=notified, on_accepted=accepted).restore(args.images)
+        r = Client(sock, on_notify=notified, on_accepted=accepted).restore(**what)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    _notes(r)
     if r.exit_status < 0:        # die of its signal, as a direct restore's parent would
         sig = -r.exit_status
         signal.signal(sig, signal.SIG_DFL)

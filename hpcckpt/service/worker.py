@@ -187,63 +187,124 @@ class Session:
             event="progress", done=p.done, total=p.total, detail=p.label)))
 
 
+def _results(done: spb.Response, r) -> None:
+    done.pid, done.pages_bytes, done.frozen_s, done.total_s = r.pid, r.pages_bytes, r.frozen_s, r.total_s
+    done.processes, done.threads, done.parent_bytes, done.tracking = r.processes, r.threads, r.parent_bytes, r.tracking
+    done.notes.extend(r.notes)
+
+
+def do_dump(caller: auth.Caller, s: Session, d: spb.DumpRequest, done: spb.Response) -> None:
+    """What `hpcckpt dump|pre-dump` does directly, with the caller's file credentials: the
+    image directory, store, parent image and digests are written and read as the caller."""
+    from ..destinations import StoreJob
+    from ..engine.dump import dump
+    from ..engine.files import FilePolicies
+    policies = FilePolicies.parse(list(d.file_policy))
+
+    def dumped(path) -> None:
+        auth.give_to(caller, Path(path))   # the caller may read its image in the hook
+        s.hook("dumped", d.hook_timeout, detail=str(path), pid=d.pid)
+
+    def one(path, parent=None):
+        return dump(d.pid, path, leave_running=d.leave_running, policies=policies, show_progress=False,
+                    parent=parent or d.parent or None, tree=not d.single, track_mem=d.track_mem or d.pre_dump,
+                    live=d.live, pre_dump=d.pre_dump, on_dumped=dumped if d.wait_hooks else None,
+                    tcp_established=d.tcp_established)
+    with auth.acting_as(caller):
+        try:
+            if d.store:
+                dest = StoreJob.open(d.store, d.job, d.generation if d.HasField("generation") else None, None)
+                where, r = dest.checkpoint(one)
+                done.notes.extend(dest.notes)
+            else:
+                where, r = d.images, one(d.images)
+                auth.give_to(caller, Path(d.images))
+        except PermissionError as e:
+            raise auth.refused(e, caller, f"write {'store ' + d.store if d.store else d.images}"
+                               + (f" or read parent {d.parent}" if d.parent else "")) from None
+    done.where = str(where)
+    _results(done, r)
+
+
+def materialized(caller: auth.Caller, rq: spb.RestoreRequest):
+    """The plain image directory of a store's checkpoint, read (and, for a compressed store,
+    written to a temporary directory) with the caller's file credentials."""
+    from ..store import commands
+    with auth.acting_as(caller):
+        try:
+            return commands.restore_images(rq.store, rq.job, rq.checkpoint if rq.HasField("checkpoint") else None)
+        except PermissionError as e:
+            raise auth.refused(e, caller, f"read job {rq.job} in store {rq.store}") from None
+
+
+def do_restore(caller: auth.Caller, s: Session, rq: spb.RestoreRequest, done: spb.Response) -> int | None:
+    """Restore; for a foreground restore, wait for the job and report how it ended. Returns
+    the job's PID if the request is answered already (detached) and we stay its parent."""
+    from ..engine.restore import restore
+
+    def ready(pid: int) -> None:
+        s.hook("restored", rq.hook_timeout, detail=f"process {pid} restored, not yet running", pid=pid)
+    m = materialized(caller, rq) if rq.store else None
+    try:
+        path = str(m.path) if m else rq.images
+        if m:   # the store's files: still only the caller's own images
+            auth.may_restore(caller, path)
+            for seq, problems in m.checkpoints[-1].skipped:
+                done.notes.append(f"skipped damaged checkpoint {rq.job}/{seq:08d}: {'; '.join(problems)}")
+        r = restore(path, show_progress=False, on_ready=ready if rq.wait_hooks else None)
+    finally:
+        if m:
+            with auth.acting_as(caller):
+                m.cleanup()
+    done.pid, done.pages_bytes, done.total_s = r.pid, r.pages_bytes, r.total_s
+    done.processes, done.threads = r.processes, r.threads
+    if rq.detach:
+        return r.pid
+    if not rq.wait_hooks:
+        send(spb.Response(request_id=s.rid, notification=spb.Notification(
+            event="restored", detail=f"process {r.pid} running", pid=r.pid)))
+    s.holds_job = True
+    s.running(r.pid)
+    try:
+        _, status = os.waitpid(r.pid, 0)
+    except Cancelled:      # cancelled or timed out: a held job ends with its request
+        kill_tree(r.pid)
+        os.waitpid(r.pid, 0)
+        s.ended()
+        raise
+    s.ended()
+    done.exit_status = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    return None
+
+
 def main() -> int:
     uid, gid, rid = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    groups = tuple(int(g) for g in sys.argv[4].split(",") if g) if len(sys.argv) > 4 else ()
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     signal.signal(signal.SIGTERM, _on_term)
     if os.getppid() == 1:
         return 1
-    caller = auth.Caller(0, uid, gid)
+    caller = auth.Caller(0, uid, gid, groups)
     req = framing.decode(spb.Request, framing.read_frame(_stdin) or b"")
     s = Session(rid)
     threading.Thread(target=s.read, daemon=True).start()
     progress.set_listener(s.on_progress)
     done = spb.Response(request_id=rid, final=True, ok=True)
+    detached = None
     try:
         if req.WhichOneof("what") == "dump":
-            from ..engine.dump import dump
-            from ..engine.files import FilePolicies
-            d = req.dump
-
-            def dumped(path) -> None:
-                auth.give_to(caller, Path(path))   # the caller may read its image in the hook
-                s.hook("dumped", d.hook_timeout, detail=str(path), pid=d.pid)
-            r = dump(d.pid, d.images, leave_running=d.leave_running,
-                     policies=FilePolicies.parse(list(d.file_policy)), show_progress=False,
-                     on_dumped=dumped if d.wait_hooks else None, tcp_established=d.tcp_established)
-            auth.give_to(caller, Path(d.images))
-            done.pid, done.pages_bytes, done.frozen_s, done.total_s = r.pid, r.pages_bytes, r.frozen_s, r.total_s
+            do_dump(caller, s, req.dump, done)
         else:
-            from ..engine.restore import restore
-            rq = req.restore
-
-            def ready(pid: int) -> None:
-                s.hook("restored", rq.hook_timeout, detail=f"process {pid} restored, not yet running", pid=pid)
-            r = restore(rq.images, show_progress=False, on_ready=ready if rq.wait_hooks else None)
-            done.pid, done.pages_bytes, done.total_s = r.pid, r.pages_bytes, r.total_s
-            if rq.detach:  # answer now, but stay its parent (and its PID namespace's keeper)
-                send(done)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                os.waitpid(r.pid, 0)
-                return 0
-            if not rq.wait_hooks:
-                send(spb.Response(request_id=rid, notification=spb.Notification(
-                    event="restored", detail=f"process {r.pid} running", pid=r.pid)))
-            s.holds_job = True
-            s.running(r.pid)
-            try:
-                _, status = os.waitpid(r.pid, 0)
-            except Cancelled:      # cancelled or timed out: a held job ends with its request
-                kill_tree(r.pid)
-                os.waitpid(r.pid, 0)
-                s.ended()
-                raise
-            s.ended()
-            done.exit_status = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            detached = do_restore(caller, s, req.restore, done)
     except (HpcckptError, OSError, ValueError) as e:
         done.ok, done.error, done.error_kind = False, str(e), type(e).__name__
+    except Exception as e:     # a bug of ours: still an answer, and the engine has cleaned up
+        done.ok, done.error = False, f"internal error in hpcckptd's worker: {type(e).__name__}: {e}"
     progress.set_listener(None)
     send(done)
+    if detached is not None:  # answered, but stay its parent (and its PID namespace's keeper)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.waitpid(detached, 0)
     return 0
 
 

@@ -121,3 +121,13 @@ def nobody_job(world_dir, user_exe):
     job = start_as_nobody(cmd, world_dir / "out.txt")
     job.wait_lines(5)
     return job, ref, str(world_dir / "img")
+
+
+@pytest.fixture
+def nobody_long_job(world_dir, user_exe):
+    """As nobody_job, running ~4 s: long enough for several requests while it runs."""
+    cmd = [user_exe, 150, 2, 20]
+    ref = reference(cmd, world_dir / "ref.txt")
+    job = start_as_nobody(cmd, world_dir / "out.txt")
+    job.wait_lines(5)
+    return job, ref, str(world_dir / "img")
