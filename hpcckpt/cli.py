@@ -73,13 +73,16 @@ def cmd_dump(args) -> int:
     policies = FilePolicies.parse(args.file_policy)
 
     pre = args.cmd == "pre-dump"
+    script = _action_script(args)
 
     def do_dump(path, parent=None):
+        hooks = {"on_frozen": lambda _pids: script("frozen", args.pid, path),
+                 "on_dumped": lambda p: script("dumped", args.pid, p)} if script else {}
         return dump(args.pid, path, leave_running=args.leave_running, policies=policies,
                     show_progress=not args.quiet, parent=parent or args.parent, tree=not args.single,
                     track_mem=args.track_mem or pre, live=getattr(args, "live", False), pre_dump=pre,
                     shell_job=getattr(args, "shell_job", False),
-                    tcp_established=getattr(args, "tcp_established", False))
+                    tcp_established=getattr(args, "tcp_established", False), **hooks)
     if args.images and not args.store:  # the image set itself, as CRIU's -D
         where, r = args.images, do_dump(args.images)
     else:
@@ -98,7 +101,12 @@ def cmd_restore(args) -> int:
     if sock := _service(args):
         from .service import viacli
         return viacli.restore(args, sock)
-    from .engine.restore import restore
+    from .engine.restore import restore as engine_restore
+    script = _action_script(args)
+
+    def restore(path: str, **kw):
+        ready = (lambda pid: script("restored", pid, path)) if script else None
+        return engine_restore(path, on_ready=ready, **kw)
     if args.store:
         from .store import commands
         if args.job is None:
@@ -126,6 +134,21 @@ def cmd_restore(args) -> int:
         return wait_as_parent(r.pid)
     finally:
         take_back_foreground()    # a shell job had our terminal's foreground: ours again
+
+
+def _action_script(args):
+    """--action-script CMD as a callable (stage, pid, images), or None (service/actions.py)."""
+    if not getattr(args, "action_script", None):
+        return None
+    from .service.actions import ActionScript
+    return ActionScript(args.action_script)
+
+
+def _action_flag(p) -> None:
+    p.add_argument("--action-script", metavar="CMD",
+                   help="run CMD (through /bin/sh) at each stage - frozen, dumped, restored - with "
+                        "HPCCKPT_ACTION, HPCCKPT_PID, HPCCKPT_IMAGES set; a non-zero exit abandons the "
+                        "dump (the process runs on) or undoes the restore")
 
 
 def cmd_catalog(args) -> int:
@@ -275,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shell-job", "-j", action="store_true",
                    help="the tree runs in a terminal held outside it (a shell job); see docs/ttys.md")
     d.add_argument("--tcp-established", action="store_true", help=TCP_HELP)
+    _action_flag(d)
     d.set_defaults(func=cmd_dump)
     pd = sub.add_parser("pre-dump", help="copy a process's memory while it runs; a dump --parent then "
                                          "freezes it only to write what changed since")
@@ -282,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     _where(pd)
     pd.add_argument("--file-policy", action="append", metavar="PATH=rollback|keep|refuse")
     _incremental(pd)
+    _action_flag(pd)
     pd.set_defaults(func=cmd_dump, leave_running=True, live=False, single=False)
     r = sub.add_parser("restore", help="restore a process; stays its parent unless --detach")
     _where(r)
@@ -289,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--detach", "-d", action="store_true", help="print the PID and leave it running")
     r.add_argument("--shell-job", "-j", action="store_true",
                    help="an image of a shell job: the tree gets this command's terminal")
+    _action_flag(r)
     r.set_defaults(func=cmd_restore)
     s = sub.add_parser("show", help="decode an image set")
     s.add_argument("images")
@@ -327,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--pid", "-t", type=int, required=True)
     mg.add_argument("--to", required=True, metavar="HOST:PORT")
     mg.add_argument("--munge-socket", help="munged's socket, if not the default")
+    _action_flag(mg)
     mg.set_defaults(func=cmd_migrate)
     cat = sub.add_parser("catalog", help="the store's HDF5 catalog")
     cat.add_argument("action", choices=["rebuild"])

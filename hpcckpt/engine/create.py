@@ -57,25 +57,37 @@ class Tree:
         return self.stubs[ns_pid].host
 
     def kill_all(self) -> None:
-        """Failure: every process we made dies, and is reaped (by us where we can)."""
+        """Failure: every process we made dies, and is reaped (by us where we can). Threads
+        we trace are reaped one by one first: the kernel reports a traced group's leader
+        only after all its other threads have been."""
+        tids = {s.host: _threads(s.host) for s in self.stubs.values()}
         for s in self.stubs.values():
             try:
                 os.kill(s.host, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         for s in self.stubs.values():
-            try:
-                while True:
-                    st = ptrace.wait(s.host)
-                    if st.exited:
-                        break
-            except HpcckptError:
-                pass
+            for tid in [*tids[s.host], s.host]:
+                try:
+                    while True:
+                        st = ptrace.wait(tid)
+                        if st.exited:
+                            break
+                except HpcckptError:
+                    pass
 
     def release(self) -> None:
         """Put each stub's registers and mask back as they were before our injections."""
         for s in self.stubs.values():
             s.inj.restore()
+
+
+def _threads(pid: int) -> list[int]:
+    """The threads of `pid` other than its leader."""
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+    except OSError:
+        return []
 
 
 def _stub(ns_pid: int, host: int) -> Stub:

@@ -281,7 +281,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
          tree: bool = True, parent: str | os.PathLike | None = None,
          tracker: "TreeTracker | None" = None, track_mem: bool = False,
          live: bool = False, pre_dump: bool = False, on_dumped=None,
-         shell_job: bool = False, tcp_established: bool = False) -> DumpResult:
+         shell_job: bool = False, tcp_established: bool = False, on_frozen=None) -> DumpResult:
     """Checkpoint `pid` and (unless `tree=False`) all its descendants into `images`;
     kill them all afterwards unless `leave_running`.
 
@@ -300,6 +300,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     `shell_job`: the tree may run in a terminal held outside it (ttys.py); refused otherwise.
     `tcp_established`: checkpoint established TCP connections (engine/tcp.py); they are
     locked from the dump to the restore (kept locked when the tree is killed).
+    `on_frozen(pids)`: called with the tree's PIDs once all are frozen, before anything
+    is read or written (hpcckptd's "frozen" hook); raising thaws.
     """
     t0 = time.monotonic()
     check_owner(pid)
@@ -325,6 +327,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     t_frozen = time.monotonic()
     t_thawed = None
     try:
+        if on_frozen:
+            on_frozen(list(ft.order))
         ns = _tree_ids(ft)
         statuses = {p: check_owner(p) for p in ft.frozen}
         descs = shared.Descriptions.collect(list(ft.frozen))

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import PermissionDeniedError
+from ..errors import PermissionDeniedError, ProcessGoneError
 from ..kernel import proc
 from ..kernel.arch import current as arch
 from ..kernel.libc import libc, raw_syscall
@@ -158,15 +158,25 @@ def may_use_parent(caller: Caller, parent: str) -> Path:
     return path
 
 
-def may_dump(caller: Caller, pid: int) -> None:
+def may_dump(caller: Caller, pid: int, root: int | None = None) -> None:
+    """`root`: pid is a member of root's tree (a zombie or a process gone meanwhile passes:
+    it has no memory left to give away)."""
     if caller.root:
         return
-    st = proc.status(pid)
+    try:
+        st = proc.status(pid)
+        if root is not None and st.get("State", "").startswith(("Z", "X")):
+            return
+    except ProcessGoneError:
+        if root is not None:
+            return
+        raise
     uids = {int(x) for x in st["Uid"].split()}
     gids = {int(x) for x in st["Gid"].split()}
     if uids != {caller.uid} or gids != {caller.gid}:
         raise PermissionDeniedError(
-            f"process {pid} does not run entirely as you (uid {caller.uid}, gid {caller.gid}): "
+            f"process {pid}{f' (in the tree of {root})' if root not in (None, pid) else ''} does not run "
+            f"entirely as you (uid {caller.uid}, gid {caller.gid}): "
             f"its uids are {st['Uid']}, gids {st['Gid']}; you may dump only your own processes")
     if int(st.get("CapEff", "0"), 16) or int(st.get("CapPrm", "0"), 16):
         raise PermissionDeniedError(f"process {pid} holds capabilities you do not have: refused")

@@ -67,8 +67,9 @@ def dump(args, sock: str) -> int:
     if not args.images and not args.store:
         raise HpcckptError("say where the images go: --images DIR or --store ROOT [--job NAME]")
     job, generation = _store_job(args)
-    r = Client(sock, on_notify=ProgressLine(not args.quiet)).dump(
+    r = Client(sock, on_notify=ProgressLine(not args.quiet), on_hook=_on_hook(args)).dump(
         args.pid, args.images, leave_running=args.leave_running, file_policy=args.file_policy or (),
+        wait_hooks=_on_hook(args) is not None,
         store=args.store, job=job, generation=generation, parent=args.parent, track_mem=args.track_mem,
         live=args.live, single=args.single, pre_dump=pre,
         tcp_established=getattr(args, "tcp_established", False))
@@ -93,6 +94,14 @@ def _what(args) -> dict:
     return {"images": args.images}
 
 
+def _on_hook(args):
+    """--action-script: the daemon waits at each hook while the script runs here, as the user."""
+    if not getattr(args, "action_script", None):
+        return None
+    from .actions import ActionScript
+    return ActionScript(args.action_script).on_hook
+
+
 def _notes(r: spb.Response) -> None:
     for note in r.notes:
         print(f"hpcckpt: {note}", file=sys.stderr)
@@ -101,7 +110,8 @@ def _notes(r: spb.Response) -> None:
 def restore(args, sock: str) -> int:
     what = _what(args)
     if args.detach:
-        r = Client(sock, on_notify=ProgressLine(not args.quiet)).restore(detach=True, **what)
+        r = Client(sock, on_notify=ProgressLine(not args.quiet), on_hook=_on_hook(args)).restore(
+            detach=True, wait_hooks=_on_hook(args) is not None, **what)
         _notes(r)
         print(r.pid)
         return 0
@@ -130,7 +140,8 @@ def restore(args, sock: str) -> int:
     show = ProgressLine(not args.quiet)
     old = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
-        r = Client(sock, on_notify=notified, on_accepted=accepted).restore(**what)
+        r = Client(sock, on_notify=notified, on_accepted=accepted, on_hook=_on_hook(args)).restore(
+            wait_hooks=_on_hook(args) is not None, **what)
     finally:
         for s, h in old.items():
             signal.signal(s, h)

@@ -163,10 +163,10 @@ class Session:
         with self.lock:
             self.target = None
 
-    def hook(self, event: str, timeout: float, detail: str = "", pid: int = 0) -> None:
+    def hook(self, event: str, timeout: float, detail: str = "", pid: int = 0, images: str = "") -> None:
         """Tell the caller, then wait for its Continue before the engine goes on."""
         send(spb.Response(request_id=self.rid, notification=spb.Notification(
-            event=event, wait=True, detail=detail, pid=pid)))
+            event=event, wait=True, detail=detail, pid=pid, images=images)))
         try:
             ans = self.answers.get(timeout=timeout or DEFAULT_HOOK_TIMEOUT)
         except queue.Empty:
@@ -203,13 +203,22 @@ def do_dump(caller: auth.Caller, s: Session, d: spb.DumpRequest, done: spb.Respo
 
     def dumped(path) -> None:
         auth.give_to(caller, Path(path))   # the caller may read its image in the hook
-        s.hook("dumped", d.hook_timeout, detail=str(path), pid=d.pid)
+        s.hook("dumped", d.hook_timeout, detail=str(path), pid=d.pid, images=str(path))
 
     def one(path, parent=None):
+        def frozen(pids: list[int]) -> None:
+            # the daemon checked the root; what it started may have changed hands since (a
+            # setuid program): every member, now that none can change, must be the caller's
+            if not caller.root:
+                for p in pids:
+                    auth.may_dump(caller, p, root=d.pid)
+            if d.wait_hooks:
+                s.hook("frozen", d.hook_timeout, detail=f"{len(pids)} processes frozen", pid=d.pid,
+                       images=str(path))
         return dump(d.pid, path, leave_running=d.leave_running, policies=policies, show_progress=False,
                     parent=parent or d.parent or None, tree=not d.single, track_mem=d.track_mem or d.pre_dump,
                     live=d.live, pre_dump=d.pre_dump, on_dumped=dumped if d.wait_hooks else None,
-                    tcp_established=d.tcp_established)
+                    tcp_established=d.tcp_established, on_frozen=frozen)
     with auth.acting_as(caller):
         try:
             if d.store:
@@ -242,11 +251,13 @@ def do_restore(caller: auth.Caller, s: Session, rq: spb.RestoreRequest, done: sp
     the job's PID if the request is answered already (detached) and we stay its parent."""
     from ..engine.restore import restore
 
-    def ready(pid: int) -> None:
-        s.hook("restored", rq.hook_timeout, detail=f"process {pid} restored, not yet running", pid=pid)
     m = materialized(caller, rq) if rq.store else None
+    path = str(m.path) if m else rq.images
+
+    def ready(pid: int) -> None:
+        s.hook("restored", rq.hook_timeout, detail=f"process {pid} restored, not yet running", pid=pid,
+               images=rq.images or f"{rq.store}/{rq.job}")
     try:
-        path = str(m.path) if m else rq.images
         if m:   # the store's files: still only the caller's own images
             auth.may_restore(caller, path)
             for seq, problems in m.checkpoints[-1].skipped:

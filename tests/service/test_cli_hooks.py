@@ -93,15 +93,17 @@ def test_dumped_hook_runs_while_frozen_and_a_refusal_thaws(daemon, tmp_path, mem
 
     def hook(n):
         st = open(f"/proc/{hog.pid}/status").read()
-        seen.append((n.event, (img / "inventory.img").exists(), "TracerPid:\t0" not in st or "State:\tT" in st))
-        return False                      # refuse: the dump must fail and thaw
+        seen.append((n.event, (img / "inventory.img").exists(), (img / f"pages-{hog.pid}.img").exists(),
+                     "TracerPid:\t0" not in st or "State:\tT" in st))
+        return n.event == "frozen"        # refuse at "dumped": the dump must fail and thaw
     with pytest.raises(HpcckptError, match="declined at the 'dumped' hook"):
         Client(sock, on_hook=hook).dump(hog.pid, str(img), wait_hooks=True)
-    assert seen == [("dumped", True, True)]    # sealed, the process still held
+    assert seen == [("frozen", False, False, True),     # held, nothing written yet
+                    ("dumped", True, True, True)]       # sealed, the process still held
     assert pid_alive(hog.pid) and not (img / "inventory.img").exists()
     with pytest.raises(HpcckptError, match="no answer to the 'dumped' hook within 1 s"):
-        Client(sock, on_hook=lambda n: time.sleep(2) or True).dump(hog.pid, str(img), wait_hooks=True,
-                                                                   hook_timeout=1)
+        Client(sock, on_hook=lambda n: n.event == "frozen" or time.sleep(2) or True).dump(
+            hog.pid, str(img), wait_hooks=True, hook_timeout=1)
     assert pid_alive(hog.pid)
     r = Client(sock, on_hook=lambda n: True).dump(hog.pid, str(img), wait_hooks=True)   # goes on: killed
     hog.wait(timeout=10)
