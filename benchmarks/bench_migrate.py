@@ -172,6 +172,8 @@ def bench_migration(sizes_mib: list[int], memhog: Path, work: Path) -> list[dict
                 time.sleep(0.02)
             for mib in sizes_mib:
                 results.append(_one(nodes, munged, memhog, mib, spool, env))
+                for line in (work / "daemon-b.log").read_text().splitlines()[-2:]:
+                    print("   destination:", line.removeprefix("hpcckptd: "))
         finally:
             d.terminate()
             d.wait(timeout=30)
@@ -213,3 +215,30 @@ def _one(nodes: Nodes, munged: Munged, memhog: Path, mib: int, spool: Path, env:
           f"ratio {tcp['copy_s'] / t['send_s']:.2f}); whole migration incl. dump {t['total_s']:.3f} s "
           f"({gbs(t['total_s']):.2f} GB/s, ratio {tcp['copy_s'] / t['total_s']:.2f})")
     return r
+
+
+def main() -> None:
+    import argparse
+    import statistics
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--mib", default="256,1024", help="process sizes in MiB, comma-separated")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per size; medians are printed")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-migrate-"))
+    try:
+        exe = work / "memhog"
+        subprocess.run(["gcc", "-O2", "-o", str(exe), str(ROOT / "benchmarks" / "memhog.c")], check=True)
+        sizes = [int(m) for m in args.mib.split(",")]
+        runs = bench_migration([m for m in sizes for _ in range(args.repeat)], exe, work)
+        for mib in sizes:
+            mine = [r for r in runs if r["mib"] == mib]
+            stream = statistics.median(r["tcp_copy_s"] / r["send_s"] for r in mine)
+            whole = statistics.median(r["tcp_copy_s"] / r["migrate_s"] for r in mine)
+            print(f"median of {len(mine)} at {mib} MiB: stream+restore {stream:.2f}x a plain TCP copy's speed, "
+                  f"whole migration incl. dump {whole:.2f}x")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

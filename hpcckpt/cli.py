@@ -266,7 +266,9 @@ def cmd_verify(args) -> int:
 def cmd_migrate(args) -> int:
     from .service.migrate import MigrationFailed, migrate
     try:
-        resp = migrate(args.pid, args.to, args.munge_socket, show_progress=not args.quiet)
+        from .service.viacli import ProgressLine
+        resp = migrate(args.pid, args.to, args.munge_socket, show_progress=not args.quiet,
+                       action=_action_script(args), on_notify=ProgressLine(not args.quiet))
     except MigrationFailed as e:
         print(f"hpcckpt migrate: {e}", file=sys.stderr)
         return wait_as_parent(e.local.pid)

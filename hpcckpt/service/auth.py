@@ -50,6 +50,15 @@ def peer(sock: socket.socket) -> Caller:
     return Caller(pid, uid, gid, tuple(groups))
 
 
+def groups_of(uid: int, gid: int) -> tuple[int, ...]:
+    """A user's groups by name service (for a caller known by munge, not by a socket)."""
+    import pwd
+    try:
+        return tuple(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+    except KeyError:
+        return (gid,)
+
+
 def _set_groups(groups: list[int]) -> None:
     """setgroups for this thread only (the raw syscall; glibc's changes every thread)."""
     arr = (ctypes.c_uint * max(len(groups), 1))(*groups)

@@ -25,7 +25,7 @@ from . import auth, framing
 DEFAULT_SOCKET = "/run/hpcckpt/hpcckptd.sock"
 FORWARDABLE = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
                signal.SIGQUIT, signal.SIGKILL, signal.SIGCONT}
-VERSION = 1
+VERSION = framing.VERSION
 log = logging.getLogger("hpcckptd")
 
 
@@ -151,31 +151,54 @@ class Daemon:
             threading.Thread(target=self._serve_migration, args=(conn, addr), daemon=True).start()
 
     def _serve_migration(self, conn: socket.socket, addr) -> None:
-        """An image set streamed from another node: authenticate, receive, restore."""
+        """An image set streamed from another node: authenticate, receive, restore as the
+        sender, passing the restore's notifications (and hooks) back to the sender."""
         from . import migrate
         rid = next(self.ids)
+        warm: subprocess.Popen | None = None
+        got = None
         with conn:
             try:
                 conn.settimeout(120)
                 req = framing.decode(spb.Request, framing.read_frame(framing.sock_reader(conn)) or b"")
                 if req.WhichOneof("what") != "migrate":
                     raise framing.ProtocolError("this port takes migrations only")
-                got = migrate.receive(conn, req.migrate, Path(self.spool), self.munge_socket)
-                log.info("request %d: migration from %s for uid %d into %s", rid, addr[0], got.uid, got.path)
-                caller = auth.Caller(0, got.uid, got.gid)
-                restore = spb.Request(version=VERSION, restore=spb.RestoreRequest(images=str(got.path), detach=True))
-                try:
-                    responses = list(self.handle(caller, restore, rid))
-                finally:
-                    shutil.rmtree(got.path, ignore_errors=True)
-            except (HpcckptError, OSError) as e:
-                responses = [spb.Response(final=True, ok=False, error=str(e), error_kind=type(e).__name__)]
-            try:
-                for resp in responses:
+                if req.version != VERSION:
+                    raise framing.ProtocolError(f"protocol version {req.version}; this hpcckptd speaks {VERSION}")
+                who = migrate.authenticate(req.migrate, self.munge_socket)
+                caller = auth.Caller(0, who.uid, who.gid, auth.groups_of(who.uid, who.gid))
+                warm = self.spawn_worker(caller, rid)   # loads the engine while the bytes arrive
+                t0 = time.monotonic()
+                got = migrate.receive(conn, req.migrate, who, Path(self.spool))
+                t1 = time.monotonic()
+                log.info("request %d: migration from %s for uid %d into %s (%.1f MiB in %.3f s)", rid, addr[0],
+                         got.uid, got.path, sum(f.size for f in req.migrate.files) / 2**20, t1 - t0)
+                conn.settimeout(None)
+                restore = spb.Request(version=VERSION, restore=spb.RestoreRequest(
+                    images=str(got.path), detach=True, wait_hooks=req.migrate.wait_hooks,
+                    hook_timeout=req.migrate.hook_timeout))
+                for resp in self.handle(caller, restore, rid, conn, worker=warm):
                     resp.request_id = rid
                     conn.sendall(framing.encode(resp))
-            except OSError:
-                pass
+                    if resp.final:
+                        log.info("request %d: restored as PID %d in %.3f s", rid, resp.pid, time.monotonic() - t1)
+            except (HpcckptError, OSError) as e:
+                log.info("request %d: migration from %s refused or failed: %s", rid, addr[0], e)
+                try:
+                    conn.sendall(framing.encode(spb.Response(request_id=rid, final=True, ok=False, error=str(e),
+                                                             error_kind=type(e).__name__)))
+                except OSError:
+                    pass
+            finally:
+                try:   # wakes the thread reading the sender's Continue frames
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                if got is not None:
+                    shutil.rmtree(got.path, ignore_errors=True)
+                if warm is not None and not getattr(warm, "hpcckpt_taken", False):
+                    warm.kill()
+                    threading.Thread(target=warm.wait, daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         rid = next(self.ids)
@@ -201,7 +224,8 @@ class Daemon:
             log.info("request %d: %s", rid, e)
 
     # -- requests ------------------------------------------------------------------
-    def handle(self, caller: auth.Caller, req: spb.Request, rid: int, conn: socket.socket | None = None):
+    def handle(self, caller: auth.Caller, req: spb.Request, rid: int, conn: socket.socket | None = None,
+               worker: subprocess.Popen | None = None):
         kind = req.WhichOneof("what")
         try:
             if req.version != VERSION:
@@ -217,7 +241,7 @@ class Daemon:
             elif kind == "signal":
                 yield self.signal(caller, req.signal.request_id, req.signal.signo)
             elif kind in ("dump", "restore"):
-                yield from self.run_worker(caller, req, rid, kind, conn)
+                yield from self.run_worker(caller, req, rid, kind, conn, worker)
             elif kind == "cont":
                 raise framing.ProtocolError("Continue answers a hook, on the connection of the request that sent it")
             else:
@@ -295,8 +319,13 @@ class Daemon:
         auth.may_restore(caller, rq.images)
         return rq.images
 
+    def spawn_worker(self, caller: auth.Caller, rid: int) -> subprocess.Popen:
+        return self.spawn([sys.executable, "-m", "hpcckpt.service.worker", str(caller.uid), str(caller.gid),
+                           str(rid), ",".join(map(str, caller.groups))])
+
     def run_worker(self, caller: auth.Caller, req: spb.Request, rid: int, kind: str,
-                   conn: socket.socket | None = None):
+                   conn: socket.socket | None = None, worker: subprocess.Popen | None = None):
+        """`worker`: one started already (a migration's, warmed up while its bytes came)."""
         target = self.authorize(caller, req, kind)
         with self.lock:
             mine = sum(1 for a in self.active.values() if a.info.uid == caller.uid)
@@ -309,8 +338,8 @@ class Daemon:
             self.active[rid] = a
         try:
             yield spb.Response(notification=spb.Notification(event="accepted", detail=target))
-            w = self.spawn([sys.executable, "-m", "hpcckpt.service.worker", str(caller.uid), str(caller.gid),
-                            str(rid), ",".join(map(str, caller.groups))])
+            w = worker or self.spawn_worker(caller, rid)
+            w.hpcckpt_taken = True
             with self.lock:
                 a.worker = w
                 if a.cancelled:  # cancelled before the worker existed

@@ -5,6 +5,7 @@ import struct
 from ..errors import HpcckptError
 
 MAX_FRAME = 1 << 20
+VERSION = 2      # of hpcckptd's protocol (service.proto); 2: migrated files follow raw, not in frames
 _LEN = struct.Struct("<I")
 
 

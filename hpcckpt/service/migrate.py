@@ -4,32 +4,49 @@ The source dumps the process (which stops it), streams the image set to the dest
 node's hpcckptd over TCP, authenticated by munge, and the destination restores it as the
 sender's uid. If the destination refuses or fails, the source restores the process
 locally from the same image, so a failed migration never loses the job.
+
+The bytes go from the source's page cache to the socket by sendfile and from the socket
+into the destination's staging file by splice, never through Python. The destination
+stages in memory (/dev/shm) when the image fits, and starts the restore's worker as soon
+as the sender is authenticated, so its start overlaps the transfer.
 """
+import errno
+import fcntl
 import os
 import re
 import shutil
 import socket
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import HpcckptError, PermissionDeniedError
 from ..images import service_pb2 as spb
+from ..progress import Progress
 from . import framing, munge
 
 CHUNK = 1 << 20
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 MAX_FILES = 100000
 MAX_TOTAL = 1 << 42
+F_SETPIPE_SZ = 1031
+IDLE_TIMEOUT = 120         # seconds a sender may stall mid-file
+MEMORY_SHARE = 0.5         # stage in /dev/shm while the image takes at most this share of its free space
+
+
+def _order(p: Path) -> tuple[int, str]:
+    """Metadata first, pages last: the destination can start on what it needs first."""
+    return (p.name.startswith("pages-"), p.name)
 
 
 def request_for(images: Path) -> spb.MigrateRequest:
-    files = sorted(p for p in images.iterdir() if p.is_file())
+    files = sorted((p for p in images.iterdir() if p.is_file()), key=_order)
     return spb.MigrateRequest(files=[spb.MigrateFile(name=p.name, size=p.stat().st_size) for p in files])
 
 
 def binding(req: spb.MigrateRequest) -> str:
-    """What the munge credential vouches for: this exact list of files and sizes."""
+    """What the munge credential vouches for: this exact list of files and sizes (and hooks)."""
     bare = spb.MigrateRequest()
     bare.CopyFrom(req)
     bare.credential = b""
@@ -37,16 +54,42 @@ def binding(req: spb.MigrateRequest) -> str:
 
 
 def send(images: Path, host: str, port: int, munge_socket: str | None = None,
-         version: int = 1) -> spb.Response:
+         version: int = framing.VERSION, on_notify=None, on_hook=None, show_progress: bool = False) -> spb.Response:
+    """Stream the image set to HOST:PORT's hpcckptd; return its final answer.
+
+    The request frame lists the files; their bytes follow raw, in that order, sent from
+    the page cache by sendfile (no copy through us). Then the destination's notifications
+    come back: progress of its restore, and hooks (with `on_hook`, the destination waits at
+    "restored" for our Continue)."""
     req = request_for(images)
+    req.wait_hooks = on_hook is not None
     req.credential = munge.encode(binding(req), munge_socket)
+    total = sum(f.size for f in req.files)
+    prog = Progress(f"send to {host}", total, enabled=show_progress)
     with socket.create_connection((host, port), timeout=60) as s:
-        s.sendall(framing.encode(spb.Request(version=version, migrate=req)))
-        for f in req.files:
-            with open(images / f.name, "rb") as src:
-                while chunk := src.read(CHUNK):
-                    s.sendall(framing._LEN.pack(len(chunk)) + chunk)
         read = framing.sock_reader(s)
+        try:
+            s.sendall(framing.encode(spb.Request(version=version, migrate=req)))
+            for f in req.files:
+                with open(images / f.name, "rb") as src:
+                    sent = 0
+                    while sent < f.size:
+                        n = s.sendfile(src, sent, min(f.size - sent, 64 * CHUNK))
+                        if n == 0:
+                            raise HpcckptError(f"{images / f.name} shrank while it was sent")
+                        sent += n
+                        prog(n)
+        except OSError:           # the destination hung up: its answer says why, if it gave one
+            s.settimeout(5)
+            try:
+                payload = framing.read_frame(read)
+            except (OSError, HpcckptError):
+                payload = None
+            if payload is None:
+                raise
+            return framing.decode(spb.Response, payload)
+        prog.finish()
+        s.settimeout(None)      # the destination's restore (and our hooks) may take a while
         while True:
             payload = framing.read_frame(read)
             if payload is None:
@@ -54,6 +97,18 @@ def send(images: Path, host: str, port: int, munge_socket: str | None = None,
             resp = framing.decode(spb.Response, payload)
             if resp.final:
                 return resp
+            n = resp.notification
+            if on_notify:
+                on_notify(n)
+            if n.wait:
+                s.sendall(framing.encode(spb.Request(version=version, cont=_answer(on_hook, n))))
+
+
+def _answer(on_hook, n: spb.Notification) -> spb.Continue:
+    try:
+        return spb.Continue(ok=bool(on_hook(n)) if on_hook else True, reason="the sender's hook said no")
+    except Exception as e:   # the hook's failure says no, with its reason
+        return spb.Continue(ok=False, reason=str(e))
 
 
 @dataclass
@@ -63,38 +118,112 @@ class Received:
     gid: int
 
 
-def receive(conn: socket.socket, req: spb.MigrateRequest, spool: Path, munge_socket: str | None) -> Received:
-    """Check the credential, then take the files into a fresh spool directory."""
+def staging_dir(spool: Path, total: int) -> Path:
+    """Where arriving images wait for their restore: memory (/dev/shm) when they fit in a
+    share of it, so the restore reads them from the page cache; else the spool on disk."""
+    shm = Path("/dev/shm")
+    try:
+        if total <= shutil.disk_usage(shm).free * MEMORY_SHARE:
+            return shm
+    except OSError:
+        pass
+    spool.mkdir(parents=True, exist_ok=True)
+    return spool
+
+
+def authenticate(req: spb.MigrateRequest, munge_socket: str | None) -> munge.Identity:
+    """The sender's identity from its munge credential; the request's limits and names."""
     who = munge.decode(req.credential, binding(req), munge_socket)
     if len(req.files) > MAX_FILES or sum(f.size for f in req.files) > MAX_TOTAL:
         raise PermissionDeniedError("migration request is larger than this node accepts")
     for f in req.files:
         if not NAME_RE.match(f.name):
             raise PermissionDeniedError(f"migration names a file {f.name!r} that is not a plain image file name")
-    spool.mkdir(parents=True, exist_ok=True)
-    dest = Path(tempfile.mkdtemp(prefix=f"migrate-{who.uid}-", dir=spool))
+    return who
+
+
+def receive(conn: socket.socket, req: spb.MigrateRequest, who: munge.Identity, spool: Path) -> Received:
+    """Take the files (already authenticated) into a fresh directory owned by the sender."""
+    total = sum(f.size for f in req.files)
+    dest = Path(tempfile.mkdtemp(prefix=f"hpcckpt-migrate-{who.uid}-", dir=staging_dir(spool, total)))
     try:
-        read = framing.sock_reader(conn)
-        for f in req.files:
-            left = f.size
-            with open(dest / f.name, "wb") as out:
-                while left > 0:
-                    chunk = framing.read_frame(read)
-                    if chunk is None or len(chunk) > left:
-                        raise framing.ProtocolError(f"file {f.name} arrived with the wrong size")
-                    out.write(chunk)
-                    left -= len(chunk)
-            os.chown(dest / f.name, who.uid, who.gid)
         os.chown(dest, who.uid, who.gid)
+        # splice needs a blocking socket (Python's timeouts make it non-blocking): the
+        # kernel's receive timeout bounds a stalled sender instead
+        conn.settimeout(None)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", IDLE_TIMEOUT, 0))
+        with _Splicer(conn) as sp:
+            for f in req.files:
+                fd = os.open(dest / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                try:
+                    os.fchown(fd, who.uid, who.gid)
+                    sp.copy(fd, f.size, f.name)
+                finally:
+                    os.close(fd)
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
     return Received(dest, who.uid, who.gid)
 
 
-def migrate(pid: int, to: str, munge_socket: str | None = None, show_progress: bool = True):
+class _Splicer:
+    """Socket to file without passing the bytes through Python: splice() into a pipe and
+    from it into the file (the kernel moves page references, then copies once into the
+    file's pages). Falls back to recv_into + write where splice is refused."""
+
+    def __init__(self, conn: socket.socket):
+        self.conn = conn
+        self.r, self.w = os.pipe()
+        try:
+            fcntl.fcntl(self.w, F_SETPIPE_SZ, CHUNK)
+        except OSError:
+            pass
+        self.buf = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.r)
+        os.close(self.w)
+
+    def copy(self, fd: int, size: int, name: str) -> None:
+        left = size
+        sock = self.conn.fileno()
+        while left > 0:
+            try:
+                n = os.splice(sock, self.w, min(left, CHUNK), flags=os.SPLICE_F_MOVE)
+            except BlockingIOError:
+                raise framing.ProtocolError(f"the sender stopped sending {name} ({left} bytes still to come) "
+                                            f"for {IDLE_TIMEOUT} s") from None
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOSYS):
+                    raise
+                return self._copy_slow(fd, left, name)
+            if n == 0:
+                raise framing.ProtocolError(f"connection closed with {left} bytes of {name} still to come")
+            left -= n
+            while n:
+                n -= os.splice(self.r, fd, n, flags=os.SPLICE_F_MOVE)
+
+    def _copy_slow(self, fd: int, left: int, name: str) -> None:
+        self.buf = self.buf or memoryview(bytearray(CHUNK))
+        while left > 0:
+            n = self.conn.recv_into(self.buf, min(left, CHUNK))
+            if n == 0:
+                raise framing.ProtocolError(f"connection closed with {left} bytes of {name} still to come")
+            os.write(fd, self.buf[:n])
+            left -= n
+
+
+def migrate(pid: int, to: str, munge_socket: str | None = None, show_progress: bool = True,
+            action=None, on_notify=None):
     """Dump `pid` (stopping it), send it to `to` (HOST:PORT), return the remote answer.
 
+    `action` (an ActionScript, or any callable(stage, pid, images)) runs at the source's
+    "frozen" and "dumped" and at the destination's "restored" (the remote process built,
+    not yet running); saying no at any of them keeps the process here. `on_notify` sees
+    the destination's notifications (its restore's progress).
     On failure the process is restored here from the same image and a MigrationFailed
     carrying the local Restored is raised: the caller stays its parent.
     """
@@ -105,11 +234,15 @@ def migrate(pid: int, to: str, munge_socket: str | None = None, show_progress: b
         raise HpcckptError(f"--to {to!r}: give HOST:PORT of the destination's hpcckptd --listen")
     base = "/dev/shm" if shutil.disk_usage("/dev/shm").free > (1 << 30) else None
     work = Path(tempfile.mkdtemp(prefix="hpcckpt-migrate-", dir=base))
+    hooks = {"on_frozen": lambda _pids: action("frozen", pid, str(img)),
+             "on_dumped": lambda p: action("dumped", pid, str(p))} if action else {}
     try:
         img = work / "img"
-        dump(pid, img, leave_running=False, show_progress=show_progress)
+        dump(pid, img, leave_running=False, show_progress=show_progress, **hooks)
+        remote = (lambda n: action(n.event, n.pid, n.images, node=to) or True) if action else None
         try:
-            resp = send(img, host, int(port), munge_socket)
+            resp = send(img, host, int(port), munge_socket, on_notify=on_notify, on_hook=remote,
+                        show_progress=show_progress)
             error = "" if resp.ok else resp.error
         except (OSError, HpcckptError) as e:
             resp, error = None, str(e)

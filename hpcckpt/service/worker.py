@@ -296,7 +296,11 @@ def main() -> int:
     if os.getppid() == 1:
         return 1
     caller = auth.Caller(0, uid, gid, groups)
-    req = framing.decode(spb.Request, framing.read_frame(_stdin) or b"")
+    from ..engine import dump, restore  # noqa: F401  (loaded before the request: a warm worker is ready)
+    payload = framing.read_frame(_stdin)
+    if payload is None:    # started ahead for a request that did not come
+        return 0
+    req = framing.decode(spb.Request, payload)
     s = Session(rid)
     threading.Thread(target=s.read, daemon=True).start()
     progress.set_listener(s.on_progress)

@@ -1,5 +1,6 @@
 """Migration of a running computation between two "nodes": network namespaces joined by
 a veth pair (private test link), the destination's hpcckptd authenticating by munge."""
+import json
 import os
 import shutil
 import subprocess
@@ -115,23 +116,21 @@ def _descendant(root: int, word: str) -> int:
     raise AssertionError(f"no process running {word} under {root}")
 
 
-def test_migrate_running_job_between_nodes(nodes, munged, dest_daemon, tmp_path):
-    a, b, addr = nodes
+def _job_on_node_a(a: str, tmp_path: Path):
+    """compute.py under `hpcckpt run` (own PID namespace) on node a, midway: (monitor, job
+    PID, output file, the uninterrupted output)."""
     cmd = [sys.executable, PROGRAMS / "compute.py", 40, 0.05]
     ref = reference(cmd, tmp_path / "ref.txt")
     out = tmp_path / "out.txt"
-    with open(out, "wb") as o:   # the job runs on node a, under hpcckpt run (own PID namespace)
+    with open(out, "wb") as o:
         run = subprocess.Popen(["ip", "netns", "exec", a, sys.executable, "-m", "hpcckpt.cli", "run", "--",
                                 *map(str, cmd)], stdout=o, stderr=subprocess.DEVNULL)
     while out.read_bytes().count(b"\n") < 10:
         time.sleep(0.02)
-    job = _descendant(run.pid, "compute.py")      # ours, not another suite copy's
-    res = subprocess.run(["ip", "netns", "exec", a, sys.executable, "-m", "hpcckpt.cli", "migrate",
-                          "--pid", str(job), "--to", f"{addr}:{PORT}", "--munge-socket", munged],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert "now runs on" in res.stderr
-    run.wait(timeout=30)                     # the source's monitor saw its job leave
+    return run, _descendant(run.pid, "compute.py"), out, ref     # ours, not another suite copy's
+
+
+def _finishes(out: Path, ref: bytes) -> None:
     deadline = time.monotonic() + 120
     while not out.read_bytes().endswith(b"done\n"):
         assert time.monotonic() < deadline, out.read_text()[-500:]
@@ -139,9 +138,79 @@ def test_migrate_running_job_between_nodes(nodes, munged, dest_daemon, tmp_path)
     assert out.read_bytes() == ref
 
 
+def test_migrate_running_job_between_nodes(nodes, munged, dest_daemon, tmp_path):
+    a, b, addr = nodes
+    run, job, out, ref = _job_on_node_a(a, tmp_path)
+    res = subprocess.run(["ip", "netns", "exec", a, sys.executable, "-m", "hpcckpt.cli", "migrate",
+                          "--pid", str(job), "--to", f"{addr}:{PORT}", "--munge-socket", munged],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "now runs on" in res.stderr
+    run.wait(timeout=30)                     # the source's monitor saw its job leave
+    _finishes(out, ref)
+
+
+ACTION = r"""#!/bin/sh
+st=$(sed -n 's/^State:\t\(.\).*/\1/p' /proc/$HPCCKPT_PID/status 2>/dev/null)
+echo "$HPCCKPT_ACTION $HPCCKPT_PID ${HPCCKPT_NODE:-here} $st" >> LOG
+[ "$HPCCKPT_ACTION" != "$1" ]
+"""
+
+MIGRATE = """
+import json, sys
+from hpcckpt.service.actions import ActionScript
+from hpcckpt.service.migrate import migrate
+seen = []
+r = migrate(int(sys.argv[1]), sys.argv[2], sys.argv[3], show_progress=False, action=ActionScript(sys.argv[4]),
+            on_notify=lambda n: seen.append([n.event, n.done, n.total, n.wait]))
+print(json.dumps({"pid": r.pid, "seen": seen}))
+"""
+
+
+def test_migration_hooks_and_progress_on_both_sides(nodes, munged, dest_daemon, tmp_path):
+    """The source's action script runs at its "frozen" and "dumped" and at the destination's
+    "restored" (the process built there, not yet running); the destination's restore
+    reports its progress back."""
+    a, b, addr = nodes
+    log = tmp_path / "actions.log"
+    script = tmp_path / "action.sh"
+    script.write_text(ACTION.replace("LOG", str(log)))
+    script.chmod(0o755)
+    run, job, out, ref = _job_on_node_a(a, tmp_path)
+    res = subprocess.run(["ip", "netns", "exec", a, sys.executable, "-c", MIGRATE, str(job), f"{addr}:{PORT}",
+                          munged, f"{script} none"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    run.wait(timeout=30)
+    progress = [e for e in got["seen"] if e[0] == "progress"]
+    assert progress and progress[-1][1] == progress[-1][2] > 0           # the restore's bytes, to 100%
+    assert ["restored", 0, 0, True] in got["seen"]
+    lines = log.read_text().splitlines()
+    # one host here: the remote process has the same PID, seen stopped (built, not yet run)
+    assert lines == [f"frozen {job} here t", f"dumped {job} here t", f"restored {got['pid']} {addr}:{PORT} t"]
+    _finishes(out, ref)
+
+
+def test_migration_refused_at_restored_comes_back_to_the_source(nodes, munged, dest_daemon, tmp_path):
+    a, b, addr = nodes
+    log = tmp_path / "actions.log"
+    script = tmp_path / "action.sh"
+    script.write_text(ACTION.replace("LOG", str(log)))
+    script.chmod(0o755)
+    run, job, out, ref = _job_on_node_a(a, tmp_path)
+    res = subprocess.run(["ip", "netns", "exec", a, sys.executable, "-m", "hpcckpt.cli", "migrate",
+                          "--pid", str(job), "--to", f"{addr}:{PORT}", "--munge-socket", munged,
+                          "--action-script", f"{script} restored"], capture_output=True, text=True, timeout=120)
+    # the CLI restored it here and stayed its parent until it finished
+    assert res.returncode == 0 and "at 'restored'" in res.stderr and "runs here again" in res.stderr, res.stderr
+    run.wait(timeout=30)
+    _finishes(out, ref)
+    assert [x.split()[0] for x in log.read_text().splitlines()] == ["frozen", "dumped", "restored"]
+
+
 def test_unauthenticated_migration_is_refused(dest_daemon, nodes):
     a, b, addr = nodes
-    req = spb.Request(version=1, migrate=spb.MigrateRequest(
+    req = spb.Request(version=framing.VERSION, migrate=spb.MigrateRequest(
         files=[spb.MigrateFile(name="inventory.img", size=4)], credential=b"MUNGE:forged:"))
     code = ("import socket,sys; s=socket.create_connection((sys.argv[1], int(sys.argv[2]))); "
             "s.sendall(sys.stdin.buffer.read()); s.shutdown(1); sys.stdout.buffer.write(s.recv(65536))")
