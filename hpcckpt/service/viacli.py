@@ -60,7 +60,14 @@ def _store_job(args) -> tuple[str | None, int | None]:
     return args.job or f"slurm-{jid}", int(os.environ.get("SLURM_RESTART_COUNT") or 0) if jid else None
 
 
+def _no_shell_job(args) -> None:
+    if getattr(args, "shell_job", False):
+        raise HpcckptError("--shell-job is not available through hpcckptd: the daemon holds no terminal of "
+                           "yours to give the job; run the job under `hpcckpt run` without a terminal")
+
+
 def dump(args, sock: str) -> int:
+    _no_shell_job(args)
     pre = args.cmd == "pre-dump"
     if args.images and args.store:
         raise HpcckptError("give either --images DIR or --store ROOT, not both")
@@ -108,6 +115,7 @@ def _notes(r: spb.Response) -> None:
 
 
 def restore(args, sock: str) -> int:
+    _no_shell_job(args)
     what = _what(args)
     if args.detach:
         r = Client(sock, on_notify=ProgressLine(not args.quiet), on_hook=_on_hook(args)).restore(
