@@ -212,23 +212,42 @@ class PageWriter:
 
 IOV_BATCH = 512
 MAX_BATCH_BYTES = 1 << 30
+ARRIVING_BATCH = 8 << 20
 
 
-def fill_pages(t, fd: int, runs: list[pb.PageRun], progress=None) -> None:
+def _sliced(runs: list[pb.PageRun], pages: int) -> list[pb.PageRun]:
+    """The same runs in pieces of at most `pages` pages."""
+    out = []
+    for r in runs:
+        for k in range(0, r.nr_pages, pages):
+            n = min(pages, r.nr_pages - k)
+            out.append(pb.PageRun(vaddr=r.vaddr + k * PAGE_SIZE, nr_pages=n, offset=r.offset + k * PAGE_SIZE,
+                                  in_parent=r.in_parent))
+    return out
+
+
+def fill_pages(t, fd: int, runs: list[pb.PageRun], progress=None, ready=None) -> None:
     """Have the restored process read its own pages from the page file (fd is its own).
 
     One copy, page cache to its memory, done by the kernel; consecutive runs are batched
     into one injected preadv, so a fragmented heap costs a few syscalls, not thousands.
+    `ready(end)`: returns once the file holds its first `end` bytes (a file still arriving);
+    reads then go in slices of ARRIVING_BATCH, so memory fills while the file arrives.
     """
+    if ready:
+        runs = _sliced(runs, ARRIVING_BATCH // PAGE_SIZE)
     i = 0
     while i < len(runs):
         batch = [runs[i]]
         total = runs[i].nr_pages * PAGE_SIZE
-        while (i + len(batch) < len(runs) and len(batch) < IOV_BATCH and total < MAX_BATCH_BYTES
+        limit = ARRIVING_BATCH if ready else MAX_BATCH_BYTES
+        while (i + len(batch) < len(runs) and len(batch) < IOV_BATCH and total < limit
                and runs[i + len(batch)].offset == batch[-1].offset + batch[-1].nr_pages * PAGE_SIZE):
             batch.append(runs[i + len(batch)])
             total += batch[-1].nr_pages * PAGE_SIZE
         iov = b"".join(struct.pack("<QQ", r.vaddr, r.nr_pages * PAGE_SIZE) for r in batch)
+        if ready:
+            ready(batch[0].offset + total)
         got = t.sys("preadv", fd, t.put(iov), len(batch), batch[0].offset, check=False)
         if got != total:  # short or failed: finish run by run, so the error names a run
             done = max(got, 0)

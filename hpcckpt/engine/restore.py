@@ -14,6 +14,7 @@ import struct
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 from ..errors import HpcckptError, ImageError, PermissionDeniedError, RestoreError
 from ..images import pb
@@ -54,9 +55,9 @@ class Restored:
 
 # -- checks that touch nothing ---------------------------------------------------------
 
-def check_image(iset: ImageSet) -> tuple[pb.Inventory, pb.Process, pb.Pagemap]:
+def check_image(iset: ImageSet, arriving=None) -> tuple[pb.Inventory, pb.Process, pb.Pagemap]:
     inv = iset.inventory()
-    iset.verify(inv)
+    iset.verify(inv, skip=arriving.names if arriving else ())
     if inv.arch != platform.machine():
         raise RestoreError(f"{iset.path} was dumped on {inv.arch}; this machine is {platform.machine()}")
     pid = inv.root_pid
@@ -500,7 +501,8 @@ def _drop_creds(t: Target, p: pb.Process) -> None:
             t.sys("capset", t.put(userns.cap_header()), t.put(userns.cap_sets(*want)), tid=tid)
 
 
-def _fill_memory(t: Target, p: pb.Process, srcs: list[Source], iset: ImageSet, sh: Shared, prog) -> None:
+def _fill_memory(t: Target, p: pb.Process, srcs: list[Source], iset: ImageSet, sh: Shared, prog,
+                 arriving=None) -> None:
     """The stub's own mappings go, the image's come back with their content: the process
     reads its pages itself (injected preadv) from each image of the chain in turn."""
     vmas = list(p.mm.vmas)
@@ -517,7 +519,8 @@ def _fill_memory(t: Target, p: pb.Process, srcs: list[Source], iset: ImageSet, s
     _map_vmas(t, vmas, written)
     for fd, s in zip(fds, srcs):
         try:
-            memory.fill_pages(t, fd, s.runs, prog)
+            late = arriving and s.pages_file.name in arriving.names and s.pages_file.parent == iset.path
+            memory.fill_pages(t, fd, s.runs, prog, partial(arriving.wait, s.pages_file) if late else None)
         except OSError as e:
             raise RestoreError(f"reading memory of process {p.pid} from {s.pages_file}: "
                                f"{e.strerror}") from None
@@ -598,16 +601,19 @@ def check_pages(chain: list[Link], procs: list[pb.Process], pms: dict[int, pb.Pa
 
 
 def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None,
-            tracker: "TreeTracker | None" = None, shell_job: bool = False) -> Restored:
+            tracker: "TreeTracker | None" = None, shell_job: bool = False, arriving=None) -> Restored:
     """Recreate the process tree of an image set (or of the newest image of a chain),
     running, its root our child; returns the root's PID. Nothing runs before every process
     is fully restored; any failure kills every process the restore made. With `tracker`,
     every process is armed for dirty-page tracking before it runs, so the caller's next
     dump can be incremental against this image. `shell_job`: the tree ran in a terminal
-    held outside it; it gets this command's terminal instead (ttys.py)."""
+    held outside it; it gets this command's terminal instead (ttys.py). `arriving`: page
+    files of the image still arriving (hpcckptd's migration): `.names` are not checked up
+    front, `.wait(path, end)` returns once a file holds `end` bytes; the caller checks
+    their digests itself in `on_ready`, before anything runs."""
     t0 = time.monotonic()
     iset = ImageSet(images)
-    inv, root, _ = check_image(iset)
+    inv, root, _ = check_image(iset, arriving)
     chain = check_chain(iset, inv)
     procs = _load_tree(iset, inv, root)
     check_kernel(inv)
@@ -642,7 +648,7 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
         prog = Progress(f"restore {root.pid}", pages_bytes, enabled=show_progress)
         for p in live:
             targets[p.pid] = Target(ctree.host(p.pid), p.pid, list(p.mm.vmas))
-            _fill_memory(targets[p.pid], p, srcs[p.pid], iset, sh, prog)
+            _fill_memory(targets[p.pid], p, srcs[p.pid], iset, sh, prog, arriving)
         prog.finish()
         for t in targets.values():
             for fd in t.shm_fds.values():

@@ -18,13 +18,13 @@ import shutil
 import socket
 import struct
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import HpcckptError, PermissionDeniedError
 from ..images import service_pb2 as spb
 from ..progress import Progress
 from . import framing, munge
+from .arrival import ARRIVED
 
 CHUNK = 1 << 20
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
@@ -111,13 +111,6 @@ def _answer(on_hook, n: spb.Notification) -> spb.Continue:
         return spb.Continue(ok=False, reason=str(e))
 
 
-@dataclass
-class Received:
-    path: Path
-    uid: int
-    gid: int
-
-
 def staging_dir(spool: Path, total: int) -> Path:
     """Where arriving images wait for their restore: memory (/dev/shm) when they fit in a
     share of it, so the restore reads them from the page cache; else the spool on disk."""
@@ -142,28 +135,56 @@ def authenticate(req: spb.MigrateRequest, munge_socket: str | None) -> munge.Ide
     return who
 
 
-def receive(conn: socket.socket, req: spb.MigrateRequest, who: munge.Identity, spool: Path) -> Received:
-    """Take the files (already authenticated) into a fresh directory owned by the sender."""
-    total = sum(f.size for f in req.files)
-    dest = Path(tempfile.mkdtemp(prefix=f"hpcckpt-migrate-{who.uid}-", dir=staging_dir(spool, total)))
-    try:
-        os.chown(dest, who.uid, who.gid)
+class Receiver:
+    """Takes the files of an authenticated migration into a fresh directory owned by the
+    sender, in the order sent: `until_pages()` the metadata, then `rest()` the page files,
+    which a restore may already be reading (arrival.py); ARRIVED marks the end."""
+
+    def __init__(self, conn: socket.socket, req: spb.MigrateRequest, who: munge.Identity, spool: Path):
+        self.conn, self.files, self.who = conn, list(req.files), who
+        total = sum(f.size for f in req.files)
+        self.path = Path(tempfile.mkdtemp(prefix=f"hpcckpt-migrate-{who.uid}-", dir=staging_dir(spool, total)))
+        os.chown(self.path, who.uid, who.gid)
+        self.next = 0
         # splice needs a blocking socket (Python's timeouts make it non-blocking): the
         # kernel's receive timeout bounds a stalled sender instead
         conn.settimeout(None)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", IDLE_TIMEOUT, 0))
-        with _Splicer(conn) as sp:
-            for f in req.files:
-                fd = os.open(dest / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                try:
-                    os.fchown(fd, who.uid, who.gid)
-                    sp.copy(fd, f.size, f.name)
-                finally:
-                    os.close(fd)
-    except BaseException:
-        shutil.rmtree(dest, ignore_errors=True)
-        raise
-    return Received(dest, who.uid, who.gid)
+        self.splicer = _Splicer(conn)
+
+    def until_pages(self) -> list[str]:
+        """Receive up to the first page file; the names still to come if only page files
+        follow (a restore may start now), else everything is received and []."""
+        rest = self.files
+        while self.next < len(rest) and not rest[self.next].name.startswith("pages-"):
+            self._one(rest[self.next])
+        late = [f.name for f in rest[self.next:]]
+        if not all(n.startswith("pages-") for n in late):
+            self.rest()
+            return []
+        return late
+
+    def rest(self) -> None:
+        while self.next < len(self.files):
+            self._one(self.files[self.next])
+        self.splicer.close()
+        self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))
+        fd = os.open(self.path / ARRIVED, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        os.close(fd)
+
+    def _one(self, f: spb.MigrateFile) -> None:
+        fd = os.open(self.path / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchown(fd, self.who.uid, self.who.gid)
+            self.splicer.copy(fd, f.size, f.name)
+        finally:
+            os.close(fd)
+        self.next += 1
+
+    def abort(self) -> None:
+        """The stream failed: everything goes, which also ends a restore waiting for it."""
+        self.splicer.close()
+        shutil.rmtree(self.path, ignore_errors=True)
 
 
 class _Splicer:
@@ -180,12 +201,11 @@ class _Splicer:
             pass
         self.buf = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        os.close(self.r)
-        os.close(self.w)
+    def close(self) -> None:
+        if self.r >= 0:
+            os.close(self.r)
+            os.close(self.w)
+            self.r = self.w = -1
 
     def copy(self, fd: int, size: int, name: str) -> None:
         left = size

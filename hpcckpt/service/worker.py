@@ -8,7 +8,8 @@ small whatever the size of the process. If the daemon dies, we get SIGTERM
 stdin carries the Request, then what the daemon relays while we run: the caller's
 Continue answers to hooks and SignalRequests for the process we restored. stdout carries
 Responses: notifications (progress, at most 4 a second; hooks) and the final one.
-Usage (by the daemon only): python -m hpcckpt.service.worker UID GID REQUEST_ID < request
+Usage (by the daemon only): python -m hpcckpt.service.worker < WorkerStart, Request, ...
+(started ahead of requests, so that Python and the engine are loaded when one comes)
 """
 import os
 import queue
@@ -26,6 +27,7 @@ from ..kernel.libc import libc
 from ..engine import pidns
 from ..engine import tree as ptree
 from . import auth, framing
+from .arrival import Arriving
 
 PR_SET_PDEATHSIG = 1
 PROGRESS_INTERVAL = 0.25      # 4 notifications a second at most: the caller wants a line, not a flood
@@ -254,15 +256,21 @@ def do_restore(caller: auth.Caller, s: Session, rq: spb.RestoreRequest, done: sp
     m = materialized(caller, rq) if rq.store else None
     path = str(m.path) if m else rq.images
 
+    arriving = Arriving(Path(path), frozenset(rq.arriving)) if rq.arriving else None
+
     def ready(pid: int) -> None:
-        s.hook("restored", rq.hook_timeout, detail=f"process {pid} restored, not yet running", pid=pid,
-               images=rq.images or f"{rq.store}/{rq.job}")
+        if arriving:        # every page file complete, with its digest, before anything runs
+            arriving.check()
+        if rq.wait_hooks:
+            s.hook("restored", rq.hook_timeout, detail=f"process {pid} restored, not yet running", pid=pid,
+                   images=rq.images or f"{rq.store}/{rq.job}")
     try:
         if m:   # the store's files: still only the caller's own images
             auth.may_restore(caller, path)
             for seq, problems in m.checkpoints[-1].skipped:
                 done.notes.append(f"skipped damaged checkpoint {rq.job}/{seq:08d}: {'; '.join(problems)}")
-        r = restore(path, show_progress=False, on_ready=ready if rq.wait_hooks else None)
+        r = restore(path, show_progress=False, on_ready=ready if rq.wait_hooks or arriving else None,
+                    arriving=arriving)
     finally:
         if m:
             with auth.acting_as(caller):
@@ -289,18 +297,20 @@ def do_restore(caller: auth.Caller, s: Session, rq: spb.RestoreRequest, done: sp
 
 
 def main() -> int:
-    uid, gid, rid = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    groups = tuple(int(g) for g in sys.argv[4].split(",") if g) if len(sys.argv) > 4 else ()
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     signal.signal(signal.SIGTERM, _on_term)
     if os.getppid() == 1:
         return 1
-    caller = auth.Caller(0, uid, gid, groups)
-    from ..engine import dump, restore  # noqa: F401  (loaded before the request: a warm worker is ready)
-    payload = framing.read_frame(_stdin)
-    if payload is None:    # started ahead for a request that did not come
+    try:
+        from ..engine import dump, restore  # noqa: F401  (loaded before any request: a spare is warm)
+        first = framing.read_frame(_stdin)
+    except Cancelled:      # a spare stopped with the daemon
         return 0
-    req = framing.decode(spb.Request, payload)
+    if first is None:      # a spare that was not needed
+        return 0
+    start = framing.decode(spb.WorkerStart, first)
+    caller, rid = auth.Caller(0, start.uid, start.gid, tuple(start.groups)), start.request_id
+    req = framing.decode(spb.Request, framing.read_frame(_stdin) or b"")
     s = Session(rid)
     threading.Thread(target=s.read, daemon=True).start()
     progress.set_listener(s.on_progress)

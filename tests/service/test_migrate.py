@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from hpcckpt.engine.dump import dump
 from hpcckpt.images import service_pb2 as spb
 from hpcckpt.service import framing
-from tests.engine.helpers import PROGRAMS, reference
+from tests.engine.helpers import PROGRAMS, pid_alive, reference
+
+from .conftest import start_hog
 
 PORT = 7077
 
@@ -218,3 +221,53 @@ def test_unauthenticated_migration_is_refused(dest_daemon, nodes):
                          input=framing.encode(req) + b"\0\0\0\0", capture_output=True, timeout=60)
     resp = framing.decode(spb.Response, res.stdout[4:])
     assert not resp.ok and "munge credential refused" in resp.error
+
+
+CRAFTED = """
+import socket, sys
+from pathlib import Path
+from hpcckpt.images import service_pb2 as spb
+from hpcckpt.service import framing, migrate, munge
+img, host, port, msock, mode = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+req = migrate.request_for(img)
+req.credential = munge.encode(migrate.binding(req), msock)
+s = socket.create_connection((host, port))
+s.sendall(framing.encode(spb.Request(version=framing.VERSION, migrate=req)))
+for f in req.files:
+    data = (img / f.name).read_bytes()
+    if f.name.startswith("pages-") and mode == "cut":
+        s.sendall(data[: len(data) // 2])
+        s.close()
+        sys.exit(0)
+    if f.name.startswith("pages-") and mode == "corrupt":
+        data = data[:-1] + bytes([data[-1] ^ 1])
+    s.sendall(data)
+while True:
+    r = framing.decode(spb.Response, framing.read_frame(framing.sock_reader(s)))
+    if r.final:
+        print(r.error)
+        break
+"""
+
+
+@pytest.mark.parametrize("mode", ["cut", "corrupt"])
+def test_a_broken_or_corrupt_stream_leaves_nothing_at_the_destination(nodes, munged, dest_daemon, tmp_path,
+                                                                       memhog, mode):
+    """The destination restores while the pages still arrive: a stream that breaks off, or
+    whose pages do not match the inventory's digest, kills what the restore built (nothing
+    ever ran) and removes the staged files."""
+    a, b, addr = nodes
+    hog = start_hog(memhog, 64)
+    img = tmp_path / "img"
+    dump(hog.pid, img, show_progress=False)
+    hog.wait(timeout=10)
+    staged = set(Path("/dev/shm").glob("hpcckpt-migrate-0-*"))
+    res = subprocess.run(["ip", "netns", "exec", a, sys.executable, "-c", CRAFTED, img, addr, str(PORT), munged, mode],
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
+    assert res.returncode == 0, res.stderr
+    if mode == "corrupt":
+        assert "corrupt (xxh3-128 digest differs" in res.stdout, res.stdout
+    deadline = time.monotonic() + 30
+    while pid_alive(hog.pid) or set(Path("/dev/shm").glob("hpcckpt-migrate-0-*")) - staged:
+        assert time.monotonic() < deadline, "the half-restored process or its staged files stayed"
+        time.sleep(0.05)
