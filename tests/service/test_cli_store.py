@@ -114,3 +114,27 @@ def test_another_users_parent_or_checkpoint_is_refused(daemon, nobody_long_job, 
         as_user(lambda: Client(sock).restore(store=str(store), job="j1", detach=True).pid)
     job.wait_lines(job.lines() + 1)
     job.kill()
+
+
+def test_restore_an_earlier_checkpoint_from_the_store(daemon, nobody_long_job, world_dir):
+    """restore --store --job --checkpoint 1: the job resumes from the first of two
+    checkpoints (its output rolled back to that point, seen at the "restored" hook) and
+    still ends exactly."""
+    _, sock = daemon
+    job, ref, _ = nobody_long_job
+    store = _users_dir(world_dir, "store")
+
+    def size_at_hook(call, event):
+        seen = []
+        call(Client(sock, on_hook=lambda n: n.event != event or not seen.append(job.out.stat().st_size)))
+        return seen[0]
+    first = as_user(lambda: size_at_hook(lambda c: c.dump(job.pid, store=str(store), job="j1", leave_running=True,
+                                                          wait_hooks=True), "frozen"))
+    job.wait_lines(job.lines() + 3)                    # it runs on past the first checkpoint
+    assert as_nobody_cli(sock, ["dump", "--pid", str(job.pid), "--store", str(store), "--job", "j1"]) == 0
+    job.proc.wait(timeout=10)
+    assert job.out.stat().st_size > first
+    rolled = as_user(lambda: size_at_hook(lambda c: c.restore(store=str(store), job="j1", checkpoint=1,
+                                                              wait_hooks=True), "restored"))
+    assert rolled == first                             # checkpoint 1's state, not the newest
+    assert job.out.read_bytes() == ref
