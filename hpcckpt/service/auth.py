@@ -12,6 +12,7 @@ import os
 import socket
 import stat
 import struct
+import subprocess
 import sys
 import threading
 from contextlib import contextmanager
@@ -72,6 +73,8 @@ def _fs_root(on: bool) -> None:
     c = _acting.caller
     libc.setfsuid(0 if on else c.uid)
     libc.setfsgid(0 if on else c.gid)
+    if not on:
+        _read_anything()
 
 
 class _AsRoot:
@@ -119,6 +122,49 @@ class _RootImports(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, _RootImports())
 
+_execute_child = subprocess.Popen._execute_child
+
+
+def _execute_child_as_root(self, *args, **kwargs):
+    """Programs the engine starts while we act as a user (the tracking holder, nft for
+    TCP locks) are hpcckpt's own root helpers: they are started, and run, with root's file
+    credentials (a child inherits the forking thread's), not refused because the user
+    cannot read root's Python."""
+    if getattr(_acting, "caller", None) is None:
+        return _execute_child(self, *args, **kwargs)
+    _fs_root(True)
+    try:
+        return _execute_child(self, *args, **kwargs)
+    finally:
+        _fs_root(False)
+
+
+subprocess.Popen._execute_child = _execute_child_as_root
+
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+CAP_DAC_READ_SEARCH = 2
+SYS_CAPGET = 125
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _read_anything() -> None:
+    """Raise CAP_DAC_READ_SEARCH again in this thread (the fsuid change dropped it): the
+    engine goes on reading /proc, root's helpers and libraries as root, while every write
+    and create is still checked as the caller (CAP_DAC_OVERRIDE, CAP_FOWNER stay down)."""
+    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    raw_syscall(SYS_CAPGET, ctypes.addressof(hdr), ctypes.addressof(data))
+    data[0].effective |= 1 << CAP_DAC_READ_SEARCH
+    raw_syscall(arch.SYSCALLS["capset"], ctypes.addressof(hdr), ctypes.addressof(data))
+
 
 @contextmanager
 def acting_as(caller: Caller):
@@ -136,6 +182,7 @@ def acting_as(caller: Caller):
     _set_groups(list(caller.groups) or [caller.gid])
     _acting.caller = caller
     _fs_root(False)
+    _read_anything()
     try:
         yield
     finally:
