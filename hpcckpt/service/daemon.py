@@ -9,6 +9,7 @@ import logging
 import os
 import queue
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -83,6 +84,7 @@ class Daemon:
         self.sock: socket.socket | None = None
         self.spare: subprocess.Popen | None = None
         self.closed = False
+        self.staging: set = set()       # migrations' Receivers in flight: removed on shutdown too
 
     # -- workers -------------------------------------------------------------------
     def _spawner(self) -> None:
@@ -148,6 +150,8 @@ class Daemon:
             self.closed = True
             if self.spare is not None:
                 self.spare.terminate()
+            for rx in self.staging:     # a migration cut short by our end leaves no files
+                shutil.rmtree(rx.path, ignore_errors=True)
             for a in self.active.values():
                 if a.worker and a.worker.poll() is None:
                     a.worker.terminate()
@@ -180,6 +184,8 @@ class Daemon:
                 warm = self.spawn_worker(caller, rid)   # loads the engine while the bytes arrive
                 t0 = time.monotonic()
                 rx = migrate.Receiver(conn, req.migrate, who, Path(self.spool))
+                with self.lock:
+                    self.staging.add(rx)
                 late = rx.until_pages()
                 restore = spb.Request(version=VERSION, restore=spb.RestoreRequest(
                     images=str(rx.path), detach=True, wait_hooks=req.migrate.wait_hooks,
@@ -213,6 +219,8 @@ class Daemon:
                     pass
                 if rx is not None:   # the restore is done (or failed): the staged files go
                     rx.abort()
+                    with self.lock:
+                        self.staging.discard(rx)
                 if warm is not None and not getattr(warm, "hpcckpt_taken", False):
                     warm.kill()
                     threading.Thread(target=warm.wait, daemon=True).start()
