@@ -441,12 +441,17 @@ def _restore_process_state(t: Target, p: pb.Process) -> None:
             value = (it.interval_sec, it.interval_usec)
         t.sys("setitimer", it.which, t.put(struct.pack("<4Q", it.interval_sec, it.interval_usec,
                                                        *value)), 0)
+    have = proc.limits(t.pid)     # read from outside: an injected prlimit64 each cost 16
     for r in p.rlimits:
         # Raising a hard limit needs CAP_SYS_RESOURCE, which we may lack: then keep the
         # hard limit we have and cap the soft one by it, rather than fail the restore.
-        a = t.put(bytes(16))
-        t.sys("prlimit64", 0, r.resource, 0, a)
-        cur, mx = struct.unpack("<2Q", t.mem.read(a, 16))
+        cur, mx = have[r.resource] if r.resource < len(have) else (None, None)
+        if (cur, mx) == (r.cur, r.max):
+            continue
+        if mx is None:
+            a = t.put(bytes(16))
+            t.sys("prlimit64", 0, r.resource, 0, a)
+            cur, mx = struct.unpack("<2Q", t.mem.read(a, 16))
         if t.sys("prlimit64", 0, r.resource, t.put(struct.pack("<2Q", r.cur, r.max)), 0, check=False) < 0:
             t.sys("prlimit64", 0, r.resource, t.put(struct.pack("<2Q", min(r.cur, mx), mx)), 0, check=False)
 
