@@ -22,7 +22,7 @@ from ..images import pb
 from ..images.imageset import ImageSet
 from ..kernel import elf, proc, ptrace, vdso
 from ..kernel.arch import current as arch
-from ..kernel.inject import Injector, Mem, find_syscall_insn
+from ..kernel.inject import Injector, Mem, _alive, find_syscall_insn
 from ..kernel.libc import libc
 from ..progress import Progress
 from ..images.chain import load_chain, new_image_id, relative_parent
@@ -285,7 +285,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
          tree: bool = True, parent: str | os.PathLike | None = None,
          tracker: "TreeTracker | None" = None, track_mem: bool = False,
          live: bool = False, pre_dump: bool = False, on_dumped=None,
-         shell_job: bool = False, tcp_established: bool = False) -> DumpResult:
+         shell_job: bool = False, tcp_established: bool = False,
+         freeze_cgroup: str | None = "auto") -> DumpResult:
     """Checkpoint `pid` and (unless `tree=False`) all its descendants into `images`;
     kill them all afterwards unless `leave_running`.
 
@@ -304,6 +305,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     `shell_job`: the tree may run in a terminal held outside it (ttys.py); refused otherwise.
     `tcp_established`: checkpoint established TCP connections (engine/tcp.py); they are
     locked from the dump to the restore (kept locked when the tree is killed).
+    `freeze_cgroup`: a cgroup v2 to freeze the tree through (it cannot fork meanwhile);
+    "auto" (default): the root's own cgroup if it holds exactly the tree; None: ptrace alone.
     """
     t0 = time.monotonic()
     check_owner(pid)
@@ -325,8 +328,10 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     writers: dict[int, _PageFile] = {}
     # a pre-dump's fds are never restored: its connections are read (and let go) rather than refused
     conns = tcp.DumpConnections(tcp_established or pre_dump, pid)
-    ft = ptree.freeze_tree(pid, tree)
+    ft = ptree.freeze_tree(pid, tree, freeze_cgroup)
     t_frozen = time.monotonic()
+    if ft.cgroup is not None:
+        notes.append(f"frozen through cgroup {ft.cgroup.path} (cgroup.freeze)")
     t_thawed = None
     try:
         ns = _tree_ids(ft)
@@ -341,8 +346,15 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             if p_host in ft.zombies:
                 procs[p_host] = _zombie(p_host, ns)
             else:
-                procs[p_host], vmas[p_host] = _capture(ft.frozen[p_host], iset, policies or files.FilePolicies(),
-                                                       statuses[p_host], descs, shm)
+                try:
+                    procs[p_host], vmas[p_host] = _capture(ft.frozen[p_host], iset, policies or files.FilePolicies(),
+                                                           statuses[p_host], descs, shm)
+                except HpcckptError as e:
+                    if isinstance(e, ProcessGoneError) or not _alive(p_host):
+                        raise ProcessGoneError(
+                            f"process {p_host} exited (or was killed) during the dump; nothing was "
+                            f"written and the rest of the tree runs on (at: {e})") from None
+                    raise
             _relations(ft, p_host, ns, procs[p_host])
             terms.process(p_host, procs[p_host], ft.table[p_host].sid)
         ipc, undo = sysvipc.dump(pid, {h: ns[h] for h in ft.order if h not in ft.zombies}, vmas,

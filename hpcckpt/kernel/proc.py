@@ -73,7 +73,7 @@ def maps(pid: int, with_flags: bool = True) -> list[Vma]:
 def threads(pid: int) -> list[int]:
     try:
         return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):   # ESRCH: exiting right now
         raise ProcessGoneError(f"process {pid} does not exist (or exited)") from None
 
 
@@ -99,7 +99,7 @@ def comm(pid: int, tid: int | None = None) -> str:
 def link(pid: int, name: str) -> str:
     try:
         return os.readlink(f"/proc/{pid}/{name}")
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):   # ESRCH: exiting right now
         raise ProcessGoneError(f"process {pid} does not exist (or exited)") from None
 
 
@@ -119,7 +119,7 @@ def posix_timers(pid: int) -> str:
 def fds(pid: int) -> list[int]:
     try:
         return sorted(int(x) for x in os.listdir(f"/proc/{pid}/fd"))
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):   # ESRCH: exiting right now
         raise ProcessGoneError(f"process {pid} does not exist (or exited)") from None
 
 
