@@ -7,7 +7,9 @@ engine call: frozen, written, killed), restore (running again), each as a total 
 ms per extra process (the slope against the 1-process tree), beside a baseline measured
 in the same run: copying the same bytes out of the same processes with process_vm_readv
 into one file per process, fsync included, i.e. what a dump could not go below.
-Usage: bench_trees.py [--dir DIR] [--sizes 1,16,128] [--repeat 3] [--kib 1024]
+With --cgroup the tree runs in a cgroup v2 of its own, so freeze and dump go through
+the cgroup freezer (cgroup.freeze) instead of ptrace alone.
+Usage: bench_trees.py [--dir DIR] [--sizes 1,16,128] [--repeat 3] [--kib 1024] [--cgroup]
        [--profile dump|restore|freeze] (cProfile of the largest tree, top functions)
 """
 import argparse
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 from hpcckpt.engine import tree as ptree
+from hpcckpt.engine.cgroup_freezer import v2_mount
 from hpcckpt.engine.dump import dump
 from hpcckpt.engine.restore import restore
 from hpcckpt.kernel import proc
@@ -64,9 +67,11 @@ def kill_tree(pids: list[int]) -> None:
     reap_all()
 
 
-def start(exe: Path, n: int, kib: int, work: Path) -> tuple[subprocess.Popen, list[int]]:
+def start(exe: Path, n: int, kib: int, work: Path, cg: Path | None = None) -> tuple[subprocess.Popen, list[int]]:
+    def join() -> None:
+        (cg / "cgroup.procs").write_text(str(os.getpid()))
     p = subprocess.Popen([str(exe), str(n), str(kib), str(exe)], stdout=subprocess.PIPE,
-                         stdin=subprocess.DEVNULL, start_new_session=True)
+                         stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=join if cg else None)
     assert p.stdout.readline() == b"ready\n"
     pids = members(p.pid)
     assert len(pids) == n, (len(pids), n)
@@ -104,8 +109,8 @@ def baseline(pids: list[int], work: Path) -> float:
     return dt
 
 
-def one(exe: Path, work: Path, n: int, kib: int, profile: str | None) -> dict:
-    p, pids = start(exe, n, kib, work)
+def one(exe: Path, work: Path, n: int, kib: int, profile: str | None, cg: Path | None = None) -> dict:
+    p, pids = start(exe, n, kib, work, cg)
     base = baseline(pids, work)
     prof = cProfile.Profile() if profile else None
     t0 = time.perf_counter()
@@ -113,6 +118,8 @@ def one(exe: Path, work: Path, n: int, kib: int, profile: str | None) -> dict:
         prof.enable()
     ft = ptree.freeze_tree(p.pid)
     fr = time.perf_counter() - t0
+    if (ft.cgroup is not None) != (cg is not None):
+        raise SystemExit(f"froze through {ft.cgroup} where {cg} was meant")
     ft.thaw()
     if profile == "freeze":
         prof.disable()
@@ -156,7 +163,15 @@ def main() -> None:
     ap.add_argument("--kib", type=int, default=1024)
     ap.add_argument("--profile", choices=["freeze", "dump", "restore"])
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--cgroup", action="store_true", help="each tree in a cgroup v2 of its own")
     args = ap.parse_args()
+    cg = None
+    if args.cgroup:
+        mnt = v2_mount()
+        if mnt is None:
+            raise SystemExit("no cgroup v2 hierarchy mounted")
+        cg = mnt / f"treeperf-bench-{os.getpid()}"
+        cg.mkdir()
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise SystemExit("cannot become a child subreaper")
     Path(args.dir).mkdir(parents=True, exist_ok=True)
@@ -166,7 +181,7 @@ def main() -> None:
         exe = build(work)
         rows: dict[int, dict] = {}
         for n in sizes:
-            runs = [one(exe, work, n, args.kib, args.profile if n == max(sizes) else None)
+            runs = [one(exe, work, n, args.kib, args.profile if n == max(sizes) else None, cg)
                     for _ in range(args.repeat)]
             rows[n] = {k: statistics.median(r[k] for r in runs)
                        for k in ("base", "freeze", "dump", "frozen", "restore", "image")}
@@ -187,6 +202,8 @@ def main() -> None:
             pstats.Stats(rows[max(sizes)]["prof"]).sort_stats("tottime").print_stats(args.top)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if cg is not None:
+            cg.rmdir()
 
 
 if __name__ == "__main__":
