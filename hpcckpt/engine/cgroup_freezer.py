@@ -163,3 +163,54 @@ def for_tree(root: int, members: set[int]) -> CgroupFreezer | None:
         if _descends(pid, root) is False:
             return None
     return cg
+
+
+JOB_PREFIX = "hpcckpt-job-"
+
+
+def job_cgroup() -> CgroupFreezer | None:
+    """A cgroup v2 of its own for `hpcckpt run`'s job, under the runner's cgroup, so its
+    dumps freeze it through cgroup.freeze (found automatically: it holds exactly the
+    tree). None where we may not make one (no v2, no permission, no delegation): the
+    dumps then use ptrace alone, as before."""
+    mnt = v2_mount()
+    if mnt is None:
+        return None
+    try:
+        rel = v2_cgroup_of(os.getpid()) or "/"
+        path = mnt / rel.lstrip("/") / f"{JOB_PREFIX}{os.getpid()}"
+        path.mkdir()
+    except (HpcckptError, OSError):
+        return None
+    if not (path / "cgroup.freeze").exists():
+        remove(CgroupFreezer(path))
+        return None
+    return CgroupFreezer(path)
+
+
+def join(cg: CgroupFreezer, pids: list[int] | None = None) -> bool:
+    """Move `pids` (default: the caller) into the cgroup; False if the kernel refused
+    any (a zombie cannot move; the others still do)."""
+    ok = True
+    for pid in pids or [os.getpid()]:
+        try:
+            with open(cg.path / "cgroup.procs", "w") as f:
+                f.write(str(pid))
+        except OSError:
+            ok = False
+    return ok
+
+
+def remove(cg: CgroupFreezer, timeout: float = 2.0) -> None:
+    """rmdir once its tasks are gone (they leave it as they finish exiting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            cg.path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)

@@ -400,3 +400,54 @@ def test_cgroup_freezer_dumps_a_forking_tree(tmp_path, flag):
                              capture_output=True, text=True, env=ENV, timeout=120)
         assert rst.returncode == 0, rst.stderr
         assert out.read_bytes() == ref
+
+
+def test_run_puts_the_job_in_a_cgroup_of_its_own(tmp_path):
+    """`hpcckpt run` gives the job a cgroup v2 of its own (under the runner's), so its
+    checkpoints freeze it through cgroup.freeze; the resumed job goes back into one; the
+    forking job finishes with the uninterrupted run's output; the cgroups are removed."""
+    v2 = needs_v2()
+    exe = build(tmp_path, "forker", FORKER_C)
+    ref = subprocess.run([str(exe), "300"], capture_output=True, check=True, timeout=60).stdout
+    out, images = tmp_path / "out", tmp_path / "img"
+    run = [sys.executable, "-m", "hpcckpt.cli", "run", "--images", str(images), "--", str(exe), "300"]
+
+    def job_cgroup(mon: subprocess.Popen) -> str:
+        kids = [p for p in descendants(mon.pid) if p != mon.pid]
+        for p in kids:
+            cg = next(line[3:].strip() for line in Path(f"/proc/{p}/cgroup").read_text().splitlines()
+                      if line.startswith("0::"))
+            if cg.endswith(f"hpcckpt-job-{mon.pid}"):
+                return cg
+        raise AssertionError(f"no process of the job is in a cgroup hpcckpt-job-{mon.pid}")
+
+    with open(out, "ab") as f:
+        mon = subprocess.Popen(run, stdout=f, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                               start_new_session=True, env=ENV)
+    while out.read_bytes().count(b"\n") < 2:
+        assert mon.poll() is None, mon.stderr.read().decode()
+        time.sleep(0.01)
+    first = job_cgroup(mon)
+    mon.send_signal(signal.SIGTERM)
+    said = mon.communicate(timeout=60)[1].decode()
+    assert mon.returncode == 0 and "final checkpoint" in said, said
+    assert not (v2 / first.lstrip("/")).exists(), "the job's cgroup was left behind"
+    with open(out, "ab") as f:
+        again = subprocess.Popen(run, stdout=f, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                 start_new_session=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                second = job_cgroup(again)
+                break
+            except (AssertionError, FileNotFoundError, ProcessLookupError, StopIteration):
+                assert again.poll() is None and time.monotonic() < deadline, again.stderr.read().decode()
+                time.sleep(0.02)
+        err = again.communicate(timeout=120)[1].decode()
+    finally:
+        if again.poll() is None:
+            again.kill()
+    assert again.returncode == 0 and "resumed from" in err, err
+    assert not (v2 / second.lstrip("/")).exists()
+    assert out.read_bytes() == ref
