@@ -178,7 +178,9 @@ def job_cgroup() -> CgroupFreezer | None:
         return None
     try:
         rel = v2_cgroup_of(os.getpid()) or "/"
-        path = mnt / rel.lstrip("/") / f"{JOB_PREFIX}{os.getpid()}"
+        parent = mnt / rel.lstrip("/")
+        _sweep(parent)
+        path = parent / f"{JOB_PREFIX}{os.getpid()}"
         path.mkdir()
     except (HpcckptError, OSError):
         return None
@@ -186,6 +188,22 @@ def job_cgroup() -> CgroupFreezer | None:
         remove(CgroupFreezer(path))
         return None
     return CgroupFreezer(path)
+
+
+def _sweep(parent: Path) -> None:
+    """Remove the empty job cgroups of runners that are gone (one killed with SIGKILL
+    cannot remove its own); a live runner's, or one still holding tasks, stays."""
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(JOB_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        owner = name[len(JOB_PREFIX):]
+        if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+            try:
+                os.rmdir(parent / name)    # fails (EBUSY) while any task is in it
+            except OSError:
+                pass
 
 
 def join(cg: CgroupFreezer, pids: list[int] | None = None) -> bool:

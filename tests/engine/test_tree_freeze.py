@@ -421,6 +421,10 @@ def test_run_puts_the_job_in_a_cgroup_of_its_own(tmp_path):
                 return cg
         raise AssertionError(f"no process of the job is in a cgroup hpcckpt-job-{mon.pid}")
 
+    dead = subprocess.Popen(["true"])
+    dead.wait()                       # a runner killed with SIGKILL left its cgroup behind:
+    stale = v2 / f"hpcckpt-job-{dead.pid}"
+    stale.mkdir()                     # the next run sweeps it
     with open(out, "ab") as f:
         mon = subprocess.Popen(run, stdout=f, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                start_new_session=True, env=ENV)
@@ -428,6 +432,7 @@ def test_run_puts_the_job_in_a_cgroup_of_its_own(tmp_path):
         assert mon.poll() is None, mon.stderr.read().decode()
         time.sleep(0.01)
     first = job_cgroup(mon)
+    assert not stale.exists(), "a dead runner's empty cgroup was not swept"
     mon.send_signal(signal.SIGTERM)
     said = mon.communicate(timeout=60)[1].decode()
     assert mon.returncode == 0 and "final checkpoint" in said, said
