@@ -82,7 +82,8 @@ def cmd_dump(args) -> int:
                     show_progress=not args.quiet, parent=parent or args.parent, tree=not args.single,
                     track_mem=args.track_mem or pre, live=getattr(args, "live", False), pre_dump=pre,
                     shell_job=getattr(args, "shell_job", False),
-                    tcp_established=getattr(args, "tcp_established", False), **hooks)
+                    tcp_established=getattr(args, "tcp_established", False),
+                    freeze_cgroup=getattr(args, "freeze_cgroup", None) or "auto", **hooks)
     if args.images and not args.store:  # the image set itself, as CRIU's -D
         where, r = args.images, do_dump(args.images)
     else:
@@ -292,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     _where(d)
     d.add_argument("--leave-running", "-R", action="store_true", help="let the process run on after the dump")
     d.add_argument("--single", action="store_true", help="this process only, not its descendants")
+    d.add_argument("--freeze-cgroup", metavar="PATH",
+                   help="freeze the tree through this cgroup v2 (cgroup.freeze) first, so it cannot "
+                        "fork meanwhile (default: the root's own cgroup if it holds exactly the tree)")
     d.add_argument("--file-policy", action="append", metavar="PATH=rollback|keep|refuse",
                    help="what a restore does with files open for writing under PATH (default rollback)")
     _incremental(d)

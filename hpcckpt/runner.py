@@ -38,7 +38,7 @@ from pathlib import Path
 from . import outputs
 from .cli import FORWARDED, exit_like
 from .destinations import RunStatus, write_status
-from .engine import pidns
+from .engine import cgroup_freezer, pidns
 from .engine.dump import DumpResult, dump
 from .engine.incremental import TreeTracker
 from .engine.restore import restore
@@ -57,11 +57,13 @@ def _say(quiet: bool, msg: str) -> None:
         print(f"hpcckpt run: {msg}", file=sys.stderr, flush=True)
 
 
-def start(command: list[str]) -> int:
+def start(command: list[str], cg=None) -> int:
     pidns.ensure()
     pid = os.fork()
     if pid == 0:
         try:
+            if cg is not None:
+                cgroup_freezer.join(cg)   # the job's own cgroup: dumps freeze it as one
             os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the job gets stdio, not our strays
             os.execvp(command[0], command)
         except OSError as e:
@@ -128,17 +130,19 @@ def run(command: list[str], dest=None, every: float | None = None, quiet: bool =
     latest = dest.latest() if dest else None
     tracker = TreeTracker() if dest is not None and full_every != 1 else None
     append_outputs()
+    jobcg = cgroup_freezer.job_cgroup()
     try:
         if latest:
             pidns.ensure()
             refilled = outputs.refill(latest)
-            r = restore(latest, show_progress=not quiet, tracker=tracker, shell_job=True)  # our terminal, if any
+            r = restore(latest, show_progress=not quiet, tracker=tracker, shell_job=True,  # our terminal, if any
+                        on_ready=(lambda root: _adopt(jobcg, root)) if jobcg else None)
             pid = r.pid
             for note in dest.notes + refilled:
                 _say(quiet, note)
             _say(quiet, f"resumed from {latest} as PID {pid} in {r.total_s:.3f} s")
         else:
-            pid = start(command)
+            pid = start(command, jobcg)
             _say(quiet, f"started {' '.join(command)} as PID {pid} (PID {pidns.JOB_PID} in its namespace)")
         for e in errors or []:  # after the restore: it rolls a shared output file back
             _say(quiet, f"error: {e}")
@@ -152,7 +156,15 @@ def run(command: list[str], dest=None, every: float | None = None, quiet: bool =
         status = sup.loop()
     finally:
         pidns.shutdown()
+        if jobcg is not None:
+            cgroup_freezer.remove(jobcg)
     return exit_like(status) if status is not None else 0
+
+
+def _adopt(cg, root: int) -> None:
+    """A resumed job, still stopped: every process of it into the job's cgroup."""
+    from .engine import tree
+    cgroup_freezer.join(cg, tree.members(root, tree.scan(), tree.namespace_init(root))[0])
 
 
 class Supervisor:

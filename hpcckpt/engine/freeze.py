@@ -5,6 +5,7 @@ may create more; the loop ends when a listing finds only stopped threads.
 """
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 
 from ..errors import HpcckptError, ProcessGoneError
@@ -61,13 +62,37 @@ def _reissue_sysv_wait(tid: int) -> None:
         pass        # gone: the detach that follows says so
 
 
-def _stop(fr: Frozen, tid: int) -> bool:
+SLOW_STOP = 0.5   # seconds: a stop this late waits on something else (a vfork child)
+
+
+def _wait_stop(tid: int, on_slow) -> "ptrace.Stop":
+    """The thread's next stop. With `on_slow`: polled, and if none came within SLOW_STOP,
+    `on_slow()` is called once before waiting on (a parent in vfork stops only once its
+    child has exec'd; in a frozen cgroup that child cannot, until the cgroup thaws)."""
+    if on_slow is None:
+        return ptrace.wait_trap(tid)
+    deadline = time.monotonic() + SLOW_STOP
+    delay = 0.00005
+    while time.monotonic() < deadline:
+        st = ptrace.wait(tid, nohang=True)
+        if st is not None:
+            if st.exited:
+                raise ProcessGoneError(f"thread {tid} exited while being stopped", tid)
+            return st
+        time.sleep(delay)
+        delay = min(delay * 2, 0.01)
+    on_slow()
+    return ptrace.wait_trap(tid)
+
+
+def _stop(fr: Frozen, tid: int, on_slow=None) -> bool:
     """Seize and interrupt one thread; False if it exited meanwhile."""
     try:
         ptrace.seize(tid)
         ptrace.interrupt(tid)
         while True:
-            st = ptrace.wait_trap(tid)
+            st = _wait_stop(tid, on_slow)
+            on_slow = None
             if st.event == ptrace.EVENT_STOP:
                 return True
             # a signal-delivery stop: let the thread take it, the interrupt stays pending
@@ -78,8 +103,9 @@ def _stop(fr: Frozen, tid: int) -> bool:
         return False
 
 
-def freeze(pid: int) -> Frozen:
-    """Stop all threads of `pid`. On any failure the ones already stopped run on."""
+def freeze(pid: int, on_slow=None) -> Frozen:
+    """Stop all threads of `pid`. On any failure the ones already stopped run on.
+    `on_slow`: see _wait_stop (the cgroup freezer path thaws the cgroup then)."""
     fr = Frozen(pid)
     try:
         stopped: set[int] = set()
@@ -89,7 +115,7 @@ def freeze(pid: int) -> Frozen:
                 break
             for tid in new:
                 stopped.add(tid)
-                if _stop(fr, tid):
+                if _stop(fr, tid, on_slow):
                     fr.tids.append(tid)
         fr.tids.sort(key=lambda t: (t != pid, t))
         return fr

@@ -10,6 +10,7 @@ import errno
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,6 +117,18 @@ def save_mask(pid: int, vma: pb.Vma) -> np.ndarray:
     return present | swapped
 
 
+_local = threading.local()
+
+
+def _chunk_buffer():
+    """One CHUNK-sized copy buffer per thread, reused by every PageWriter: allocating
+    (and zeroing) 4 MiB for each process of a tree cost ~3 ms per process."""
+    buf = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = ctypes.create_string_buffer(CHUNK)
+    return buf
+
+
 @dataclass
 class PageWriter:
     """Appends runs of a process's memory to its pages file, 4 KiB aligned."""
@@ -124,7 +137,7 @@ class PageWriter:
     offset: int = 0
 
     def __post_init__(self):
-        self.buf = ctypes.create_string_buffer(CHUNK)
+        self.buf = _chunk_buffer()
         self.addr = ctypes.addressof(self.buf)
         self.mem_fd = -1
 

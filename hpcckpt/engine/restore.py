@@ -140,7 +140,7 @@ class Target:
     def __init__(self, pid: int, ns_pid: int, image_vmas):
         self.pid = pid                      # as we see it
         self.mem = Mem(pid)
-        svmas = proc.maps(pid)
+        svmas = proc.maps(pid, with_flags=False)   # maps, not smaps: the stub's flags are of no use
         self.main = Injector(pid, find_syscall_insn(pid, svmas))
         self.threads = {ns_pid: self.main}  # by the TIDs the process itself sees
         self.host = {ns_pid: pid}           # ... and as we see them
@@ -192,11 +192,27 @@ def _free_window(vmas) -> int:
     raise RestoreError("no free address range left for the restore's scratch memory")
 
 
+def _unmap_spans(stub_vmas, keep: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The stub's mappings to remove (all but the vDSO family and vsyscall), merged into
+    as few spans as the ones kept (and `keep`) allow: one munmap per span, not per
+    mapping (holes inside a span are fine to munmap)."""
+    keep = sorted(keep + [(v.start, v.end) for v in stub_vmas
+                          if v.path in vdso.NAMES or v.path == "[vsyscall]"])
+    spans: list[tuple[int, int]] = []
+    for v in sorted(stub_vmas, key=lambda v: v.start):
+        if v.path in vdso.NAMES or v.path == "[vsyscall]":
+            continue
+        if spans and not any(spans[-1][1] <= ks < v.start for ks, _ in keep):
+            spans[-1] = (spans[-1][0], v.end)
+        else:
+            spans.append((v.start, v.end))
+    return spans
+
+
 def _clear_stub(t: Target, vmas: list[pb.Vma]) -> None:
     """Unmap the stub's own mappings and move its vDSO family where the image had them."""
-    for v in t.stub_vmas:
-        if v.path not in vdso.NAMES and v.path != "[vsyscall]":
-            t.sys("munmap", v.start, v.size)
+    for start, end in _unmap_spans(t.stub_vmas, [(t.window, t.window + WINDOW)]):
+        t.sys("munmap", start, end - start)
     wanted = {KIND_NAMES[v.kind]: v for v in vmas if v.kind in KIND_NAMES}
     park = t.window + SCRATCH
     for v in t.stub_vmas:
@@ -442,12 +458,17 @@ def _restore_process_state(t: Target, p: pb.Process) -> None:
             value = (it.interval_sec, it.interval_usec)
         t.sys("setitimer", it.which, t.put(struct.pack("<4Q", it.interval_sec, it.interval_usec,
                                                        *value)), 0)
+    have = proc.limits(t.pid)     # read from outside: an injected prlimit64 each cost 16
     for r in p.rlimits:
         # Raising a hard limit needs CAP_SYS_RESOURCE, which we may lack: then keep the
         # hard limit we have and cap the soft one by it, rather than fail the restore.
-        a = t.put(bytes(16))
-        t.sys("prlimit64", 0, r.resource, 0, a)
-        cur, mx = struct.unpack("<2Q", t.mem.read(a, 16))
+        cur, mx = have[r.resource] if r.resource < len(have) else (None, None)
+        if (cur, mx) == (r.cur, r.max):
+            continue
+        if mx is None:
+            a = t.put(bytes(16))
+            t.sys("prlimit64", 0, r.resource, 0, a)
+            cur, mx = struct.unpack("<2Q", t.mem.read(a, 16))
         if t.sys("prlimit64", 0, r.resource, t.put(struct.pack("<2Q", r.cur, r.max)), 0, check=False) < 0:
             t.sys("prlimit64", 0, r.resource, t.put(struct.pack("<2Q", min(r.cur, mx), mx)), 0, check=False)
 

@@ -4,15 +4,21 @@ The kernel here has no /proc/PID/task/TID/children, so the tree is found by read
 every /proc/PID/stat. Processes are frozen parents first and the listing is read again
 after each round: a process not yet stopped may have forked, and only a listing in
 which every member is already stopped (or a zombie) proves nothing escaped. A stopped
-parent cannot reap, so its zombies stay put while we look at them.
+parent cannot reap, so its zombies stay put while we look at them. A tree that forks
+faster than that (a fork bomb) makes the rounds go on: after MAX_ROUNDS the freeze gives
+up, thaws all, and says so. Where the tree has a cgroup v2 of its own (or one is named),
+the cgroup is frozen first (cgroup_freezer.py): nothing can fork, one round suffices.
 """
 import os
 import signal
 from dataclasses import dataclass, field
 
-from ..errors import HpcckptError, ProcessGoneError
+from ..errors import HpcckptError, KernelError, ProcessGoneError
 from ..kernel import proc
+from .cgroup_freezer import CgroupFreezer, for_tree
 from .freeze import Frozen, freeze
+
+MAX_ROUNDS = 200    # listings of the tree that still found new processes: a fork bomb
 
 
 @dataclass
@@ -96,6 +102,8 @@ class FrozenTree:
     zombies: set[int] = field(default_factory=set)
     orphans: set[int] = field(default_factory=set)
     table: dict[int, Entry] = field(default_factory=dict)
+    cgroup: CgroupFreezer | None = None   # frozen through it; thawed through it as one
+    rounds: int = 0                       # listings of the tree the freeze took
 
     @property
     def threads(self) -> int:
@@ -103,10 +111,23 @@ class FrozenTree:
 
     def thaw(self) -> None:
         """Let every process run on as before (children first, so no parent sees a
-        stopped child); errors are swallowed, since this runs on failure paths."""
+        stopped child); errors are swallowed, since this runs on failure paths. Through a
+        cgroup: frozen again first, every task detached, then thawed, so all start at once."""
+        refrozen = False
+        if self.cgroup is not None:
+            try:
+                self.cgroup.freeze()
+                refrozen = True
+            except (HpcckptError, OSError):
+                pass
         for pid in reversed(self.order):
             if pid in self.frozen:
                 self.frozen[pid].thaw()
+        if refrozen:
+            try:
+                self.cgroup.thaw()
+            except (HpcckptError, OSError):
+                pass
 
     def kill(self) -> None:
         """Kill every process first, then collect what we are owed as tracer."""
@@ -121,10 +142,10 @@ class FrozenTree:
                 self.frozen[pid].reap()
 
 
-def _freeze_member(pid: int, root: int) -> Frozen | None:
+def _freeze_member(pid: int, root: int, on_slow=None) -> Frozen | None:
     """Freeze one process; None if it became a zombie or vanished (not the root)."""
     try:
-        return freeze(pid)
+        return freeze(pid, on_slow)
     except HpcckptError:
         if pid == root:
             raise
@@ -136,14 +157,41 @@ def _freeze_member(pid: int, root: int) -> Frozen | None:
         raise
 
 
-def freeze_tree(root: int, whole: bool = True) -> FrozenTree:
+def freeze_tree(root: int, whole: bool = True, cgroup: str | None = "auto") -> FrozenTree:
     """Stop every process of the tree rooted at `root` (only `root` unless `whole`).
 
-    On any failure everything already stopped runs on untouched.
+    `cgroup`: a cgroup v2 directory to freeze the tree through (all its processes stop
+    at once, none can fork); "auto": the root's own cgroup when it holds exactly the
+    tree; None: ptrace only. On any failure everything already stopped runs on untouched.
     """
     ft = FrozenTree(root)
+    cg, thaw_cg = None, False
     try:
         init = namespace_init(root) if whole else None
+        if cgroup == "auto":
+            if whole:
+                table = scan()
+                cg = for_tree(root, set(members(root, table, init)[0]) if root in table else set())
+        elif cgroup is not None:
+            cg = CgroupFreezer.open(cgroup)
+        slow = None
+        if cg is not None:
+            thaw_cg = not cg.requested()    # frozen by someone else: leave it frozen
+            cg.freeze()
+
+            def slow() -> None:
+                """A task that will not stop while the cgroup is frozen (a vfork parent):
+                thaw, and finish as ptrace alone does (the rounds catch new forks)."""
+                nonlocal slow, thaw_cg
+                if not thaw_cg:
+                    raise KernelError(
+                        f"a process of the tree of {root} does not stop while cgroup {cg.path} "
+                        "is frozen (a parent waiting for its vfork child?), and someone else froze "
+                        "that cgroup; thaw it and dump again")
+                cg.thaw()
+                thaw_cg = False
+                ft.cgroup = cg              # thawed early: the way out still goes through it
+                slow = None
         while True:
             ft.table = scan()
             if root not in ft.table:
@@ -159,15 +207,31 @@ def freeze_tree(root: int, whole: bool = True) -> FrozenTree:
                 for gone in set(ft.frozen) - set(found):
                     ft.frozen.pop(gone).thaw()
                 break
+            ft.rounds += 1
+            if ft.rounds > MAX_ROUNDS:
+                raise KernelError(
+                    f"the process tree of {root} forks faster than it can be frozen: after "
+                    f"{MAX_ROUNDS} rounds ({len(ft.frozen)} processes stopped) new processes still "
+                    "appear. Nothing was dumped and the tree runs on. Run the job in a cgroup v2 "
+                    "of its own and dump with --freeze-cgroup, which stops it all at once")
             for pid in new:
                 e = ft.table[pid]
-                fr = None if e.state in "ZX" else _freeze_member(pid, root)
+                fr = None if e.state in "ZX" else _freeze_member(pid, root, slow)
                 if fr is None:
                     ft.zombies.add(pid)
                 else:
                     ft.frozen[pid] = fr
+        if cg is not None and thaw_cg:
+            # every task is in its ptrace stop now: thawing the cgroup lets none of them run
+            cg.thaw()
+            ft.cgroup = cg
         return ft
     except BaseException:
         ft.order = list(ft.frozen)
         ft.thaw()
+        if cg is not None and thaw_cg:
+            try:
+                cg.thaw()
+            except HpcckptError:
+                pass
         raise

@@ -4,6 +4,8 @@ A crafted image (kernel addresses, overlapping or unaligned mappings, page runs 
 their mappings or beyond the page file, absurd counts, relative paths) is refused here
 with an error naming the image and the field, before any process exists.
 """
+import bisect
+
 from ..errors import ImageError
 from ..kernel.arch import current as arch
 from . import pb
@@ -36,9 +38,10 @@ def validate(where: str, p: pb.Process, pm: pb.Pagemap, pages_size: int) -> None
             _fail(where, f"thread {t.tid}'s vector state is {len(t.xstate)} bytes")
     prev_end = 0
     usable = []
+    vma_kinds, fd_kinds = set(pb.VmaKind.values()), set(pb.FdKind.values())  # once, not per item
     for v in p.mm.vmas:
         span = f"mapping {v.start:#x}-{v.end:#x}"
-        if v.kind not in pb.VmaKind.values():
+        if v.kind not in vma_kinds:
             _fail(where, f"{span} has unknown kind {v.kind}")
         if v.start % PAGE or v.end % PAGE or v.pgoff % PAGE or v.start >= v.end:
             _fail(where, f"{span} is not page-aligned or is empty")
@@ -55,13 +58,15 @@ def validate(where: str, p: pb.Process, pm: pb.Pagemap, pages_size: int) -> None
             _fail(where, f"{span} names a file by a relative path {v.path!r}")
         if v.kind in (pb.ANON_PRIVATE, pb.FILE_PRIVATE, pb.ANON_SHARED):
             usable.append((v.start, v.end))
+    starts = [s for s, _ in usable]
     for r in pm.runs:
         end = r.vaddr + r.nr_pages * PAGE
         if r.vaddr % PAGE or r.offset % PAGE or r.nr_pages == 0 or r.nr_pages > USER_TOP // PAGE:
             _fail(where, f"page run at {r.vaddr:#x} is malformed")
         if not r.in_parent and r.offset + r.nr_pages * PAGE > pages_size:
             _fail(where, f"page run at {r.vaddr:#x} reads beyond the page file ({pages_size} bytes)")
-        if not any(s <= r.vaddr and end <= e for s, e in usable):
+        i = bisect.bisect_right(starts, r.vaddr) - 1    # usable is sorted, disjoint
+        if i < 0 or end > usable[i][1]:
             _fail(where, f"page run {r.vaddr:#x}-{end:#x} is not inside a mapping that holds pages")
     prev = 0
     for r in sorted(pm.runs, key=lambda r: r.vaddr):
@@ -69,7 +74,7 @@ def validate(where: str, p: pb.Process, pm: pb.Pagemap, pages_size: int) -> None
             _fail(where, f"page run at {r.vaddr:#x} overlaps another run (a page listed twice)")
         prev = r.vaddr + r.nr_pages * PAGE
     for f in p.fds:
-        if not 0 <= f.fd < FD_MAX or f.kind not in pb.FdKind.values():
+        if not 0 <= f.fd < FD_MAX or f.kind not in fd_kinds:
             _fail(where, f"fd {f.fd} (kind {f.kind})")
         if f.kind in (pb.REGULAR, pb.DIRECTORY, pb.CHAR_DEVICE) and not f.path.startswith("/"):
             _fail(where, f"fd {f.fd} names a relative path {f.path!r}")

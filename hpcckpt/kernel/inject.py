@@ -18,18 +18,40 @@ ALL_SIGNALS = (1 << 64) - 1
 def find_syscall_insn(pid: int, vmas) -> int:
     """An address holding the syscall instruction, preferring the vDSO."""
     ordered = sorted(vmas, key=lambda v: (v.path != "[vdso]", v.size))
+    unreadable = 0
     for v in ordered:
         if "x" not in v.prot or "r" not in v.prot and v.path != "[vdso]":
             continue
         length = min(v.size, 1 << 20)
         try:
             data = read_mem(pid, v.start, length)
+        except FileNotFoundError:
+            raise ProcessGoneError(f"process {pid} exited (or was killed) during the dump") from None
         except OSError:
+            if not _alive(pid):
+                raise ProcessGoneError(f"process {pid} exited (or was killed) during the dump") from None
+            unreadable += 1
+            continue
+        if not data:     # an exiting process's memory reads as nothing
+            unreadable += 1
             continue
         i = data.find(arch.SYSCALL_INSN)
         if i >= 0:
             return v.start + i
+    if unreadable:   # the vDSO at least is always readable, unless the process is dying
+        raise ProcessGoneError(f"process {pid}: its memory cannot be read any more (it is exiting, "
+                               "or was killed)")
     raise KernelError(f"process {pid}: no syscall instruction found in any executable mapping")
+
+
+def _alive(pid: int) -> bool:
+    """Not gone and not a zombie (a killed process's memory reads fail: ESRCH, EIO)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return text[text.rindex(")") + 2] not in "ZX"
 
 
 class Mem:

@@ -3,6 +3,7 @@
 Laid out like psutil's _pslinux: one function per file, plain dataclasses out, and a
 process that vanished turned into ProcessGoneError naming its PID.
 """
+import ctypes
 import os
 import re
 from dataclasses import dataclass, field
@@ -72,7 +73,7 @@ def maps(pid: int, with_flags: bool = True) -> list[Vma]:
 def threads(pid: int) -> list[int]:
     try:
         return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):   # ESRCH: exiting right now
         raise ProcessGoneError(f"process {pid} does not exist (or exited)") from None
 
 
@@ -98,7 +99,7 @@ def comm(pid: int, tid: int | None = None) -> str:
 def link(pid: int, name: str) -> str:
     try:
         return os.readlink(f"/proc/{pid}/{name}")
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):   # ESRCH: exiting right now
         raise ProcessGoneError(f"process {pid} does not exist (or exited)") from None
 
 
@@ -118,7 +119,7 @@ def posix_timers(pid: int) -> str:
 def fds(pid: int) -> list[int]:
     try:
         return sorted(int(x) for x in os.listdir(f"/proc/{pid}/fd"))
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):   # ESRCH: exiting right now
         raise ProcessGoneError(f"process {pid} does not exist (or exited)") from None
 
 
@@ -164,3 +165,38 @@ def ns_pids(pid: int, tid: int | None = None) -> list[int]:
         if line.startswith("NSpid:"):
             return [int(x) for x in line.split()[1:]]
     return [tid or pid]
+
+
+RLIM_INFINITY = (1 << 64) - 1
+
+
+def limits(pid: int) -> list[tuple[int, int]]:
+    """(soft, hard) of every resource limit, RLIMIT_CPU (0) .. RLIMIT_RTTIME (15), in the
+    kernel's own units: /proc/PID/limits prints them in resource order, "%-25s %-20s %-20s",
+    so a dump needs no prlimit64 injected into the process (16 round trips) to know them."""
+    out = []
+    for line in _read(pid, "limits").splitlines()[1:]:
+        soft, hard = line[26:46].strip(), line[47:67].strip()
+        out.append(tuple(RLIM_INFINITY if v == "unlimited" else int(v) for v in (soft, hard)))
+    return out
+
+
+def robust_list(tid: int) -> tuple[int, int]:
+    """(head, len) of a thread's robust futex list: get_robust_list takes a TID, so it
+    is asked from here (ptrace-read access suffices), not injected."""
+    from .arch import current
+    from .libc import raw_syscall
+    head, size = ctypes.c_uint64(), ctypes.c_uint64()
+    try:
+        raw_syscall(current.SYSCALLS["get_robust_list"], tid, ctypes.addressof(head), ctypes.addressof(size))
+    except OSError as e:
+        if e.errno == 3:
+            raise ProcessGoneError(f"thread {tid} does not exist (or exited)") from None
+        raise
+    return head.value, size.value
+
+
+def signal_set(st: dict[str, str], key: str) -> set[int]:
+    """Signal numbers of a /proc/PID/status mask line (SigCgt, SigIgn, SigBlk, ...)."""
+    mask = int(st.get(key, "0"), 16)
+    return {s + 1 for s in range(64) if mask >> s & 1}
