@@ -144,6 +144,8 @@ class StoreJob:
             generation = slurm_generation()
         if generation is None:
             generation = store.next_generation(job)
+        else:
+            store.claim_generation(job, generation)
         return cls(store, job, generation, keep_last)
 
     def latest(self) -> Path | None:

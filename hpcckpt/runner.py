@@ -187,6 +187,7 @@ class Supervisor:
                                 policy=schedule.kind, walltime_end=end_time)
         for e in errors or []:
             self.status.error(e)
+        self.told: str | None = None   # the error last put in the Slurm job's comment
         for s in set(FORWARDED) | {checkpoint_signal, final_signal}:
             signal.signal(s, self._on_signal)
 
@@ -220,6 +221,7 @@ class Supervisor:
         return time.monotonic() + (self.end_time - time.time()) - self.margin()
 
     def _publish_status(self, state: str = "running") -> None:
+        self._tell_scheduler()
         if not self.dest:
             return
         st, now = self.status, time.monotonic()
@@ -231,6 +233,20 @@ class Supervisor:
             write_status(self.dest.status_path, st)
         except OSError as e:
             _say(self.quiet, f"cannot write the status file: {e}")
+
+    def _tell_scheduler(self) -> None:
+        """The newest error also goes into the Slurm job's comment: `hpcckpt status` finds
+        it there when the store, where the status file lives, is what failed."""
+        job = os.environ.get("SLURM_JOB_ID", "")
+        last = self.status.errors[-1] if self.status.errors else None
+        if not job.isdigit() or last is None or last == self.told:
+            return
+        self.told = last
+        from .scheduler import CommandsBackend, SchedulerError
+        try:
+            CommandsBackend(timeout=10).set_comment(int(job), " ".join(f"hpcckpt: {last}".split())[:500])
+        except SchedulerError as e:
+            _say(self.quiet, f"cannot put the error in the job's comment: {e}")
 
     # -- the loop ---------------------------------------------------------------------
     def loop(self) -> int | None:

@@ -31,15 +31,16 @@ def _when(t: float | None, now: float) -> str:
     return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t))} ({rel})"
 
 
-def _slurm_state(jobid: str) -> str | None:
+def _slurm_state(jobid: str) -> tuple[str | None, str | None]:
+    """(state line, comment) of the Slurm job; the comment carries hpcckpt's newest error."""
     if not jobid.isdigit():
-        return None
+        return None, None
     try:
         from .scheduler import CommandsBackend
         job = CommandsBackend(timeout=5).load(int(jobid))
     except (HpcckptError, OSError):
-        return None
-    return f"{job.state} (restarts {job.restart_count}, nodes {','.join(job.nodes) or '-'})"
+        return None, None
+    return f"{job.state} (restarts {job.restart_count}, nodes {','.join(job.nodes) or '-'})", job.comment
 
 
 def job_status(jobid: str, store: str | None, images: str | None, as_json: bool = False) -> str:
@@ -50,7 +51,14 @@ def job_status(jobid: str, store: str | None, images: str | None, as_json: bool 
         from .store import Store
         root = Path(store)
         if not root.is_dir():
-            raise HpcckptError(f"store {store} does not exist")
+            slurm, comment = _slurm_state(jobid)
+            if slurm is None:
+                raise HpcckptError(f"store {store} does not exist")
+            if as_json:
+                return json.dumps({"job": job_name(jobid), "slurm": slurm, "comment": comment,
+                                   "checkpoints": [], "run": None, "store": "missing"}, indent=1)
+            return "\n".join([f"job {job_name(jobid)}: Slurm {slurm}", f"  store {store} does not exist"]
+                             + ([f"  Slurm comment: {comment}"] if comment else []))
         name = job_name(jobid)
         st = Store(root)
         status_path = st.job_dir(name) / STATUS_FILE
@@ -65,12 +73,14 @@ def job_status(jobid: str, store: str | None, images: str | None, as_json: bool 
             checkpoints.append({"seq": int(p.name[5:]) if p.name[5:].isdigit() else -1, "generation": None,
                                 "time": p.stat().st_mtime, "host": None, "path": str(p)})
     run = read_status(status_path)
-    slurm = _slurm_state(jobid)
+    slurm, comment = _slurm_state(jobid)
     if as_json:
-        return json.dumps({"job": name, "slurm": slurm, "checkpoints": checkpoints,
+        return json.dumps({"job": name, "slurm": slurm, "comment": comment, "checkpoints": checkpoints,
                            "run": asdict(run) if run else None}, indent=1)
     now = time.time()
     lines = [f"job {name}" + (f": Slurm {slurm}" if slurm else "")]
+    if comment:
+        lines.append(f"  Slurm comment: {comment}")
     if run is None:
         lines.append(f"  no status file ({status_path}): hpcckpt run has not started for this job here")
     else:

@@ -414,20 +414,39 @@ def finish(t, p: pb.Process, local_copy) -> None:
 
 # -- checks before a restore touches anything ------------------------------------------
 
-def _bound_here(k: pb.Socket) -> int:
-    """Inode of a socket of this node on the same port and protocol, 0 if none."""
-    tcp = k.type == socket.SOCK_STREAM
-    for name in ("tcp", "tcp6") if tcp else ("udp", "udp6"):
+def _proc_net(*names: str):
+    """The split rows of /proc/net/NAME tables (header skipped; a table the kernel lacks,
+    e.g. without IPv6, is skipped)."""
+    for name in names:
         try:
             with open(f"/proc/net/{name}") as f:
                 next(f)
-                for line in f:
-                    x = line.split()
-                    port = int(x[1].rsplit(":", 1)[1], 16)
-                    if port == k.port and (not tcp or x[3] == "0A"):
-                        return int(x[9])
+                rows = [line.split() for line in f]
         except FileNotFoundError:
             continue
+        yield from rows
+
+
+def _holder_of(ino: int) -> tuple[str, str, str] | None:
+    """(pid, comm, fd) of a process holding socket inode `ino`, None if none we can see."""
+    target = f"socket:[{ino}]"
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{name}/fd"):
+                if os.readlink(f"/proc/{name}/fd/{fd}") == target:
+                    with open(f"/proc/{name}/comm") as f:
+                        return name, f.read().strip(), fd
+        except OSError:
+            continue
+    return None
+
+
+def _bound_here(k: pb.Socket) -> int:
+    """Inode of a socket of this node on the same port and protocol, 0 if none."""
+    tcp = k.type == socket.SOCK_STREAM
+    for x in _proc_net(*(("tcp", "tcp6") if tcp else ("udp", "udp6"))):
+        if int(x[1].rsplit(":", 1)[1], 16) == k.port and (not tcp or x[3] == "0A"):
+            return int(x[9])
     return 0
 
 
@@ -435,18 +454,10 @@ def holder(k: pb.Socket) -> str:
     ino = _bound_here(k)
     if not ino:
         return ""
-    target = f"socket:[{ino}]"
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            for fd in os.listdir(f"/proc/{name}/fd"):
-                if os.readlink(f"/proc/{name}/fd/{fd}") == target:
-                    with open(f"/proc/{name}/comm") as f:
-                        return f" (port {k.port} is held by process {name}, {f.read().strip()})"
-        except OSError:
-            continue
-    return f" (port {k.port} is held by {target}, of a process we cannot see)"
+    h = _holder_of(ino)
+    if h is None:
+        return f" (port {k.port} is held by socket:[{ino}], of a process we cannot see)"
+    return f" (port {k.port} is held by process {h[0]}, {h[1]})"
 
 
 def _proc_addr(text: str) -> tuple[str, int]:
@@ -459,66 +470,34 @@ def _proc_addr(text: str) -> tuple[str, int]:
 def _peer_by_inode(ino: int):
     """The remote end /proc/net/tcp{,6} shows for socket `ino` (getpeername fails before
     the handshake ends), None if not found."""
-    for name in ("tcp", "tcp6"):
-        try:
-            with open(f"/proc/net/{name}") as f:
-                next(f)
-                for line in f:
-                    x = line.split()
-                    if x[9] == str(ino):
-                        return _proc_addr(x[2])
-        except (FileNotFoundError, ValueError):
-            continue
+    for x in _proc_net("tcp", "tcp6"):
+        if x[9] == str(ino):
+            return _proc_addr(x[2])
     return None
 
 
 def _unaccepted(port: int) -> list[tuple[str, int]]:
     """Peers of connections to local `port` that no fd holds yet (inode 0: still in a
     listener's accept queue)."""
-    out = []
-    for name in ("tcp", "tcp6"):
-        try:
-            with open(f"/proc/net/{name}") as f:
-                next(f)
-                for line in f:
-                    x = line.split()
-                    if x[3] in ("01", "03") and x[9] == "0" and _proc_addr(x[1])[1] == port:
-                        out.append(_proc_addr(x[2]))
-        except (FileNotFoundError, ValueError):
-            continue
-    return out
+    return [_proc_addr(x[2]) for x in _proc_net("tcp", "tcp6")
+            if x[3] in ("01", "03") and x[9] == "0" and _proc_addr(x[1])[1] == port]
 
 
 def _connection_here(k: pb.Socket) -> int:
     """Inode of a socket of this node holding the same connection (4-tuple), 0 if none;
     -1 when one exists but no socket holds it any more (TIME_WAIT and the like)."""
-    want = {(k.address, k.port, k.peer_address, k.peer_port)}
-    for name in ("tcp", "tcp6"):
-        try:
-            with open(f"/proc/net/{name}") as f:
-                next(f)
-                for line in f:
-                    x = line.split()
-                    if (*_proc_addr(x[1]), *_proc_addr(x[2])) in want:
-                        return int(x[9]) or -1
-        except (FileNotFoundError, ValueError):
-            continue
+    want = (k.address, k.port, k.peer_address, k.peer_port)
+    for x in _proc_net("tcp", "tcp6"):
+        if (*_proc_addr(x[1]), *_proc_addr(x[2])) == want:
+            return int(x[9]) or -1
     return 0
 
 
 def _connection_holder(ino: int) -> str:
     if ino < 0:
         return " (closing, no process holds it; wait for it to time out)"
-    target = f"socket:[{ino}]"
-    for name in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            for fd in os.listdir(f"/proc/{name}/fd"):
-                if os.readlink(f"/proc/{name}/fd/{fd}") == target:
-                    with open(f"/proc/{name}/comm") as f:
-                        return f" (held by process {name}, {f.read().strip()}, fd {fd})"
-        except OSError:
-            continue
-    return f" ({target})"
+    h = _holder_of(ino)
+    return f" (held by process {h[0]}, {h[1]}, fd {h[2]})" if h else f" (socket:[{ino}])"
 
 
 CAP_NET_BIND_SERVICE = 10

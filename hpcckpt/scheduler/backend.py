@@ -40,6 +40,11 @@ class SchedulerBackend(Protocol):
         """Put a running job back in the queue (its next run has restart_count + 1)."""
         ...
 
+    def set_comment(self, job_id: int, text: str) -> None:
+        """Set the job's comment (its owner may): where `hpcckpt status` finds an error
+        when the job's store itself is unusable."""
+        ...
+
     def cancel(self, job_id: int, signal: str | int | None = None,
                batch_only: bool = False) -> None:
         """Cancel the job, or with ``signal`` only send it that signal.

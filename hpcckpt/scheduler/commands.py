@@ -96,6 +96,9 @@ class CommandsBackend:
     def requeue(self, job_id: int) -> None:
         self._run(["scontrol", "requeue", str(job_id)], job_id)
 
+    def set_comment(self, job_id: int, text: str) -> None:
+        self._run(["scontrol", "update", f"JobId={job_id}", f"Comment={text}"], job_id)
+
     def cancel(self, job_id: int, signal: str | int | None = None,
                batch_only: bool = False) -> None:
         if signal is None and not batch_only:

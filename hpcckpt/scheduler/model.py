@@ -56,6 +56,7 @@ class Job:
     requeue: bool | None = None
     work_dir: str | None = None
     standard_output: str | None = None
+    comment: str | None = None      # free text; hpcckpt puts its errors here
 
     @property
     def is_final(self) -> bool:

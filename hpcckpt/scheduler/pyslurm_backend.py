@@ -140,6 +140,10 @@ class PyslurmBackend:
     def requeue(self, job_id: int) -> None:
         self._call("requeue", job_id, lambda: self._ps.Job(job_id).requeue())
 
+    def set_comment(self, job_id: int, text: str) -> None:
+        self._call("set comment", job_id,
+                   lambda: self._ps.Job(job_id).modify(self._ps.JobSubmitDescription(comment=text)))
+
     def cancel(self, job_id: int, signal: str | int | None = None,
                batch_only: bool = False) -> None:
         job = self._ps.Job(job_id)
@@ -185,4 +189,5 @@ def _to_job(j: Any) -> Job:
         requeue=getattr(j, "is_requeueable", None),
         work_dir=getattr(j, "working_directory", None),
         standard_output=getattr(j, "standard_output", None),
+        comment=getattr(j, "comment", None) or None,
     )

@@ -57,6 +57,7 @@ def job_from_record(rec: dict[str, str]) -> Job:
         requeue=_bool(rec.get("Requeue")),
         work_dir=_opt(rec.get("WorkDir")),
         standard_output=_opt(rec.get("StdOut")),
+        comment=_opt(rec.get("Comment")),
     )
 
 

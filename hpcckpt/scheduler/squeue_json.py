@@ -52,6 +52,7 @@ def job_from_json(d: dict[str, Any]) -> Job:
         requeue=d.get("requeue"),
         work_dir=d.get("current_working_directory") or None,
         standard_output=_expand_pattern(d.get("standard_output"), d),
+        comment=d.get("comment") or None,
     )
 
 

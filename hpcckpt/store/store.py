@@ -97,6 +97,22 @@ class Store:
             state.save(self.job_dir(job))
             return state.generation
 
+    def claim_generation(self, job: str, generation: int) -> None:
+        """A run of generation `generation` starts (Slurm's restart count): fence older
+        writers from now on, not only from its first checkpoint, so a stale copy cannot
+        publish while the new run is still restoring. A stale caller gets the error."""
+        with self.job_lock(job):
+            self._fence(job, self.state(job), generation, None, "start")
+
+    def _fence(self, job: str, state: JobState, generation: int, parent: int | None, action: str) -> None:
+        """Under the job lock: refuse an older generation, record a newer one."""
+        if state.generation > generation:
+            raise self.stale_error(job, generation, state, action)
+        if generation > state.generation:
+            state.generation, state.generation_time = generation, time.time()
+            state.generation_host = Owner.me(generation, parent).host
+            state.save(self.job_dir(job))
+
     def begin(self, job: str, generation: int, parent: int | None = None) -> Writer:
         """Start a checkpoint of `job`; the engine writes into the returned Writer's `path`.
 
@@ -109,12 +125,7 @@ class Store:
         job_dir.mkdir(exist_ok=True)
         with self.job_lock(job):
             state = self.state(job)
-            if state.generation > generation:
-                raise self.stale_error(job, generation, state, "begin a checkpoint")
-            if generation > state.generation:
-                state.generation, state.generation_time = generation, time.time()
-                state.generation_host = Owner.me(generation, parent).host
-                state.save(job_dir)
+            self._fence(job, state, generation, parent, "begin a checkpoint")
             self._recover_replaced(job)
             self._repair_lag(job, state)
             clean_dead(job_dir, self.stale_staging_after)
