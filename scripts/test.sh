@@ -5,4 +5,4 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$here/scripts/setup.sh"
 cd "$here"
-exec "$here/.venv/bin/python" -m pytest -ra --timeout=600 "$@" tests
+exec "$here/.venv/bin/python" -m pytest -ra --durations=25 --timeout=600 "$@" tests
