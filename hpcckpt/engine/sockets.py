@@ -17,6 +17,7 @@ connecting or reset ones are refused naming the addresses and the state.
 import fcntl
 import os
 import socket
+import stat
 import struct
 import termios
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ SCM_RIGHTS = 1
 TYPE_NAMES = {1: "stream", 2: "datagram", 3: "raw", 4: "rdm", 5: "seqpacket", 10: "packet"}
 FAMILY_NAMES = {1: "unix", 2: "IPv4", 10: "IPv6", 16: "netlink", 17: "packet"}
 ANC_SPACE = socket.CMSG_SPACE(253 * 4)
+AT_FDCWD = -100
 
 
 def _dup(pid: int, fd: int) -> socket.socket:
@@ -75,13 +77,28 @@ def _fmt(addr) -> str:
     return repr(addr)
 
 
-def _peek(s: socket.socket, stream: bool, where: str) -> list[bytes]:
-    """The receive queue, message by message, left in place."""
+def _passed_file(x: int, where: str) -> pb.PassedFile:
+    """What a file passed in flight is (our duplicate `x`, from a peek): only what can be
+    opened by path again (a regular file, directory or device) is taken."""
+    mode, target = os.fstat(x).st_mode, os.readlink(f"/proc/self/fd/{x}")
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISCHR(mode)) \
+            or not target.startswith("/") or target.endswith(" (deleted)"):
+        raise UnsupportedError(f"{where} has {target} in flight (passed with SCM_RIGHTS, not yet received); "
+                               "only files, directories and devices can be checkpointed in flight")
+    with open(f"/proc/self/fdinfo/{x}") as f:
+        info = dict(line.split(":", 1) for line in f if ":" in line)
+    return pb.PassedFile(path=target, flags=int(info["flags"], 8) & ~os.O_CLOEXEC, pos=int(info["pos"]))
+
+
+def _peek(s: socket.socket, stream: bool, where: str) -> tuple[list[bytes], list[pb.InFlight]]:
+    """The receive queue, message by message, left in place, with the files passed along
+    (a stream's chunks are kept apart then: each goes back with its own sendmsg)."""
     inq = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.FIONREAD, b"\0" * 4))[0]
     size = max(inq, s.getsockopt(SOL_SOCKET, SO_RCVBUF), 1 << 16)
     old = s.getsockopt(SOL_SOCKET, SO_PEEK_OFF)
     s.setsockopt(SOL_SOCKET, SO_PEEK_OFF, 0)
     out: list[bytes] = []
+    flight: list[pb.InFlight] = []
     try:
         while True:
             try:
@@ -91,18 +108,20 @@ def _peek(s: socket.socket, stream: bool, where: str) -> list[bytes]:
             for level, kind, payload in anc:
                 if level == SOL_SOCKET and kind == SCM_RIGHTS:
                     fds = struct.unpack(f"{len(payload) // 4}i", payload[:len(payload) // 4 * 4])
-                    for x in fds:
-                        os.close(x)
-                    raise UnsupportedError(f"{where} has file descriptors in flight (SCM_RIGHTS) "
-                                           "in its queue; hpcckpt cannot checkpoint passed fds yet")
-            if flags & socket.MSG_TRUNC:
-                raise UnsupportedError(f"{where} holds a message larger than {size} bytes")
+                    try:
+                        flight.append(pb.InFlight(message=len(out), files=[_passed_file(x, where) for x in fds]))
+                    finally:
+                        for x in fds:
+                            os.close(x)
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise UnsupportedError(f"{where} holds a message larger than {size} bytes (or with more "
+                                       "passed fds than one message may carry)")
             if stream and not data:
                 break
             out.append(data)
     finally:
         s.setsockopt(SOL_SOCKET, SO_PEEK_OFF, old)
-    return [b"".join(out)] if stream and out else out
+    return ([b"".join(out)] if stream and out and not flight else out), flight
 
 
 def describe(e: pb.Fd, pid: int, ino: int, descs, first: bool) -> None:
@@ -144,7 +163,9 @@ def _unix(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: s
                                "tree holds; only unix sockets with both ends in the tree are supported")
     k.pair_id, k.end, k.shutdown = min(ino, u.peer), int(ino > u.peer), u.shutdown
     if first:
-        k.queue.extend(_peek(s, k.type == socket.SOCK_STREAM, where))
+        queue, flight = _peek(s, k.type == socket.SOCK_STREAM, where)
+        k.queue.extend(queue)
+        k.in_flight.extend(flight)
 
 
 def _inet(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: str) -> None:
@@ -270,7 +291,8 @@ def create(t, e: pb.Fd, pairs: dict[int, Pair], local_copy) -> int:
         fd = t.take_fd(pair.owner, pair.ends[k.end])
         _buffers(t, fd, k)
         if k.queue:
-            _refill(local_copy(pair.owner, pair.ends[1 - k.end]), k, where)
+            _refill(local_copy(pair.owner, pair.ends[1 - k.end]), k, where,
+                    lambda f: _open_passed(t, f, local_copy, where))
         t.sys("fcntl", fd, F_SETFL, e.flags & O_NONBLOCK)
         return fd
     fd = t.sys("socket", k.family, k.type | (SOCK_NONBLOCK if e.flags & O_NONBLOCK else 0), k.protocol)
@@ -376,20 +398,48 @@ def cleanup(restoring: "Restoring") -> list[str]:
     return notes
 
 
-def _refill(local: int, k: pb.Socket, where: str) -> None:
-    """Send the saved queue of one end through its peer (our duplicate `local`)."""
+def _open_passed(t, f: pb.PassedFile, local_copy, where: str) -> int:
+    """A file passed in flight, opened again by the target (so with the image owner's file
+    credentials), as our fd; its position set on the shared description."""
+    flags = f.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC) | os.O_CLOEXEC
+    fd = t.sys("openat", AT_FDCWD, t.cstr(f.path), flags, check=False)
+    if fd < 0:
+        raise RestoreError(f"{where}: cannot open {f.path}, passed in flight in the socket's queue: "
+                           f"{os.strerror(-fd)}")
+    try:
+        local = local_copy(t, fd)
+    finally:
+        t.sys("close", fd)
+    if f.pos:
+        os.lseek(local, f.pos, os.SEEK_SET)
+    return local
+
+
+def _refill(local: int, k: pb.Socket, where: str, open_passed) -> None:
+    """Send the saved queue of one end through its peer (our duplicate `local`), with the
+    files that were in flight attached to their messages again."""
     s = socket.socket(fileno=local)
+    passed = {m.message: m.files for m in k.in_flight}
     try:
         total = sum(len(m) for m in k.queue)
         if total > s.getsockopt(SOL_SOCKET, SO_SNDBUF) // 2:
             s.setsockopt(SOL_SOCKET, SO_SNDBUFFORCE, total * 2 + (1 << 16))
-        for m in k.queue:
+        for i, m in enumerate(k.queue):
             view = memoryview(m)
-            while True:
-                n = s.send(view, socket.MSG_DONTWAIT)
-                if k.type != socket.SOCK_STREAM or n == len(view):
-                    break
-                view = view[n:]
+            fds = [open_passed(f) for f in passed.get(i, ())]
+            try:
+                while True:
+                    anc = [(SOL_SOCKET, SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
+                    n = s.sendmsg([view], anc, socket.MSG_DONTWAIT)
+                    fds_sent, fds = fds, []
+                    for x in fds_sent:
+                        os.close(x)
+                    if k.type != socket.SOCK_STREAM or n == len(view):
+                        break
+                    view = view[n:]
+            finally:
+                for x in fds:
+                    os.close(x)
     except OSError as ex:
         raise RestoreError(f"{where}: cannot give the socket its {len(k.queue)} queued "
                            f"message(s) back: {ex.strerror}") from None

@@ -82,6 +82,8 @@ def validate(where: str, p: pb.Process, pm: pb.Pagemap, pages_size: int) -> None
             _fail(where, f"fd {f.fd} names data file {f.data_file!r} outside the image")
         if f.kind == pb.SOCKET and f.socket.HasField("tcp"):
             _tcp(where, f.fd, f.socket)
+        if f.kind == pb.SOCKET and f.socket.in_flight:
+            _in_flight(where, f.fd, f.socket)
     for a in p.sigactions:
         if not 1 <= a.signo <= 64:
             _fail(where, f"signal handler for signal {a.signo}")
@@ -94,6 +96,21 @@ def validate(where: str, p: pb.Process, pm: pb.Pagemap, pages_size: int) -> None
         _fail(where, f"auxv of {len(mm.auxv)} bytes")
     if not mm.exe.startswith("/") or not p.cwd.startswith("/"):
         _fail(where, f"exe {mm.exe!r} or cwd {p.cwd!r} is not an absolute path")
+
+
+SCM_MAX_FD = 253
+O_CREAT, O_EXCL, O_TRUNC = 0o100, 0o200, 0o1000
+
+
+def _in_flight(where: str, fd: int, k: pb.Socket) -> None:
+    """Passed files: attached to messages that exist, as many as the kernel allows, by
+    absolute path, never asking the restore to create or truncate anything."""
+    for m in k.in_flight:
+        if m.message >= len(k.queue) or not 0 < len(m.files) <= SCM_MAX_FD:
+            _fail(where, f"fd {fd}: {len(m.files)} passed file(s) on message {m.message} of {len(k.queue)}")
+        for pf in m.files:
+            if not pf.path.startswith("/") or "\0" in pf.path or pf.flags & (O_CREAT | O_EXCL | O_TRUNC):
+                _fail(where, f"fd {fd}: passed file {pf.path!r} (flags {pf.flags:o})")
 
 
 TTY_INDEX_MAX = 1 << 20

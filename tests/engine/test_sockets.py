@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from .helpers import PROGRAMS, Job, cli, reference
 from .test_trees import interrupt_and_resume
 
@@ -108,3 +110,18 @@ def test_established_tcp_refused_naming_connection(tmp_path):
         assert fd
     finally:
         job.kill()
+
+
+@pytest.mark.parametrize("mode", ["stream", "dgram"])
+def test_files_in_flight_are_passed_after_restore(tmp_path, mode):
+    """Files passed with SCM_RIGHTS and not yet received at the checkpoint arrive after
+    the resume, each open at the position its sender left."""
+    data = tmp_path / "data.bin"
+    data.write_bytes(bytes(range(256)) * 8)
+    cmd = [sys.executable, PROGRAMS / "passfd.py", mode, 40, 0.05, data]
+    ref = reference(cmd, tmp_path / "ref.txt")
+    out = tmp_path / "stdout.txt"
+    said = interrupt_and_resume(tmp_path, cmd, lambda: out.exists() and out.read_bytes().count(b"\n") >= 10)
+    assert out.read_bytes() == ref
+    assert ref.endswith(b"done 0\n")
+    assert "in flight" not in said
