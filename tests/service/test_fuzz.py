@@ -129,7 +129,19 @@ def test_daemon_survives_garbage(daemon):
     assert Client(sock).status().ok
 
 
+def _in_flight(p: pb.Process, message: int, path: str, flags: int = 0) -> None:
+    """fd 0 made a unix socket with one queued message and a file passed with message `message`."""
+    f = p.fds[0]
+    f.kind = pb.SOCKET
+    f.socket.family, f.socket.type = 1, 1
+    f.socket.queue.append(b"x")
+    f.socket.in_flight.add(message=message).files.add(path=path, flags=flags)
+
+
 @pytest.mark.parametrize("craft, message", [
+    (lambda p, pm: _in_flight(p, 0, "etc/shadow"), "passed file 'etc/shadow'"),
+    (lambda p, pm: _in_flight(p, 0, "/etc/motd", 0o1101), "passed file '/etc/motd'"),
+    (lambda p, pm: _in_flight(p, 3, "/etc/motd"), "passed file.* on message 3 of 1"),
     (lambda p, pm: setattr(p.mm.vmas[0], "start", 0xFFFF888000000000), "not page-aligned or is empty"),
     (lambda p, pm: setattr(p.mm.vmas[1], "end", 0xFFFF888000000000), "outside user space"),
     (lambda p, pm: setattr(p.mm.vmas[2], "start", p.mm.vmas[1].start), "overlaps"),
