@@ -216,7 +216,7 @@ def _inet(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: s
     if peer is not None:
         k.peer_address, k.peer_port = peer[0], peer[1]
     if first:
-        dropped = _peek(s, False, where)
+        dropped, _ = _peek(s, False, where)   # (UDP carries no files)
         if dropped:
             descs.notes.append(f"{where} on {_fmt(name)}: {len(dropped)} queued datagram(s) "
                                "dropped (their senders' addresses cannot be given back)")

@@ -49,7 +49,8 @@ def test_listening_tcp_and_udp_serve_after_restore(tmp_path):
         assert _ask_tcp(t4, "before") == "tcp echo BEFORE"
         assert _ask_udp(u, "one") == "udp echo ONE"
         job.wait_lines(3)
-        cli("dump", "--pid", job.pid, "--images", tmp_path / "img")
+        said = cli("dump", "--pid", job.pid, "--images", tmp_path / "img")
+        assert "dropped" not in said.stdout + said.stderr   # nothing was queued
         job.proc.wait(timeout=10)
         rest = subprocess.Popen([sys.executable, "-m", "hpcckpt.cli", "restore", "--images", tmp_path / "img"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
