@@ -155,6 +155,11 @@ def _unix(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: s
     if u.state == sockdiag.TCP_LISTEN:
         unixlisten.describe(k, unixlisten.absolute(u, pid), u.rqueue, where)
         return
+    table = unix_table(descs)
+    one_way = bool(u.peer) and u.peer in table and table[u.peer].peer != ino
+    if k.type == socket.SOCK_DGRAM and (not u.peer or one_way):
+        _named_dgram(k, s, u, pid, descs, first, where)
+        return
     if not u.peer:
         raise UnsupportedError(f"{where}{' bound to ' + repr(name) if name else ''} is not connected "
                                "to a peer (or its peer closed); only connected pairs can be checkpointed")
@@ -166,6 +171,30 @@ def _unix(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: s
         queue, flight = _peek(s, k.type == socket.SOCK_STREAM, where)
         k.queue.extend(queue)
         k.in_flight.extend(flight)
+
+
+def _named_dgram(k: pb.Socket, s: socket.socket, u, pid: int, descs, first: bool, where: str) -> None:
+    """A datagram socket outside any pair: bound to a name others send to, and/or connected
+    one way to a named socket of the tree. Restored by bind and (after every fd) connect."""
+    if u.name:
+        unixlisten.bound_name(k, unixlisten.absolute(u, pid), where)
+    if u.peer:
+        peer = unix_table(descs)[u.peer]
+        name = unixlisten.absolute(peer, pid)
+        if u.peer not in tree_sockets(descs) or not name.startswith((b"/", b"\0")):
+            raise UnsupportedError(f"{where} is connected to {name!r}, a socket outside the tree (or "
+                                   "not reachable by name from here); only its own sockets can be reconnected")
+        k.peer_address = os.fsdecode(name)
+    if first:
+        queue, flight = _peek(s, False, where)
+        if queue and not k.address:
+            raise UnsupportedError(f"{where} has {len(queue)} datagram(s) queued but no name to send "
+                                   "them to again on restore")
+        k.queue.extend(queue)
+        k.in_flight.extend(flight)
+        if queue:
+            descs.notes.append(f"{where} ({k.address!r}): {len(queue)} queued datagram(s) kept; "
+                               "their senders' names are not")
 
 
 def _inet(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: str) -> None:
@@ -277,6 +306,12 @@ def create(t, e: pb.Fd, pairs: dict[int, Pair], local_copy) -> int:
     where = f"process {t.ns_pid} fd {e.fd}"
     if k.family == socket.AF_UNIX and k.listening:
         return unixlisten.create(t, e)
+    if unixlisten.named_dgram(k):
+        fd = unixlisten.create(t, e)
+        if k.queue:   # sent again to its name, from a socket of ours
+            _refill(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).detach(), k, where,
+                    lambda f: _open_passed(t, f, local_copy, where), to=os.fsencode(k.address))
+        return fd
     if k.family == socket.AF_UNIX:
         if k.pair_id not in pairs:
             sv = t.put(bytes(8))
@@ -415,7 +450,7 @@ def _open_passed(t, f: pb.PassedFile, local_copy, where: str) -> int:
     return local
 
 
-def _refill(local: int, k: pb.Socket, where: str, open_passed) -> None:
+def _refill(local: int, k: pb.Socket, where: str, open_passed, to: bytes | None = None) -> None:
     """Send the saved queue of one end through its peer (our duplicate `local`), with the
     files that were in flight attached to their messages again."""
     s = socket.socket(fileno=local)
@@ -430,7 +465,7 @@ def _refill(local: int, k: pb.Socket, where: str, open_passed) -> None:
             try:
                 while True:
                     anc = [(SOL_SOCKET, SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
-                    n = s.sendmsg([view], anc, socket.MSG_DONTWAIT)
+                    n = s.sendmsg([view], anc, socket.MSG_DONTWAIT, *([to] if to else []))
                     fds_sent, fds = fds, []
                     for x in fds_sent:
                         os.close(x)
@@ -448,7 +483,16 @@ def _refill(local: int, k: pb.Socket, where: str, open_passed) -> None:
 
 
 def finish(t, p: pb.Process, local_copy) -> None:
-    """Once every fd is in place and every queue refilled: shut down what was shut down."""
+    """Once every fd is in place and every queue refilled: datagram sockets connect to the
+    names they were connected to (bound by now, whichever process holds them); then shut
+    down what was shut down."""
+    for e in p.fds:
+        if e.kind == pb.SOCKET and unixlisten.named_dgram(e.socket) and e.socket.peer_address:
+            sa = unixlisten.sockaddr(e.socket.peer_address)
+            res = t.sys("connect", e.fd, t.put(sa), len(sa), check=False)
+            if res < 0:
+                raise RestoreError(f"process {p.pid} fd {e.fd}: cannot connect to unix socket "
+                                   f"{e.socket.peer_address!r} again: {os.strerror(-res)}")
     for e in p.fds:
         if e.kind == pb.SOCKET and e.socket.shutdown:
             how = {1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}[e.socket.shutdown & 3]

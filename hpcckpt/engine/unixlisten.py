@@ -1,4 +1,5 @@
-"""Listening unix sockets bound to a name (a tmux or screen server's socket).
+"""Unix sockets bound to a name: listening ones (a tmux or screen server's socket) and
+datagram ones others send to (a log or a job server's socket).
 
 Dump: the name (a path, or an abstract name starting with NUL), the socket file's mode
 (tmux keeps state in its execute bits), and a refusal if connections wait in the accept
@@ -46,11 +47,22 @@ def describe(k: pb.Socket, name: bytes, pending: int, where: str) -> None:
     if pending:
         raise UnsupportedError(f"{where} listening on {name!r} has {pending} connection(s) waiting "
                                "to be accepted; they cannot be checkpointed yet")
-    abstract = name.startswith(b"\0")
-    if not abstract:
+    bound_name(k, name, where)
+    k.listening = True
+    k.backlog = socket.SOMAXCONN      # sock_diag does not say; the backlog changes nothing seen
+
+
+def named_dgram(k: pb.Socket) -> bool:
+    """A unix datagram socket outside any pair (bound, or connected one way to a name)."""
+    return k.family == socket.AF_UNIX and k.type == socket.SOCK_DGRAM and not k.pair_id and not k.listening
+
+
+def bound_name(k: pb.Socket, name: bytes, where: str) -> None:
+    """Record the name a socket is bound to (path or abstract) with its file's mode."""
+    if not name.startswith(b"\0"):
         name = name.rstrip(b"\0")
         if not name.startswith(b"/"):
-            raise UnsupportedError(f"{where} listens on the relative path {name!r}, which its working "
+            raise UnsupportedError(f"{where} is bound to the relative path {name!r}, which its working "
                                    "directory no longer leads to; bind to an absolute path")
         try:
             st = os.lstat(name)
@@ -59,15 +71,18 @@ def describe(k: pb.Socket, name: bytes, pending: int, where: str) -> None:
         except FileNotFoundError:
             pass
     k.address = os.fsdecode(name)
-    k.listening = True
-    k.backlog = socket.SOMAXCONN      # sock_diag does not say; the backlog changes nothing seen
 
 
 def check(pid: int, fds: list[pb.Fd]) -> None:
     """Before a restore: no live server answers on any name we are to bind."""
     for e in fds:
         k = e.socket
-        if e.kind != pb.SOCKET or k.family != socket.AF_UNIX or not k.listening:
+        if e.kind != pb.SOCKET or k.family != socket.AF_UNIX:
+            continue
+        if named_dgram(k) and k.peer_address and (not k.peer_address.startswith(("/", "\0"))
+                                                  or "\0" in k.peer_address[1:]):
+            raise ImageError(f"image is invalid: process {pid} fd {e.fd}: unix peer name {k.peer_address!r}")
+        if not (k.listening or (named_dgram(k) and k.address)):
             continue
         if k.unix_mode & ~0o777 or not k.address or "\0" in k.address[1:]:
             raise ImageError(f"image is invalid: process {pid} fd {e.fd}: unix socket name "
@@ -84,9 +99,11 @@ def check(pid: int, fds: list[pb.Fd]) -> None:
 
 
 def create(t, e: pb.Fd) -> int:
-    """The listening socket of `e` in target `t` (restore.Target)."""
+    """The listening or named datagram socket of `e` in target `t` (restore.Target)."""
     k = e.socket
     where = f"process {t.ns_pid} fd {e.fd}"
+    if not k.address:          # a datagram socket connected one way, never bound: connect() comes later
+        return t.sys("socket", socket.AF_UNIX, k.type | (SOCK_NONBLOCK if e.flags & O_NONBLOCK else 0), 0)
     name = os.fsencode(k.address)
     abstract = name.startswith(b"\0")
     if not abstract:
@@ -103,5 +120,11 @@ def create(t, e: pb.Fd) -> int:
         raise RestoreError(f"{where}: cannot bind unix socket {k.address!r} again: {os.strerror(-res)}")
     if k.unix_mode and not abstract:
         t.sys("fchmodat", AT_FDCWD, t.cstr(k.address), k.unix_mode, 0, check=False)
-    t.sys("listen", fd, k.backlog or socket.SOMAXCONN)
+    if k.listening:
+        t.sys("listen", fd, k.backlog or socket.SOMAXCONN)
     return fd
+
+
+def sockaddr(name: str) -> bytes:
+    raw = os.fsencode(name)
+    return struct.pack("<H", socket.AF_UNIX) + raw + (b"" if raw.startswith(b"\0") else b"\0")

@@ -126,3 +126,17 @@ def test_files_in_flight_are_passed_after_restore(tmp_path, mode):
     assert out.read_bytes() == ref
     assert ref.endswith(b"done 0\n")
     assert "in flight" not in said
+
+
+def test_named_datagram_server_and_its_client(tmp_path):
+    """A datagram socket bound to a path (records queued in it at the checkpoint) and a
+    client connected to it one way: bound and connected again, nothing lost or repeated."""
+    cmd = [sys.executable, PROGRAMS / "dgram_named.py", "log.sock", 40, 0.05]
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    ref = reference(["bash", "-c", f"cd {ref_dir} && {' '.join(map(str, cmd))}"], ref_dir / "out.txt")
+    out = tmp_path / "stdout.txt"
+    # the client sends twice as fast as the server takes: ~10 records are queued by then
+    interrupt_and_resume(tmp_path, cmd, lambda: out.exists() and out.read_bytes().count(b"\n") >= 10)
+    assert out.read_bytes() == ref
+    assert b"done 0 " in ref
