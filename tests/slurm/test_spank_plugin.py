@@ -5,8 +5,11 @@ requeued or preempted job resumes from its newest checkpoint and its Slurm outpu
 in Slurm's default truncate mode, holds every line once."""
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -121,3 +124,43 @@ def test_bad_schedule_runs_the_job_and_says_why(backend, cluster, site_store, tm
     st = subprocess.run([str(HPCCKPT), "status", str(job), "--store", str(site_store)], capture_output=True,
                         text=True, check=True).stdout
     assert "error: unknown schedule 'fortnightly'" in st, st
+
+
+def test_plugin_user_job_requeued_resumes(backend: CommandsBackend, cluster, plugin, user_env, tmp_path):
+    """An ordinary user's `#SBATCH --checkpoint` job (sbatch --uid 65534): the plugin's
+    wrapper runs hpcckpt as the user, rootless; requeued, it resumes exactly."""
+    nobody = 65534
+    home = Path(tempfile.mkdtemp(prefix="hpcckpt-spank-user-", dir="/tmp"))
+    try:
+        os.chown(home, nobody, nobody)
+        store = home / "site-store"
+        store.mkdir(mode=0o1777)
+        store.chmod(0o1777)                     # the site's store: each job makes its own dir
+        wrapper = user_env.root / "hpcckpt-cli"
+        wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={user_env.root} exec {user_env.python} -m hpcckpt.cli \"$@\"\n")
+        wrapper.chmod(0o755)
+        spank_exec = user_env.root / "hpcckpt-spank-exec"
+        shutil.copy(REPO / "slurm_plugin" / "hpcckpt-spank-exec", spank_exec)
+        spank_exec.chmod(0o755)
+        PLUGSTACK.write_text(f"required {plugin} store={store} hpcckpt={wrapper} exec={spank_exec}\n")
+        body = (f"echo start\n{user_env.python} {user_env.program('compute.py')} {STEPS} {PAUSE}\necho end\n")
+        ref = subprocess.run(["bash", "-c", body], capture_output=True, check=True, timeout=120).stdout
+        out = home / "user.out"
+        job = backend.submit(JobSubmitDescription(
+            script=f"#!/bin/bash\n#SBATCH --checkpoint=every=1s\n{body}", name="spank-user", output=str(out),
+            requeue=True, time_limit=10, work_dir=str(home), extra_options=[f"--uid={nobody}", f"--gid={nobody}"]))
+        backend.wait_state(job, {"RUNNING"}, timeout=30)
+        wait_for_line(out, "step 15 ", timeout=60)
+        deadline = time.monotonic() + 30
+        while len(list((store / f"slurm-{job}").glob("0*"))) < 2:
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.2)
+        backend.requeue(job)
+        backend.wait_state(job, {"COMPLETED"}, timeout=120, where=lambda j: j.restart_count >= 1)
+        text = out.read_text()
+        assert "resumed from" in text, text
+        assert job_lines(out) == ref, text
+        assert {p.stat().st_uid for p in (store / f"slurm-{job}").glob("0*")} == {nobody}
+    finally:
+        PLUGSTACK.write_text("")
+        shutil.rmtree(home, ignore_errors=True)
