@@ -51,6 +51,7 @@ class Arriving:
         """Return once `path` holds at least `end` bytes."""
         last, since = -1, time.monotonic()
         while True:
+            arrived = (self.path / ARRIVED).exists()   # first: bytes may land between the two looks
             try:
                 size = os.stat(path).st_size
             except FileNotFoundError:
@@ -59,7 +60,7 @@ class Arriving:
                 size = 0
             if size >= end:
                 return
-            if (self.path / ARRIVED).exists():
+            if arrived:
                 raise ImageError(f"{path} ended at {size} bytes; the image reads up to {end}")
             if size != last:
                 last, since = size, time.monotonic()
@@ -76,7 +77,7 @@ class Arriving:
         try:
             since = time.monotonic()
             while not path.exists():
-                if (self.path / ARRIVED).exists() or not self.path.is_dir():
+                if ((self.path / ARRIVED).exists() and not path.exists()) or not self.path.is_dir():
                     raise ImageError(f"image file {path} never arrived")
                 if time.monotonic() - since > IDLE_TIMEOUT:
                     raise ImageError(f"image file {path} did not arrive within {IDLE_TIMEOUT:g} s")
