@@ -334,13 +334,7 @@ def create(t, e: pb.Fd, pairs: dict[int, Pair], local_copy) -> int:
     if k.HasField("tcp"):
         return _connection(t, fd, k, pairs, local_copy, where)
     _setint(t, fd, SOL_SOCKET, SO_REUSEADDR, 1)
-    if k.reuseport:
-        _setint(t, fd, SOL_SOCKET, SO_REUSEPORT, 1)
-    if k.family == socket.AF_INET6:
-        _setint(t, fd, SOL_IPV6, IPV6_V6ONLY, int(k.v6only))
-    if k.nodelay:
-        _setint(t, fd, SOL_TCP, TCP_NODELAY, 1)
-    _buffers(t, fd, k)
+    _inet_options(t, fd, k)
     _setint(t, fd, SOL_SOCKET, SO_BUF_LOCK, k.buf_lock & 3, check=False)   # autotuning back on
     if k.address or k.port:
         sa = sockaddr(k.family, k.address, k.port)
@@ -359,6 +353,17 @@ def create(t, e: pb.Fd, pairs: dict[int, Pair], local_copy) -> int:
     return fd
 
 
+def _inet_options(t, fd: int, k: pb.Socket) -> None:
+    """The options every inet socket gets back before it is bound or connected."""
+    if k.reuseport:
+        _setint(t, fd, SOL_SOCKET, SO_REUSEPORT, 1)
+    if k.family == socket.AF_INET6:
+        _setint(t, fd, SOL_IPV6, IPV6_V6ONLY, int(k.v6only))
+    if k.nodelay:
+        _setint(t, fd, SOL_TCP, TCP_NODELAY, 1)
+    _buffers(t, fd, k)
+
+
 class Restoring(dict):
     """What a restore builds socket by socket: unix pairs by id (the dict), and the TCP
     connections made so far, in repair mode until `resume` once the whole tree is in place."""
@@ -372,13 +377,7 @@ class Restoring(dict):
 def _connection(t, fd: int, k: pb.Socket, pairs, local_copy, where: str) -> int:
     """An established TCP connection in target `t`'s new socket `fd`: options set by
     injection as for any inet socket, the connection itself through our duplicate."""
-    if k.reuseport:
-        _setint(t, fd, SOL_SOCKET, SO_REUSEPORT, 1)
-    if k.family == socket.AF_INET6:
-        _setint(t, fd, SOL_IPV6, IPV6_V6ONLY, int(k.v6only))
-    if k.nodelay:
-        _setint(t, fd, SOL_TCP, TCP_NODELAY, 1)
-    _buffers(t, fd, k)
+    _inet_options(t, fd, k)
     s = socket.socket(fileno=local_copy(t, fd))
     try:
         tcp.restore(s, k.family, (k.address, k.port), (k.peer_address, k.peer_port), k.tcp,
