@@ -19,7 +19,7 @@ setup(
         "lz4>=4.0",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "hypothesis"],
+        "test": ["pytest>=7", "pytest-timeout", "pytest-xdist", "hypothesis"],
         "bench": ["matplotlib"],   # benchmarks/*.py --png
         "slurm": ["pyslurm"],
     },

@@ -6,6 +6,7 @@ The venv is Debian's python3 with hpcckpt's dependencies, kept in /var/tmp acros
 from __future__ import annotations
 
 import ast
+import fcntl
 import hashlib
 import os
 import shutil
@@ -31,6 +32,13 @@ def _requirements() -> list[str]:
 
 
 def _venv() -> Path:
+    """Made once; test workers running in parallel wait for the one making it."""
+    with open(f"{VENV}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _make_venv()
+
+
+def _make_venv() -> Path:
     stamp = VENV / (".ok-" + hashlib.sha1((REPO / "setup.py").read_bytes()).hexdigest()[:12])
     if stamp.exists():
         return VENV / "bin" / "python"
