@@ -17,6 +17,7 @@ def _group(item: pytest.Item) -> str:
     return SLURM_GROUP if "/tests/slurm/" in path else path
 
 
+@pytest.hookimpl(tryfirst=True)   # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         item.add_marker(pytest.mark.xdist_group(_group(item)))

@@ -34,20 +34,20 @@ def test_cpython_program(tmp_path):
 
 def test_numpy_openblas_two_threads(tmp_path):
     env = dict(os.environ, OPENBLAS_NUM_THREADS="2")
-    ref, out = checkpoint_and_resume(tmp_path, [sys.executable, PROGRAMS / "blas.py", 40, 0.02], 10, env=env)
+    ref, out = checkpoint_and_resume(tmp_path, [sys.executable, PROGRAMS / "blas.py", 100, 0.02], 10, env=env)
     assert out == ref
 
 
 def test_pipe_deleted_file_offsets_and_handlers(tmp_path):
     data = tmp_path / "data.bin"
     data.write_bytes(bytes(range(256)) * 4)
-    ref, out = checkpoint_and_resume(tmp_path, [sys.executable, PROGRAMS / "pipes.py", 20, 0.08, data], 5)
+    ref, out = checkpoint_and_resume(tmp_path, [sys.executable, PROGRAMS / "pipes.py", 40, 0.08, data], 5)
     assert out == ref
     assert b"650 100 [12]" in out  # pipe bytes, deleted file content, handler ran
 
 
 def test_leave_running_then_restore_twice(tmp_path, threads_fp):
-    cmd = [threads_fp, 30, 2, 20]
+    cmd = [threads_fp, 100, 2, 20]
     ref = reference(cmd, tmp_path / "ref.txt")
     job = Job.start(cmd, tmp_path / "out.txt")
     job.wait_lines(8)

@@ -274,7 +274,7 @@ def test_cli_dump_track_mem_then_parent(tmp_path):
 
 
 def test_pre_dump_then_dump(tmp_path):
-    cmd = CHAIN + [30, 0.05, 16]
+    cmd = CHAIN + [60, 0.05, 16]
     ref = reference(cmd, tmp_path / "ref.txt")
     job = Job.start(cmd, tmp_path / "out.txt")
     job.wait_lines(3)
@@ -388,7 +388,7 @@ def test_cli_tracking_lost_when_the_job_was_restarted_after_pre_dump(tmp_path):
 def test_cli_pre_dump_of_a_process_tree(tmp_path):
     """A multiprocessing pool (3 processes): one holder keeps the tracking of all of them,
     the final dump takes it over for each, and the tree restores to the exact output."""
-    cmd = [sys.executable, PROGRAMS / "pool.py", 80, 0.05]
+    cmd = [sys.executable, PROGRAMS / "pool.py", 120, 0.05]
     ref = reference(cmd, tmp_path / "ref.txt")
     job = Job.start(cmd, tmp_path / "out.txt")
     job.wait_lines(10)
@@ -410,7 +410,7 @@ def test_cli_pre_dump_of_a_process_tree(tmp_path):
 
 
 def test_cli_pre_dump_and_dump_restore_to_the_uninterrupted_result(tmp_path):
-    cmd = CHAIN + [30, 0.05, 16]
+    cmd = CHAIN + [60, 0.05, 16]
     ref = reference(cmd, tmp_path / "ref.txt")
     job = Job.start(cmd, tmp_path / "out.txt")
     job.wait_lines(3)
@@ -461,7 +461,7 @@ def _children(pid: int) -> list[str]:
 
 
 def test_live_snapshot_is_one_instant_and_the_job_runs_on(tmp_path):
-    cmd = CHAIN + [30, 0.05, 16]
+    cmd = CHAIN + [60, 0.05, 16]
     ref = reference(cmd, tmp_path / "ref.txt")
     job = Job.start(cmd, tmp_path / "out.txt")
     job.wait_lines(4)

@@ -59,7 +59,7 @@ def test_tree_in_own_ipc_namespace_dump_and_restore(tmp_path, sysvipc):
     """The engine's tree dump of a job that made its IPC namespace itself (unshare --ipc):
     a --leave-running dump first (the processes blocked in semop/msgrcv go on as if never
     stopped), then a dump that kills; the restore makes a fresh namespace."""
-    cmd = [sysvipc, 40, 40]
+    cmd = [sysvipc, 80, 40]
     ref = reference(cmd, tmp_path / "ref.txt")
     job = Job.start([*UNSHARE, *cmd], tmp_path / "out.txt")
     try:

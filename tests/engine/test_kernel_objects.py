@@ -20,7 +20,7 @@ def kobjects(tmp_path_factory):
 
 
 def test_posix_timers_and_itimer(tmp_path, kobjects):
-    ref, out = checkpoint_and_resume(tmp_path, [kobjects, "timers", 30, 40], 10)
+    ref, out = checkpoint_and_resume(tmp_path, [kobjects, "timers", 60, 40], 10)
     assert out == ref
     assert b"signal ticks kept arriving: 1\nthread ticks kept arriving: 1\nitimer ticks kept arriving: 1" in out
     assert b"SIGEV_NONE timer still armed: 1" in out and b"bad siginfo: 0" in out
@@ -28,7 +28,7 @@ def test_posix_timers_and_itimer(tmp_path, kobjects):
 
 def test_file_locks(tmp_path, kobjects):
     (tmp_path / "d").mkdir()
-    ref, out = checkpoint_and_resume(tmp_path, [kobjects, "locks", 25, 40, tmp_path / "d"], 8)
+    ref, out = checkpoint_and_resume(tmp_path, [kobjects, "locks", 60, 40, tmp_path / "d"], 8)
     assert out == ref
     assert b"flock held: 1\nposix lock held by parent: 1 [10,+20) write\nposix read lock held: 1\n" \
            b"ofd lock held: 1 len 5" in out

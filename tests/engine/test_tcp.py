@@ -758,8 +758,8 @@ def test_user_server_through_the_daemon(daemon, world_dir, rr_exe):  # noqa: F81
             ask(i)
             answer(i)
         assert not our_tables(srv.pid)
+        os.kill(pid, 9)                        # before the close, which ends the server
         c.close()
-        os.kill(pid, 9)
     finally:
         if srv.poll() is None:
             srv.kill()

@@ -97,7 +97,7 @@ def test_stale_generation_cannot_publish(tmp_path):
 
 
 def test_kill9_loop_during_dumps_always_resumes_a_complete_image(tmp_path):
-    """kill -9 of the whole job (checkpointer included) at 50 random instants, many in the
+    """kill -9 of the whole job (checkpointer included) at 30 random instants, many in the
     middle of a dump or a publish: every rerun resumes from a complete image, and the job
     ends with exactly the uninterrupted output."""
     import random
@@ -113,16 +113,16 @@ def test_kill9_loop_during_dumps_always_resumes_a_complete_image(tmp_path):
             return subprocess.Popen(HPCCKPT + ["run", "--store", str(store), "--job", "k", "--every", "0.1",
                                                "--"] + [str(c) for c in cmd],
                                     stdout=o, stderr=e, start_new_session=True)
-    for _ in range(50):
+    for _ in range(30):
         lines = log.read_text().count("\n") if log.exists() else 0
         run = start()
         # the instants count from the job running again, not from the interpreter's start-up,
         # which a busy machine stretches past any fixed delay
         wait_for(lambda: log.read_text().count("\n") > lines or run.poll() is not None, timeout=60)
-        time.sleep(rng.uniform(0.02, 0.45))
+        time.sleep(rng.uniform(0.02, 0.8))
         os.killpg(run.pid, signal.SIGKILL)
         run.wait()
         assert b"done" not in out.read_bytes(), "the job finished before the kills did"
-    assert len(list((store / "k").glob("0*"))) >= 10
+    assert len(list((store / "k").glob("0*"))) >= 5
     assert start().wait(timeout=300) == 0
     assert out.read_bytes() == ref

@@ -47,7 +47,7 @@ def test_user_may_not_dump_anothers_process(daemon, tmp_path, world_dir, user_ex
 
 def test_user_may_not_restore_anothers_image_or_one_claiming_root(daemon, tmp_path, world_dir, user_exe):
     _, sock = daemon
-    job = Job.start([user_exe, 30, 1, 20], tmp_path / "out.txt")
+    job = Job.start([user_exe, 200, 1, 20], tmp_path / "out.txt")
     job.wait_lines(2)
     img = world_dir / "rootimg"
     Client(sock).dump(job.pid, str(img))             # root dumps root's process
