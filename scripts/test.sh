@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what it needs, then runs pytest in two
-# workers (tests/conftest.py says how files are shared out; -n 0 runs in one process).
+# workers: the Slurm tests beside the rest (tests/conftest.py; -n 0 runs in one process).
 # Extra arguments go to pytest (e.g. scripts/test.sh -k restore -x).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
