@@ -2,7 +2,7 @@
 that uid 65534 can read (the test venv's interpreter and the checkout may sit under /root).
 
 The venv is Debian's python3 with hpcckpt's dependencies, kept in /var/tmp across runs
-(rebuilt when setup.py changes); the sources are copied afresh for every test session."""
+(one per version of setup.py); the sources are copied afresh for every test session."""
 from __future__ import annotations
 
 import ast
@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-VENV = Path("/var/tmp/hpcckpt-user-venv")
+# One venv per version of the requirements: checkouts with other ones (worktrees) keep theirs.
+VENV = Path("/var/tmp/hpcckpt-user-venv-" + hashlib.sha1((REPO / "setup.py").read_bytes()).hexdigest()[:12])
 SKIP = {"matplotlib"}   # only `hpcckpt stats` plots; not worth the install here
 
 
@@ -39,7 +40,7 @@ def _venv() -> Path:
 
 
 def _make_venv() -> Path:
-    stamp = VENV / (".ok-" + hashlib.sha1((REPO / "setup.py").read_bytes()).hexdigest()[:12])
+    stamp = VENV / ".ok"
     if stamp.exists():
         return VENV / "bin" / "python"
     shutil.rmtree(VENV, ignore_errors=True)
