@@ -54,6 +54,8 @@ def validate(where: str, p: pb.Process, pm: pb.Pagemap, pages_size: int) -> None
         if v.start < prev_end:
             _fail(where, f"{span} overlaps the mapping before it")
         prev_end = v.end
+        if v.noreserve and v.kind not in (pb.ANON_PRIVATE, pb.FILE_PRIVATE):
+            _fail(where, f"{span} asks for MAP_NORESERVE, which only private mappings keep")
         if v.kind in (pb.FILE_PRIVATE, pb.FILE_SHARED) and not v.path.startswith("/"):
             _fail(where, f"{span} names a file by a relative path {v.path!r}")
         if v.kind in (pb.ANON_PRIVATE, pb.FILE_PRIVATE, pb.ANON_SHARED):
