@@ -90,9 +90,11 @@ def _passed_file(x: int, where: str) -> pb.PassedFile:
     return pb.PassedFile(path=target, flags=int(info["flags"], 8) & ~os.O_CLOEXEC, pos=int(info["pos"]))
 
 
-def _peek(s: socket.socket, stream: bool, where: str) -> tuple[list[bytes], list[pb.InFlight]]:
+def _peek(s: socket.socket, stream: bool, where: str, dead: bool = False) -> tuple[list[bytes], list[pb.InFlight]]:
     """The receive queue, message by message, left in place, with the files passed along
-    (a stream's chunks are kept apart then: each goes back with its own sendmsg)."""
+    (a stream's chunks are kept apart then: each goes back with its own sendmsg). `dead`:
+    the peer closed, so an empty queue reads as EOF instead of EAGAIN (a zero-length
+    seqpacket message would end the peek there)."""
     inq = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.FIONREAD, b"\0" * 4))[0]
     size = max(inq, s.getsockopt(SOL_SOCKET, SO_RCVBUF), 1 << 16)
     old = s.getsockopt(SOL_SOCKET, SO_PEEK_OFF)
@@ -116,7 +118,7 @@ def _peek(s: socket.socket, stream: bool, where: str) -> tuple[list[bytes], list
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                 raise UnsupportedError(f"{where} holds a message larger than {size} bytes (or with more "
                                        "passed fds than one message may carry)")
-            if stream and not data:
+            if (stream or dead) and not data and not anc:
                 break
             out.append(data)
     finally:
@@ -160,15 +162,37 @@ def _unix(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: s
     if k.type == socket.SOCK_DGRAM and (not u.peer or one_way):
         _named_dgram(k, s, u, pid, descs, first, where)
         return
+    if not u.peer and dead_peer(k, u):
+        _dead_peer(k, s, ino, u, first, where)
+        return
     if not u.peer:
         raise UnsupportedError(f"{where}{' bound to ' + repr(name) if name else ''} is not connected "
-                               "to a peer (or its peer closed); only connected pairs can be checkpointed")
+                               "to a peer; only connected pairs can be checkpointed")
     if u.peer not in tree_sockets(descs):
         raise UnsupportedError(f"{where} is connected to socket:[{u.peer}], which no process of the "
                                "tree holds; only unix sockets with both ends in the tree are supported")
     k.pair_id, k.end, k.shutdown = min(ino, u.peer), int(ino > u.peer), u.shutdown
     if first:
         queue, flight = _peek(s, k.type == socket.SOCK_STREAM, where)
+        k.queue.extend(queue)
+        k.in_flight.extend(flight)
+
+
+def dead_peer(k: pb.Socket, u) -> bool:
+    """A stream or seqpacket socket that was connected and whose peer has been closed:
+    sock_diag still says ESTABLISHED but names no peer. sshd's monitor holds one (its end
+    of the pair with the pre-authentication child, which has exited)."""
+    return k.type in (socket.SOCK_STREAM, socket.SOCK_SEQPACKET) and u.state == sockdiag.TCP_ESTABLISHED
+
+
+def _dead_peer(k: pb.Socket, s: socket.socket, ino: int, u, first: bool, where: str) -> None:
+    """Saved as one end of a pair of its own (CRIU's way): the restore makes a socketpair,
+    gives this end its unread data back through the other, and closes the other with
+    the staged fds, so reads drain the queue then see EOF and writes fail with EPIPE, as
+    they would have."""
+    k.pair_id, k.end, k.shutdown, k.dead_peer = ino, 0, u.shutdown, True
+    if first:
+        queue, flight = _peek(s, k.type == socket.SOCK_STREAM, where, dead=True)
         k.queue.extend(queue)
         k.in_flight.extend(flight)
 

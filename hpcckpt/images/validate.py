@@ -84,6 +84,9 @@ def validate(where: str, p: pb.Process, pm: pb.Pagemap, pages_size: int) -> None
             _fail(where, f"fd {f.fd} names data file {f.data_file!r} outside the image")
         if f.kind == pb.SOCKET and f.socket.HasField("tcp"):
             _tcp(where, f.fd, f.socket)
+        if f.kind == pb.SOCKET and f.socket.dead_peer and (
+                f.socket.family != 1 or f.socket.type not in (1, 5) or f.socket.end != 0):
+            _fail(where, f"fd {f.fd} is a socket with a closed peer that is no unix stream or seqpacket end 0")
         if f.kind == pb.SOCKET and f.socket.in_flight:
             _in_flight(where, f.fd, f.socket)
     for a in p.sigactions:

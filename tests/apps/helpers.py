@@ -65,7 +65,9 @@ class RunJob:
     pids: list[int] = field(default_factory=list)     # the job's PID in each incarnation
 
     def start(self) -> "RunJob":
-        with open(self.log, "ab") as err:
+        # a log per incarnation: the job inherits the monitor's stderr, and a restore rolls
+        # files the job wrote back to their size at the checkpoint (the monitor's lines too)
+        with open(self._log(len(self.pids)), "ab") as err:
             self.mon = subprocess.Popen([*HPCCKPT, "run", "--tcp-established", *self.extra,
                                          "--images", str(self.images), "--", *map(str, self.cmd)],
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
@@ -76,8 +78,12 @@ class RunJob:
         self.pids.append(int(line.split(" as PID ")[1].split()[0]))
         return self
 
+    def _log(self, i: int) -> Path:
+        return self.log.with_name(f"{self.log.stem}-{i}{self.log.suffix}")
+
     def said(self) -> str:
-        return self.log.read_text(errors="replace")
+        return "".join(self._log(i).read_text(errors="replace") for i in range(len(self.pids) + 1)
+                       if self._log(i).exists())
 
     def checkpoint_and_stop(self) -> None:
         """The final signal: a checkpoint with the connections locked, then the job is killed."""
