@@ -342,6 +342,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         statuses = {p: check_owner(p) for p in ft.frozen}
         descs = shared.Descriptions.collect(list(ft.frozen))
         descs.cache["tcp"] = conns
+        descs.cache["runs_on"] = leave_running or live or pre_dump    # sockets.waiting_connections
         shm = ShmemTable(iset.path)
         terms = ttys.DumpTerminals(descs, ns, shell_job)
         procs: dict[int, pb.Process] = {}

@@ -259,11 +259,7 @@ def _inet(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: s
             q = sockdiag.tcp_listen_queue(ino, k.family)
             backlog, waiting = q if q else (socket.SOMAXCONN, 0)
             if waiting:
-                peers = ", ".join(_fmt(p) for p in _unaccepted(name[1])) or "?"
-                raise UnsupportedError(f"{where} listening on {_fmt(name)} (state LISTEN) has {waiting} "
-                                       f"connection(s) waiting to be accepted (from {peers}); they cannot "
-                                       "be checkpointed yet: checkpoint again once the program has "
-                                       "accepted them")
+                _waiting_connections(name, waiting, descs, where)
             k.backlog = backlog
         return
     if peer is not None:
@@ -273,6 +269,24 @@ def _inet(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: s
         if dropped:
             descs.notes.append(f"{where} on {_fmt(name)}: {len(dropped)} queued datagram(s) "
                                "dropped (their senders' addresses cannot be given back)")
+
+
+def _waiting_connections(name, waiting: int, descs, where: str) -> None:
+    """Connections in a listener's accept queue cannot be put back into one (CRIU refuses
+    them too, or skips them with --tcp-skip-in-flight). When the tree runs on after the
+    dump (--leave-running, --live, pre-dump) its program accepts them as usual and the
+    image, a snapshot of the server, simply lacks them: noted. When the tree is to be
+    killed they would be lost (their clients reset): refused."""
+    peers = ", ".join(_fmt(p) for p in _unaccepted(name[1])) or "?"
+    if descs.cache.get("runs_on"):
+        descs.notes.append(f"{where} listening on {_fmt(name)}: {waiting} connection(s) waiting to be "
+                           f"accepted (from {peers}) stay with the running program; a restore of this "
+                           "image will not have them")
+        return
+    raise UnsupportedError(f"{where} listening on {_fmt(name)} (state LISTEN) has {waiting} "
+                           f"connection(s) waiting to be accepted (from {peers}); they cannot "
+                           "be checkpointed yet: checkpoint again once the program has "
+                           "accepted them")
 
 
 STATE_HELP = {
