@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from ..errors import HpcckptError, RestoreError, UnsupportedError
 from ..images import pb
-from ..kernel import netlock, sockdiag
+from ..kernel import listenlock, netlock, sockdiag
 from ..kernel.libc import pidfd_getfd, pidfd_open
 from . import tcp, unixlisten
 
@@ -261,6 +261,7 @@ def _inet(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: s
             if waiting:
                 _waiting_connections(name, waiting, descs, where)
             k.backlog = backlog
+            k.listen_lock = getattr(descs.cache.get("tcp"), "locked", {}).get(ino, "")
         return
     if peer is not None:
         k.peer_address, k.peer_port = peer[0], peer[1]
@@ -383,6 +384,8 @@ def create(t, e: pb.Fd, pairs: dict[int, Pair], local_copy) -> int:
                                f"{os.strerror(-res)}{holder(k)}")
     if k.listening:
         t.sys("listen", fd, k.backlog or socket.SOMAXCONN)
+        if k.listen_lock:
+            _locked_listener(t, fd, k, pairs, local_copy)
     if k.peer_port:
         sa = sockaddr(k.family, k.peer_address, k.peer_port)
         t.sys("connect", fd, t.put(sa), len(sa))
@@ -410,6 +413,7 @@ class Restoring(dict):
         super().__init__()
         self.tcp: list[tuple[socket.socket, pb.Socket]] = []    # (our duplicate, the image's socket)
         self.locks: dict[tuple[str, int], tuple[int, list]] = {}  # (table, netns) -> (netns fd, connections)
+        self.listen_locks: dict[tuple[str, int], tuple[int, list]] = {}   # the same for listeners (listenlock)
 
 
 def _connection(t, fd: int, k: pb.Socket, pairs, local_copy, where: str) -> int:
@@ -431,6 +435,22 @@ def _connection(t, fd: int, k: pb.Socket, pairs, local_copy, where: str) -> int:
     return fd
 
 
+def _locked_listener(t, fd: int, k: pb.Socket, restoring: "Restoring", local_copy) -> None:
+    """A listener whose dump locked its port (kernel/listenlock.py): remembered, by lock
+    table and network namespace, to be let through in `resume`."""
+    s = socket.socket(fileno=local_copy(t, fd))
+    try:
+        nsfd = netlock.netns_of(s)
+    finally:
+        s.close()
+    key = (k.listen_lock, os.fstat(nsfd).st_ino)
+    if key in restoring.listen_locks:
+        os.close(nsfd)
+    else:
+        restoring.listen_locks[key] = (nsfd, [])
+    restoring.listen_locks[key][1].append((k.family, k.address, k.port))
+
+
 def resume(restoring: "Restoring") -> None:
     """Every process in place, none running yet: the connections leave repair mode and the
     network locks their dumps left let them through again (`cleanup` tidies up later)."""
@@ -447,6 +467,8 @@ def resume(restoring: "Restoring") -> None:
                 restoring.locks[key][1].append((k.family, (k.address, k.port), (k.peer_address, k.peer_port)))
         for (table, _), (nsfd, conns) in restoring.locks.items():
             netlock.unlock(table, conns, nsfd)
+        for (table, _), (nsfd, found) in restoring.listen_locks.items():
+            listenlock.unlock(table, found, nsfd)
     except OSError as e:
         raise RestoreError(f"cannot take a restored TCP connection out of repair mode: {e.strerror}") from None
     finally:
@@ -467,6 +489,14 @@ def cleanup(restoring: "Restoring") -> list[str]:
         finally:
             os.close(nsfd)
     restoring.locks.clear()
+    for (table, _), (nsfd, _) in restoring.listen_locks.items():
+        try:
+            listenlock.drop(table, nsfd)
+        except HpcckptError as e:
+            notes.append(f"listener lock table inet {table} not removed: {e}")
+        finally:
+            os.close(nsfd)
+    restoring.listen_locks.clear()
     return notes
 
 

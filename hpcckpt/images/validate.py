@@ -7,6 +7,7 @@ with an error naming the image and the field, before any process exists.
 import bisect
 
 from ..errors import ImageError
+from ..kernel import listenlock
 from ..kernel.arch import current as arch
 from . import pb
 
@@ -87,6 +88,10 @@ def validate(where: str, p: pb.Process, pm: pb.Pagemap, pages_size: int) -> None
         if f.kind == pb.SOCKET and f.socket.dead_peer and (
                 f.socket.family != 1 or f.socket.type not in (1, 5) or f.socket.end != 0):
             _fail(where, f"fd {f.fd} is a socket with a closed peer that is no unix stream or seqpacket end 0")
+        if f.kind == pb.SOCKET and f.socket.listen_lock and (
+                not f.socket.listening or f.socket.family not in (2, 10)
+                or not listenlock.valid_name(f.socket.listen_lock)):
+            _fail(where, f"fd {f.fd} names listener lock table {f.socket.listen_lock!r}")
         if f.kind == pb.SOCKET and f.socket.in_flight:
             _in_flight(where, f.fd, f.socket)
     for a in p.sigactions:
