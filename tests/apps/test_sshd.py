@@ -1,5 +1,5 @@
 """openssh-server under `hpcckpt run --tcp-established` on a port and config of its own
-(key authentication, localhost): an ssh session running a shell fed a command stream is
+(key authentication, localhost; as root, and as a user made for the test): an ssh session running a shell fed a command stream is
 checkpointed and killed with the server (the final signal) and resumed between two
 batches of commands; the same ssh client finishes the stream and exits 0 with output
 equal to an uninterrupted session's (shell variables and directory kept). A new login
@@ -8,9 +8,13 @@ works afterwards.
 sshd's monitor process keeps its end of the socketpair with the exited pre-authentication
 child: a unix stream socket whose peer is closed (engine/sockets.py `_dead_peer`), tested
 on its own here too."""
+import hashlib
 import os
+import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,18 +32,41 @@ def sshd():
     return SSHD
 
 
-def setup(tmp_path: Path, port: int) -> list[str]:
-    """Host and user keys, authorized_keys, known_hosts and sshd_config, all in tmp_path;
-    returns the ssh command line (without the remote command)."""
+@pytest.fixture(params=["root", "user"])
+def login(request, tmp_path):
+    """(user name, a directory that user can read and write): root, or a user of the
+    test's own, made for it (its name derived from tmp_path) and removed after; sshd then
+    runs a privileged monitor and an unprivileged child per session."""
+    home = Path(tempfile.mkdtemp(prefix="apps-ssh-"))
+    home.chmod(0o755)
+    if request.param == "root":
+        yield "root", home
+        shutil.rmtree(home, ignore_errors=True)
+        return
+    name = "apps" + hashlib.sha256(bytes(tmp_path)).hexdigest()[:10]
+    subprocess.run(["useradd", "-M", "-d", home, "-s", "/bin/bash", name], check=True, capture_output=True)
+    try:
+        subprocess.run(["usermod", "-p", "*", name], check=True)     # not locked: sshd would refuse it
+        os.chown(home, pwd.getpwnam(name).pw_uid, pwd.getpwnam(name).pw_gid)
+        yield name, home
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def setup(tmp_path: Path, port: int, user: str, home: Path) -> list[str]:
+    """Host and user keys, known_hosts and sshd_config in tmp_path, authorized_keys where
+    the user can read it; returns the ssh command line (without the remote command)."""
     for name in ("host_key", "user_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", tmp_path / name], check=True)
-    (tmp_path / "authorized_keys").write_text((tmp_path / "user_key.pub").read_text())
+    (home / "authorized_keys").write_text((tmp_path / "user_key.pub").read_text())
+    (home / "authorized_keys").chmod(0o644)
     (tmp_path / "known_hosts").write_text(f"[127.0.0.1]:{port} {(tmp_path / 'host_key.pub').read_text()}")
     (tmp_path / "sshd_config").write_text(f"""Port {port}
 ListenAddress 127.0.0.1
 HostKey {tmp_path}/host_key
 PidFile {tmp_path}/sshd.pid
-AuthorizedKeysFile {tmp_path}/authorized_keys
+AuthorizedKeysFile {home}/authorized_keys
 StrictModes no
 UsePAM no
 PasswordAuthentication no
@@ -51,7 +78,7 @@ LogLevel VERBOSE
 """)
     return ["ssh", "-F", "/dev/null", "-p", str(port), "-i", str(tmp_path / "user_key"),
             "-o", f"UserKnownHostsFile={tmp_path}/known_hosts", "-o", "StrictHostKeyChecking=yes",
-            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=30", "root@127.0.0.1"]
+            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=30", f"{user}@127.0.0.1"]
 
 
 def batches(work: Path) -> list[str]:
@@ -83,11 +110,13 @@ class Session:
         return self.p.returncode, self.out + out, err.decode()
 
 
-def test_ssh_session_survives(tmp_path, sshd):
+def test_ssh_session_survives(tmp_path, sshd, login):
+    user, home = login
     port = free_port()
-    ssh = setup(tmp_path, port)
-    work = tmp_path / "work"
+    ssh = setup(tmp_path, port, user, home)
+    work = home / "work"
     work.mkdir()
+    shutil.chown(work, user, user)
     job = RunJob(tmp_path / "img", [sshd, "-D", "-E", tmp_path / "sshd.log", "-f", tmp_path / "sshd_config"], tmp_path / "run.txt")
     sessions: list[Session] = []
     try:
@@ -118,7 +147,8 @@ def test_ssh_session_survives(tmp_path, sshd):
         assert "Connection reset" not in err and "Broken pipe" not in err, err
 
         again = subprocess.run([*ssh, "echo after; id -u"], capture_output=True, text=True, timeout=60)
-        assert again.returncode == 0 and again.stdout == "after\n0\n", again.stdout + again.stderr
+        uid = pwd.getpwnam(user).pw_uid
+        assert again.returncode == 0 and again.stdout == f"after\n{uid}\n", again.stdout + again.stderr
         wait_for(lambda: not lock_tables(job.pids[-1]), "the lock to be removed", timeout=10)
     finally:
         for x in sessions:
