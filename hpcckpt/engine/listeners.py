@@ -18,7 +18,7 @@ from ..kernel.libc import pidfd_getfd, pidfd_open
 DRAIN = 1.0        # seconds the program gets to accept what is queued before the freeze
 
 
-def _tree(root: int) -> list[int]:
+def descendants(root: int) -> list[int]:
     """The root and its descendants now (a listing; the freeze makes the real one)."""
     parent: dict[int, int] = {}
     for name in os.listdir("/proc"):
@@ -100,7 +100,7 @@ def quiesce(conns, root: int) -> Held:
     to empty; returns the connection lock with them."""
     held = Held(conns, root)
     listening = _listeners()
-    mine = {ino: where for ino, where in _sockets(_tree(root)).items() if ino in listening}
+    mine = {ino: where for ino, where in _sockets(descendants(root)).items() if ino in listening}
     try:
         for ino, (pid, fd) in mine.items():
             family, address, port, _ = listening[ino]

@@ -128,6 +128,18 @@ def _sparse_runs(pid: int, vma: pb.Vma) -> list[tuple[int, int]]:
     return _runs_in(pid, vma, spans)
 
 
+def huge_private(vmas) -> list[str]:
+    """Private mappings larger than SPARSE_MIN (proc.Vma or pb.Vma), described: dirty-page
+    tracking is not bounded for them yet (uffd-wp arms every page of the range, and the
+    trackers report a changed mapping as an array of all its pages), so `hpcckpt run`
+    takes full checkpoints of a job holding one."""
+    out = []
+    for v in vmas:
+        if not v.shared and v.end - v.start > SPARSE_MIN:
+            out.append(f"{v.start:#x}-{v.end:#x} ({(v.end - v.start) >> 30} GiB)")
+    return out
+
+
 def _runs_in(pid: int, vma: pb.Vma, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """pages_to_save's runs within each [start, end) span of `vma`, adjacent runs joined."""
     out: list[tuple[int, int]] = []

@@ -6,8 +6,8 @@ equals those of the same session run uninterrupted (a reference client, same ser
 another database); a second client sees the committed data with equal checksums.
 
 mariadbd reserves 8 TiB of address space for its buffer pool's largest size
-(engine/memory.py `_sparse_runs`). Checkpoints are full (`--full-every 1`): dirty-page
-tracking of such a reservation is not bounded yet (see the report)."""
+(engine/memory.py `_sparse_runs`); `run` takes full checkpoints of it (dirty-page
+tracking of such a reservation is not bounded yet) and says so."""
 import subprocess
 import time
 from pathlib import Path
@@ -97,7 +97,7 @@ def test_mariadb_session_survives(tmp_path, mariadb):
     datadir = tmp_path / "data"
     subprocess.run(["cp", "-a", mariadb, datadir], check=True)
     port = free_port()
-    job = RunJob(tmp_path / "img", server(tmp_path, datadir, port), tmp_path / "run.txt", extra=["--full-every", "1"])
+    job = RunJob(tmp_path / "img", server(tmp_path, datadir, port), tmp_path / "run.txt")
     clients: list[Client] = []
     try:
         job.start()
@@ -117,6 +117,7 @@ def test_mariadb_session_survives(tmp_path, mariadb):
         conn_id = s.run(["SELECT CONNECTION_ID()"])
         got = s.run(BEFORE)
         job.checkpoint_and_stop()
+        assert "full checkpoints only" in job.said(), job.said()
         assert lock_tables(job.pids[-1]), "no network lock while the server is away"
         time.sleep(0.3)
         job.resume()
