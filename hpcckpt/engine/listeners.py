@@ -36,6 +36,23 @@ def descendants(root: int) -> list[int]:
     return out
 
 
+def _same_owner(root: int, pids: list[int]) -> list[int]:
+    """Only processes owned as the root is: the dump checks every member's owner once the
+    tree is frozen, after this; a setuid descendant's listener is not ours to hold off."""
+    try:
+        uid = os.stat(f"/proc/{root}").st_uid
+    except OSError:
+        return []
+    out = []
+    for pid in pids:
+        try:
+            if os.stat(f"/proc/{pid}").st_uid == uid:
+                out.append(pid)
+        except OSError:
+            continue
+    return out
+
+
 def _sockets(pids: list[int]) -> dict[int, tuple[int, int]]:
     """Socket inode -> (a pid, its fd) holding it."""
     out: dict[int, tuple[int, int]] = {}
@@ -100,7 +117,8 @@ def quiesce(conns, root: int) -> Held:
     to empty; returns the connection lock with them."""
     held = Held(conns, root)
     listening = _listeners()
-    mine = {ino: where for ino, where in _sockets(descendants(root)).items() if ino in listening}
+    mine = {ino: where for ino, where in _sockets(_same_owner(root, descendants(root))).items()
+            if ino in listening}
     try:
         for ino, (pid, fd) in mine.items():
             family, address, port, _ = listening[ino]
