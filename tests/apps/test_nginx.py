@@ -1,6 +1,6 @@
 """nginx (a master and two workers, the workers as nobody) under `hpcckpt run
---tcp-established`, serving static files to ApacheBench on keep-alive connections and to a
-keep-alive client of the test's own. The job is checkpointed and killed (the final signal)
+--tcp-established`, serving static files to ApacheBench on keep-alive connections, to ApacheBench
+making a new connection per request, and to a keep-alive client of the test's own. The job is checkpointed and killed (the final signal)
 mid-load and resumed: ab finishes every request with none failed, the test's kept-alive
 connection (the same socket) answers again, and every file served is byte for byte the
 file on disk, before and after."""
@@ -17,6 +17,7 @@ import pytest
 from .helpers import RunJob, apt_install, free_port, lock_tables, wait_for
 
 REQUESTS = 30000
+FRESH = 6000
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def test_nginx_under_load_keeps_its_clients(tmp_path, nginx, www):
     conf = config(tmp_path, root, port)
     job = RunJob(tmp_path / "img", [nginx, "-c", conf, "-p", tmp_path, "-e", tmp_path / "error.log"],
                  tmp_path / "run.txt")
-    ab = None
+    ab = fresh = None
     try:
         job.start()
         wait_for(lambda: subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/index.html"],
@@ -97,17 +98,22 @@ def test_nginx_under_load_keeps_its_clients(tmp_path, nginx, www):
         ab = subprocess.Popen(["ab", "-k", "-c", "4", "-n", str(REQUESTS), "-s", "60",
                                f"http://127.0.0.1:{port}/page.bin"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # and a new connection per request: while nginx is away its listener is locked,
+        # so their SYNs are retransmitted, not refused (engine/listeners.py)
+        fresh = subprocess.Popen(["ab", "-c", "2", "-n", str(FRESH), "-s", "60", f"http://127.0.0.1:{port}/index.html"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         progress = tmp_path / "ab-progress.txt"
         # ab says "Completed N requests" on stderr every tenth of the run
         lines: list[str] = []
 
-        def started() -> bool:
-            line = ab.stderr.readline()
+        def started(p) -> bool:
+            line = p.stderr.readline()
             lines.append(line)
             return "Completed" in line
-        wait_for(started, "ab to get going", timeout=60, alive=(ab, job.mon))
+        wait_for(lambda: started(ab), "ab to get going", timeout=60, alive=(ab, job.mon))
+        wait_for(lambda: started(fresh), "ab (new connections) to get going", timeout=60, alive=(fresh, job.mon))
         job.checkpoint_and_stop()
-        assert ab.poll() is None, "ab finished before the checkpoint: the load did not span it"
+        assert ab.poll() is None and fresh.poll() is None, "ab finished before the checkpoint: the load did not span it"
         assert lock_tables(job.pids[-1]), "no network lock while nginx is away"
         job.resume()
 
@@ -123,12 +129,17 @@ def test_nginx_under_load_keeps_its_clients(tmp_path, nginx, www):
         assert f"Complete requests:      {REQUESTS}" in out, out
         assert "Failed requests:        0" in out and "Non-2xx" not in out, out
         assert f"Keep-Alive requests:    {REQUESTS}" in out, out     # no connection had to be made again
+        out, err = fresh.communicate(timeout=120)
+        assert fresh.returncode == 0, out + err
+        assert f"Complete requests:      {FRESH}" in out, out
+        assert "Failed requests:        0" in out and "Non-2xx" not in out, out
         for name, data in files.items():
             assert hashlib.sha256(curl(port, name)).digest() == hashlib.sha256(data).digest(), name
         held.close()
         wait_for(lambda: not lock_tables(job.pids[-1]), "the lock to be removed", timeout=10)
     finally:
-        if ab is not None and ab.poll() is None:
-            ab.kill()
-            ab.wait()
+        for p in (ab, fresh):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
         job.stop()
