@@ -38,7 +38,7 @@ from pathlib import Path
 from . import outputs
 from .cli import FORWARDED, exit_like
 from .destinations import RunStatus, write_status
-from .engine import cgroup_freezer, pidns
+from .engine import cgroup_freezer, memory, pidns
 from .engine.dump import DumpResult, dump
 from .engine.incremental import TreeTracker
 from .engine.restore import restore
@@ -129,6 +129,8 @@ def run(command: list[str], dest=None, every: float | None = None, quiet: bool =
     schedule = schedule or PreemptOnly(spec="signals only")
     latest = dest.latest() if dest else None
     tracker = TreeTracker() if dest is not None and full_every != 1 else None
+    if tracker is not None and latest and _untrackable(_image_vmas(latest), quiet):
+        tracker = None
     append_outputs()
     jobcg = cgroup_freezer.job_cgroup()
     try:
@@ -165,6 +167,34 @@ def _adopt(cg, root: int) -> None:
     """A resumed job, still stopped: every process of it into the job's cgroup."""
     from .engine import tree
     cgroup_freezer.join(cg, tree.members(root, tree.scan(), tree.namespace_init(root))[0])
+
+
+def _untrackable(vmas, quiet: bool) -> bool:
+    """A job holding a huge private reservation (mariadbd's 8 TiB buffer-pool range) gets
+    full checkpoints: dirty-page tracking is not bounded for such a mapping yet, while a
+    full dump costs what its used pages cost (engine/memory.py `_sparse_runs`)."""
+    huge = memory.huge_private(vmas)
+    if huge:
+        _say(quiet, f"full checkpoints only: the job maps {', '.join(huge[:3])}, too large to track "
+                    "dirty pages in")
+    return bool(huge)
+
+
+def _image_vmas(path) -> list:
+    iset = ImageSet(path)
+    return [v for pid in iset.inventory().pids for v in iset.process(pid).mm.vmas]
+
+
+def _tree_vmas(root: int) -> list:
+    from .engine.listeners import descendants
+    from .kernel import proc
+    out = []
+    for pid in descendants(root):
+        try:
+            out.extend(proc.maps(pid, with_flags=False))
+        except (OSError, HpcckptError):
+            continue
+    return out
 
 
 class Supervisor:
@@ -339,6 +369,9 @@ class Supervisor:
     def _dump_chained(self, final: bool) -> tuple[str, DumpResult]:
         """An incremental checkpoint against the last one when the chain may grow, else
         (or when the parent turns out unusable) a full one."""
+        if self.tracker is not None and _untrackable(_tree_vmas(self.pid), self.quiet):
+            self.tracker.close()            # before a dump arms it over the whole range
+            self.tracker = None
         if self.tracker is not None and self.depth is not None and (
                 not self.full_every or self.depth + 1 < self.full_every):
             try:

@@ -5,7 +5,8 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 packages=(tmux nftables redis-server redis-tools munge qemu-system-x86 busybox-static sqlite3
-          slurmctld slurmd slurm-client libslurm-dev)
+          slurmctld slurmd slurm-client libslurm-dev
+          nginx apache2-utils curl mariadb-server mariadb-client openssh-server openssh-client)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f '${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")

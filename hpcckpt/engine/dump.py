@@ -27,7 +27,7 @@ from ..kernel.libc import libc
 from ..progress import Progress
 from ..images.chain import load_chain, new_image_id, relative_parent
 from ..tracking.incremental import IncrementalPlan, plan_incremental
-from . import files, memory, sessions, shared, snapshot, sysvipc, tcp, timers, ttys
+from . import files, listeners, memory, sessions, shared, snapshot, sysvipc, tcp, timers, ttys
 from .incremental import Parent, TreeTracker, collect_held, hand_off, save_digests
 from . import tree as ptree
 from .freeze import Frozen
@@ -330,7 +330,14 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     writers: dict[int, _PageFile] = {}
     # a pre-dump's fds are never restored: its connections are read (and let go) rather than refused
     conns = tcp.DumpConnections(tcp_established or pre_dump, pid)
-    ft = ptree.freeze_tree(pid, tree, freeze_cgroup)
+    if tcp_established and not leave_running:    # the tree will be killed: hold its listeners' clients off
+        conns = listeners.quiesce(conns, pid)
+    try:
+        ft = ptree.freeze_tree(pid, tree, freeze_cgroup)
+    except BaseException:
+        conns.release()                          # nothing locked but the listeners: let them go
+        conns.cleanup()
+        raise
     t_frozen = time.monotonic()
     if ft.cgroup is not None:
         notes.append(f"frozen through cgroup {ft.cgroup.path} (cgroup.freeze)")
@@ -342,6 +349,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         statuses = {p: check_owner(p) for p in ft.frozen}
         descs = shared.Descriptions.collect(list(ft.frozen))
         descs.cache["tcp"] = conns
+        descs.cache["runs_on"] = leave_running or live or pre_dump    # sockets.waiting_connections
         shm = ShmemTable(iset.path)
         terms = ttys.DumpTerminals(descs, ns, shell_job)
         procs: dict[int, pb.Process] = {}

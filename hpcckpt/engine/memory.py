@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ProcessGoneError, UnsupportedError
+from ..errors import KernelError, ProcessGoneError, UnsupportedError
 from ..images import pb
 from ..kernel import proc
 from ..kernel.libc import PAGE_SIZE, iovec, libc, vm_read
@@ -30,6 +30,7 @@ STAGE_MAX = 1 << 30
 IOV_MAX = 1024     # the kernel's UIO_MAXIOV: iovecs per process_vm_readv
 PM_SWAP_TYPE_MASK = 0x1F
 PTE_MARKER_TYPE = 0x1F     # x86_64: the swap type pagemap gives a pte marker (no swap device has it)
+SPARSE_MIN = 1 << 30       # mappings larger than this are saved by their populated ranges (_sparse_runs)
 
 
 def stage_budget() -> int:
@@ -67,7 +68,7 @@ def describe(pid: int, v: proc.Vma) -> pb.Vma:
     out = pb.Vma(start=v.start, end=v.end, prot=prot_bits(v.prot), shared=v.shared,
                  pgoff=v.pgoff, path=v.path,  # maps gives the offset in bytes
                  growsdown="gd" in v.vmflags, heap=v.path == "[heap]", stack=v.path == "[stack]",
-                 vmflags=[f for f in v.vmflags if f in MADVISE])
+                 vmflags=[f for f in v.vmflags if f in MADVISE], noreserve="nr" in v.vmflags)
     if v.path in SPECIAL:
         out.kind = SPECIAL[v.path]
     elif v.path.startswith("/SYSV") and v.shared:   # the inode is the segment's ID (engine/sysvipc.py)
@@ -99,7 +100,61 @@ def pages_to_save(pid: int, vma: pb.Vma) -> list[tuple[int, int]]:
         return []
     if vma.kind == pb.ANON_SHARED:
         return [(vma.start, vma.end - vma.start)]
+    if vma.end - vma.start > SPARSE_MIN:
+        return _sparse_runs(pid, vma)
     return [(vma.start + i * PAGE_SIZE, n * PAGE_SIZE) for i, n in proc.runs(save_mask(pid, vma))]
+
+
+def _sparse_runs(pid: int, vma: pb.Vma) -> list[tuple[int, int]]:
+    """pages_to_save for a huge mapping, in memory bounded by what it holds, not by its size.
+
+    Servers reserve address space they may never touch: mariadbd maps 8 TiB PROT_NONE for
+    its buffer pool's maximum size. A pagemap entry per page of that is 16 GiB read and a
+    2 GiB mask (a dump of it was killed by the OOM killer). PAGEMAP_SCAN (Linux 6.7+) gives
+    the populated ranges (present or swapped) instead; only those get pagemap's per-page
+    rule. Without it the mapping is walked in SPARSE_MIN windows."""
+    from ..tracking.scan import MAX_END, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, Scanner
+    spans = [(a, min(a + SPARSE_MIN, vma.end)) for a in range(vma.start, vma.end, SPARSE_MIN)]
+    if vma.end <= MAX_END:
+        sc = Scanner(pid)
+        try:
+            starts, ends, _ = sc.scan(vma.start, vma.end, 0, PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                                      anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED)
+            spans = list(zip(starts.tolist(), ends.tolist()))
+        except KernelError:        # no PAGEMAP_SCAN on this kernel (before 6.7): windows
+            pass
+        finally:
+            sc.close()
+    return _runs_in(pid, vma, spans)
+
+
+def huge_private(vmas) -> list[str]:
+    """Private mappings larger than SPARSE_MIN (proc.Vma or pb.Vma), described: dirty-page
+    tracking is not bounded for them yet (uffd-wp arms every page of the range, and the
+    trackers report a changed mapping as an array of all its pages), so `hpcckpt run`
+    takes full checkpoints of a job holding one."""
+    out = []
+    for v in vmas:
+        if not v.shared and v.end - v.start > SPARSE_MIN:
+            out.append(f"{v.start:#x}-{v.end:#x} ({(v.end - v.start) >> 30} GiB)")
+    return out
+
+
+def _runs_in(pid: int, vma: pb.Vma, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """pages_to_save's runs within each [start, end) span of `vma`, adjacent runs joined."""
+    out: list[tuple[int, int]] = []
+    part = pb.Vma()
+    part.CopyFrom(vma)
+    for a, b in spans:
+        for lo in range(a, b, SPARSE_MIN):
+            part.start, part.end = lo, min(lo + SPARSE_MIN, b)
+            for i, n in proc.runs(save_mask(pid, part)):
+                addr = lo + i * PAGE_SIZE
+                if out and out[-1][0] + out[-1][1] == addr:
+                    out[-1] = (out[-1][0], out[-1][1] + n * PAGE_SIZE)
+                else:
+                    out.append((addr, n * PAGE_SIZE))
+    return out
 
 
 def save_mask(pid: int, vma: pb.Vma) -> np.ndarray:

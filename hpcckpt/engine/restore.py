@@ -34,6 +34,7 @@ SCRATCH = 1 << 16
 WINDOW = 32 << 20           # scratch plus room to park the vDSO family while moving it
 AT_FDCWD = -100
 MAP_PRIVATE, MAP_SHARED, MAP_FIXED, MAP_ANON, MAP_GROWSDOWN = 0x2, 0x1, 0x10, 0x20, 0x100
+MAP_NORESERVE = 0x4000
 MAP_FIXED_NOREPLACE = 0x100000
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 PR_SET_MM, PR_SET_MM_MAP, PR_SET_NAME = 35, 14, 15
@@ -284,6 +285,8 @@ def _map_vmas(t: Target, vmas: list[pb.Vma], written: set[int]) -> None:
                 flags |= MAP_SHARED | MAP_ANON
             else:
                 flags |= MAP_PRIVATE | MAP_ANON | (MAP_GROWSDOWN if v.growsdown else 0)
+            if v.noreserve:    # a terabyte reservation: without it the commit charge is refused
+                flags |= MAP_NORESERVE
             res = t.sys("mmap", v.start, size, prot, flags, fd, v.pgoff if fd >= 0 else 0,
                         check=False)
             if res != v.start:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from ..errors import HpcckptError, RestoreError, UnsupportedError
 from ..images import pb
-from ..kernel import netlock, sockdiag
+from ..kernel import listenlock, netlock, sockdiag
 from ..kernel.libc import pidfd_getfd, pidfd_open
 from . import tcp, unixlisten
 
@@ -90,9 +90,11 @@ def _passed_file(x: int, where: str) -> pb.PassedFile:
     return pb.PassedFile(path=target, flags=int(info["flags"], 8) & ~os.O_CLOEXEC, pos=int(info["pos"]))
 
 
-def _peek(s: socket.socket, stream: bool, where: str) -> tuple[list[bytes], list[pb.InFlight]]:
+def _peek(s: socket.socket, stream: bool, where: str, dead: bool = False) -> tuple[list[bytes], list[pb.InFlight]]:
     """The receive queue, message by message, left in place, with the files passed along
-    (a stream's chunks are kept apart then: each goes back with its own sendmsg)."""
+    (a stream's chunks are kept apart then: each goes back with its own sendmsg). `dead`:
+    the peer closed, so an empty queue reads as EOF instead of EAGAIN (a zero-length
+    seqpacket message would end the peek there)."""
     inq = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.FIONREAD, b"\0" * 4))[0]
     size = max(inq, s.getsockopt(SOL_SOCKET, SO_RCVBUF), 1 << 16)
     old = s.getsockopt(SOL_SOCKET, SO_PEEK_OFF)
@@ -116,7 +118,7 @@ def _peek(s: socket.socket, stream: bool, where: str) -> tuple[list[bytes], list
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                 raise UnsupportedError(f"{where} holds a message larger than {size} bytes (or with more "
                                        "passed fds than one message may carry)")
-            if stream and not data:
+            if (stream or dead) and not data and not anc:
                 break
             out.append(data)
     finally:
@@ -160,15 +162,37 @@ def _unix(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: s
     if k.type == socket.SOCK_DGRAM and (not u.peer or one_way):
         _named_dgram(k, s, u, pid, descs, first, where)
         return
+    if not u.peer and dead_peer(k, u):
+        _dead_peer(k, s, ino, u, first, where)
+        return
     if not u.peer:
         raise UnsupportedError(f"{where}{' bound to ' + repr(name) if name else ''} is not connected "
-                               "to a peer (or its peer closed); only connected pairs can be checkpointed")
+                               "to a peer; only connected pairs can be checkpointed")
     if u.peer not in tree_sockets(descs):
         raise UnsupportedError(f"{where} is connected to socket:[{u.peer}], which no process of the "
                                "tree holds; only unix sockets with both ends in the tree are supported")
     k.pair_id, k.end, k.shutdown = min(ino, u.peer), int(ino > u.peer), u.shutdown
     if first:
         queue, flight = _peek(s, k.type == socket.SOCK_STREAM, where)
+        k.queue.extend(queue)
+        k.in_flight.extend(flight)
+
+
+def dead_peer(k: pb.Socket, u) -> bool:
+    """A stream or seqpacket socket that was connected and whose peer has been closed:
+    sock_diag still says ESTABLISHED but names no peer. sshd's monitor holds one (its end
+    of the pair with the pre-authentication child, which has exited)."""
+    return k.type in (socket.SOCK_STREAM, socket.SOCK_SEQPACKET) and u.state == sockdiag.TCP_ESTABLISHED
+
+
+def _dead_peer(k: pb.Socket, s: socket.socket, ino: int, u, first: bool, where: str) -> None:
+    """Saved as one end of a pair of its own (CRIU's way): the restore makes a socketpair,
+    gives this end its unread data back through the other, and closes the other with
+    the staged fds, so reads drain the queue then see EOF and writes fail with EPIPE, as
+    they would have."""
+    k.pair_id, k.end, k.shutdown, k.dead_peer = ino, 0, u.shutdown, True
+    if first:
+        queue, flight = _peek(s, k.type == socket.SOCK_STREAM, where, dead=True)
         k.queue.extend(queue)
         k.in_flight.extend(flight)
 
@@ -235,12 +259,9 @@ def _inet(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: s
             q = sockdiag.tcp_listen_queue(ino, k.family)
             backlog, waiting = q if q else (socket.SOMAXCONN, 0)
             if waiting:
-                peers = ", ".join(_fmt(p) for p in _unaccepted(name[1])) or "?"
-                raise UnsupportedError(f"{where} listening on {_fmt(name)} (state LISTEN) has {waiting} "
-                                       f"connection(s) waiting to be accepted (from {peers}); they cannot "
-                                       "be checkpointed yet: checkpoint again once the program has "
-                                       "accepted them")
+                _waiting_connections(name, waiting, descs, where)
             k.backlog = backlog
+            k.listen_lock = getattr(descs.cache.get("tcp"), "locked", {}).get(ino, "")
         return
     if peer is not None:
         k.peer_address, k.peer_port = peer[0], peer[1]
@@ -249,6 +270,24 @@ def _inet(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: s
         if dropped:
             descs.notes.append(f"{where} on {_fmt(name)}: {len(dropped)} queued datagram(s) "
                                "dropped (their senders' addresses cannot be given back)")
+
+
+def _waiting_connections(name, waiting: int, descs, where: str) -> None:
+    """Connections in a listener's accept queue cannot be put back into one (CRIU refuses
+    them too, or skips them with --tcp-skip-in-flight). When the tree runs on after the
+    dump (--leave-running, --live, pre-dump) its program accepts them as usual and the
+    image, a snapshot of the server, simply lacks them: noted. When the tree is to be
+    killed they would be lost (their clients reset): refused."""
+    peers = ", ".join(_fmt(p) for p in _unaccepted(name[1])) or "?"
+    if descs.cache.get("runs_on"):
+        descs.notes.append(f"{where} listening on {_fmt(name)}: {waiting} connection(s) waiting to be "
+                           f"accepted (from {peers}) stay with the running program; a restore of this "
+                           "image will not have them")
+        return
+    raise UnsupportedError(f"{where} listening on {_fmt(name)} (state LISTEN) has {waiting} "
+                           f"connection(s) waiting to be accepted (from {peers}); they cannot "
+                           "be checkpointed yet: checkpoint again once the program has "
+                           "accepted them")
 
 
 STATE_HELP = {
@@ -345,6 +384,8 @@ def create(t, e: pb.Fd, pairs: dict[int, Pair], local_copy) -> int:
                                f"{os.strerror(-res)}{holder(k)}")
     if k.listening:
         t.sys("listen", fd, k.backlog or socket.SOMAXCONN)
+        if k.listen_lock:
+            _locked_listener(t, fd, k, pairs, local_copy)
     if k.peer_port:
         sa = sockaddr(k.family, k.peer_address, k.peer_port)
         t.sys("connect", fd, t.put(sa), len(sa))
@@ -372,6 +413,7 @@ class Restoring(dict):
         super().__init__()
         self.tcp: list[tuple[socket.socket, pb.Socket]] = []    # (our duplicate, the image's socket)
         self.locks: dict[tuple[str, int], tuple[int, list]] = {}  # (table, netns) -> (netns fd, connections)
+        self.listen_locks: dict[tuple[str, int], tuple[int, list]] = {}   # the same for listeners (listenlock)
 
 
 def _connection(t, fd: int, k: pb.Socket, pairs, local_copy, where: str) -> int:
@@ -393,6 +435,22 @@ def _connection(t, fd: int, k: pb.Socket, pairs, local_copy, where: str) -> int:
     return fd
 
 
+def _locked_listener(t, fd: int, k: pb.Socket, restoring: "Restoring", local_copy) -> None:
+    """A listener whose dump locked its port (kernel/listenlock.py): remembered, by lock
+    table and network namespace, to be let through in `resume`."""
+    s = socket.socket(fileno=local_copy(t, fd))
+    try:
+        nsfd = netlock.netns_of(s)
+    finally:
+        s.close()
+    key = (k.listen_lock, os.fstat(nsfd).st_ino)
+    if key in restoring.listen_locks:
+        os.close(nsfd)
+    else:
+        restoring.listen_locks[key] = (nsfd, [])
+    restoring.listen_locks[key][1].append((k.family, k.address, k.port))
+
+
 def resume(restoring: "Restoring") -> None:
     """Every process in place, none running yet: the connections leave repair mode and the
     network locks their dumps left let them through again (`cleanup` tidies up later)."""
@@ -409,6 +467,8 @@ def resume(restoring: "Restoring") -> None:
                 restoring.locks[key][1].append((k.family, (k.address, k.port), (k.peer_address, k.peer_port)))
         for (table, _), (nsfd, conns) in restoring.locks.items():
             netlock.unlock(table, conns, nsfd)
+        for (table, _), (nsfd, found) in restoring.listen_locks.items():
+            listenlock.unlock(table, found, nsfd)
     except OSError as e:
         raise RestoreError(f"cannot take a restored TCP connection out of repair mode: {e.strerror}") from None
     finally:
@@ -429,6 +489,14 @@ def cleanup(restoring: "Restoring") -> list[str]:
         finally:
             os.close(nsfd)
     restoring.locks.clear()
+    for (table, _), (nsfd, _) in restoring.listen_locks.items():
+        try:
+            listenlock.drop(table, nsfd)
+        except HpcckptError as e:
+            notes.append(f"listener lock table inet {table} not removed: {e}")
+        finally:
+            os.close(nsfd)
+    restoring.listen_locks.clear()
     return notes
 
 

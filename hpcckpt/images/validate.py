@@ -7,6 +7,7 @@ with an error naming the image and the field, before any process exists.
 import bisect
 
 from ..errors import ImageError
+from ..kernel import listenlock
 from ..kernel.arch import current as arch
 from . import pb
 
@@ -54,6 +55,8 @@ def validate(where: str, p: pb.Process, pm: pb.Pagemap, pages_size: int) -> None
         if v.start < prev_end:
             _fail(where, f"{span} overlaps the mapping before it")
         prev_end = v.end
+        if v.noreserve and v.kind not in (pb.ANON_PRIVATE, pb.FILE_PRIVATE):
+            _fail(where, f"{span} asks for MAP_NORESERVE, which only private mappings keep")
         if v.kind in (pb.FILE_PRIVATE, pb.FILE_SHARED) and not v.path.startswith("/"):
             _fail(where, f"{span} names a file by a relative path {v.path!r}")
         if v.kind in (pb.ANON_PRIVATE, pb.FILE_PRIVATE, pb.ANON_SHARED):
@@ -82,6 +85,13 @@ def validate(where: str, p: pb.Process, pm: pb.Pagemap, pages_size: int) -> None
             _fail(where, f"fd {f.fd} names data file {f.data_file!r} outside the image")
         if f.kind == pb.SOCKET and f.socket.HasField("tcp"):
             _tcp(where, f.fd, f.socket)
+        if f.kind == pb.SOCKET and f.socket.dead_peer and (
+                f.socket.family != 1 or f.socket.type not in (1, 5) or f.socket.end != 0):
+            _fail(where, f"fd {f.fd} is a socket with a closed peer that is no unix stream or seqpacket end 0")
+        if f.kind == pb.SOCKET and f.socket.listen_lock and (
+                not f.socket.listening or f.socket.family not in (2, 10)
+                or not listenlock.valid_name(f.socket.listen_lock)):
+            _fail(where, f"fd {f.fd} names listener lock table {f.socket.listen_lock!r}")
         if f.kind == pb.SOCKET and f.socket.in_flight:
             _in_flight(where, f.fd, f.socket)
     for a in p.sigactions:
