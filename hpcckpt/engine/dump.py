@@ -414,6 +414,10 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             w.close(plans[h].in_parent, sync=False)
             pages_bytes += pagemaps[h].pages_bytes
             parent_bytes += pagemaps[h].parent_bytes
+        if ipc is not None and ipc.sem:   # last: it unshares the threads' SEM_UNDO list
+            for h, u in sysvipc.threaded_undo(pid, {h: ns[h] for h in live_procs}, vmas, notes,
+                                              final=not (leave_running or live or pre_dump)).items():
+                procs[h].sem_undo.extend(u)
         for h in ft.order:
             p = procs[h]
             iset.write_message(f"process-{p.pid}.img", "process", p, sync=False)

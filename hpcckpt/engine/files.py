@@ -60,6 +60,14 @@ def peek_pipe(pid: int, fd: int) -> bytes:
         src = pidfd_getfd(pidfd, fd)
     finally:
         os.close(pidfd)
+    try:
+        return tee_pipe(src)
+    finally:
+        os.close(src)
+
+
+def tee_pipe(src: int) -> bytes:
+    """The unread bytes of the pipe `src` (an fd of ours), left in the pipe."""
     r, w = os.pipe()
     try:
         size = fcntl.fcntl(src, F_GETPIPE_SZ)
@@ -70,7 +78,7 @@ def peek_pipe(pid: int, fd: int) -> bytes:
             out += os.read(r, n - len(out))
         return out
     finally:
-        for x in (src, r, w):
+        for x in (r, w):
             os.close(x)
 
 
@@ -106,15 +114,17 @@ def dump_fds(pid: int, images: Path, policies: FilePolicies, descs=None) -> list
             fsnotify.describe(e, t, pid, descs.first(("desc", fid)), descs.notes)
         elif t.startswith("socket:"):
             sockets.describe(e, pid, st.st_ino, descs, descs.first(("sock", fid)))
-        elif t.startswith("pipe:"):
+        elif t.startswith("pipe:") or (stat.S_ISFIFO(st.st_mode) and t.startswith("/")
+                                        and not t.endswith(" (deleted)")):
             if not descs.pipe_inside(st.st_ino):
                 raise UnsupportedError(
-                    f"process {pid}: fd {fd} is a pipe ({t}) leading outside the process tree; "
-                    "only pipes with both ends inside the tree are supported so far")
+                    f"process {pid}: fd {fd} is a {'pipe' if t.startswith('pipe:') else 'FIFO'} ({t}) "
+                    "leading outside the process tree; only pipes and FIFOs with both ends inside "
+                    "the tree are supported so far")
             e.kind = pb.PIPE
             e.pipe_id = st.st_ino
             e.pipe_size = fcntl_pipe_size(pid, fd)
-            if flags & O_ACCMODE == os.O_RDONLY and descs.first(("pipe", st.st_ino)):
+            if flags & O_ACCMODE != os.O_WRONLY and descs.first(("pipe", st.st_ino)):
                 e.pipe_data = peek_pipe(pid, fd)
         elif stat.S_ISREG(st.st_mode):
             e.size, e.mtime_ns, e.mode = st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)
@@ -158,6 +168,12 @@ def fcntl_pipe_size(pid: int, fd: int) -> int:
 def check_files(fds: list[pb.Fd]) -> None:
     """Before a restore touches anything: every file is there and may be rolled back."""
     for e in fds:
+        if e.kind == pb.PIPE and e.path.startswith("/"):
+            try:
+                if not stat.S_ISFIFO(os.stat(e.path).st_mode):
+                    raise RestoreError(f"fd {e.fd}: {e.path} is no FIFO on this node any more")
+            except FileNotFoundError:
+                raise RestoreError(f"fd {e.fd}: FIFO {e.path} is missing on this node") from None
         if e.kind not in (pb.REGULAR, pb.DIRECTORY, pb.CHAR_DEVICE):
             continue
         try:

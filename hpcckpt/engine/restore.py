@@ -26,7 +26,7 @@ from ..kernel.libc import pidfd_getfd, pidfd_open
 from ..progress import Progress
 from . import eventfds, files, fsnotify, locks, memory, pidns, sockets, sysvipc, timers, ttys, userns
 from ..images.chain import Link, load_chain, pages_file_size, sources, Source
-from ..images.validate import validate, validate_fsnotify, validate_ipc
+from ..images.validate import validate, validate_fsnotify, validate_in_flight, validate_ipc
 from .create import create_tree
 from .incremental import TreeTracker
 
@@ -154,6 +154,7 @@ class Target:
         self.shm_fds: dict[int, int] = {}       # shared memory object id -> fd here
         self.pidfds: dict[int, int] = {}        # other tree member's PID -> pidfd here
         self.extra_fds: list[int] = []          # staged fds others may take; closed at install
+        self.fd_base: int | None = None         # staged fds go at or above it (_prepare_fds)
 
     def take_fd(self, owner: "Target", fd: int) -> int:
         """Duplicate `owner`'s fd into this process: the same open file description."""
@@ -358,12 +359,19 @@ def _open_shmem(t: Target, vmas: list[pb.Vma], sh: Shared, iset: ImageSet) -> No
         t.shm_fds[oid] = fd
 
 
+def _prepare_fds(t: Target, fds: list[pb.Fd]) -> None:
+    """Where `t`'s staged fds go (above every fd it has or will have), before any process
+    stages anything: another's staging may make an fd here first (a connected unix pair)."""
+    have = set(proc.fds(t.pid))
+    t.fd_base, t.fd_have = max([e.fd for e in fds] + list(have) + [2]) + 1, have
+    t.fd_keep = {e.fd for e in fds if e.kind == pb.INHERITED and e.fd in have}
+
+
 def _stage_fds(t: Target, fds: list[pb.Fd], iset: ImageSet, sh: Shared) -> list[tuple[int, pb.Fd]]:
     """Open (or take from the process that already has it) every fd, at high numbers."""
-    have = set(proc.fds(t.pid))
-    base = max([e.fd for e in fds] + list(have) + [2]) + 1
-    t.fd_base, t.fd_have = base, have
-    t.fd_keep = {e.fd for e in fds if e.kind == pb.INHERITED and e.fd in have}
+    if t.fd_base is None:
+        _prepare_fds(t, fds)
+    base = t.fd_base
     staged: list[tuple[int, pb.Fd]] = []
     for e in fds:
         if e.kind == pb.INHERITED:
@@ -372,64 +380,105 @@ def _stage_fds(t: Target, fds: list[pb.Fd], iset: ImageSet, sh: Shared) -> list[
             fd = t.sys("openat", AT_FDCWD, t.cstr("/dev/null"), os.O_RDWR)
         elif e.file_id and e.file_id in sh.desc:
             fd = t.take_fd(*sh.desc[e.file_id])
-        elif e.kind == pb.PIPE:
-            if e.pipe_id not in sh.pipes:
-                ends = t.put(bytes(8))
-                t.sys("pipe2", ends, 0)
-                r, w = struct.unpack("<ii", t.mem.read(ends, 8))
-                if e.pipe_size:
-                    t.sys("fcntl", w, F_SETPIPE_SZ, e.pipe_size, check=False)
-                hr, hw = (t.sys("fcntl", x, F_DUPFD_CLOEXEC, base) for x in (r, w))
-                t.sys("close", r)
-                t.sys("close", w)
-                t.extra_fds += [hr, hw]
-                sh.pipes[e.pipe_id] = (t, hr, hw)
-            owner, r, w = sh.pipes[e.pipe_id]
-            fd = t.take_fd(owner, r if e.flags & files.O_ACCMODE == os.O_RDONLY else w)
-            if e.pipe_data:
-                local = _local_copy(owner, w)
-                try:
-                    os.write(local, e.pipe_data)
-                finally:
-                    os.close(local)
-            t.sys("fcntl", fd, F_SETFL, e.flags & ~files.O_ACCMODE)
-        elif e.kind == pb.SOCKET:
-            fd = sockets.create(t, e, sh.socks, _local_copy)
-        elif e.kind == pb.TTY:
-            fd = sh.terminals.open_fd(t, e)
-        elif e.kind in (pb.EVENTFD, pb.TIMERFD, pb.SIGNALFD, pb.EPOLL):
-            fd = eventfds.create(t, e, _local_copy)
-        elif e.kind in (pb.INOTIFY, pb.FANOTIFY):
-            fd = fsnotify.create(t, e, _local_copy)
-        elif e.kind == pb.DELETED_FILE:
-            d = os.path.dirname(e.path.removesuffix(" (deleted)")) or "/tmp"
-            fd = t.sys("openat", AT_FDCWD, t.cstr(d if os.path.isdir(d) else "/tmp"),
-                       files.O_TMPFILE | os.O_RDWR, e.mode or 0o600)
-            local = _local_copy(t, fd)
-            try:
-                with open(iset.path / e.data_file, "rb") as src:
-                    while chunk := src.read(1 << 20):
-                        os.write(local, chunk)
-            finally:
-                os.close(local)
-            t.sys("lseek", fd, e.pos, 0)
         else:
-            flags = e.flags & ~(files.O_CREAT | files.O_EXCL | files.O_TRUNC)
-            if e.kind == pb.DIRECTORY:
-                flags |= files.O_DIRECTORY
-            fd = t.sys("openat", AT_FDCWD, t.cstr(e.path), flags, check=False)
-            if fd < 0:
-                raise RestoreError(f"process {t.ns_pid} fd {e.fd}: cannot open {e.path}: {os.strerror(-fd)}")
-            if e.kind == pb.REGULAR and e.policy == pb.ROLLBACK and e.flags & files.O_ACCMODE:
-                t.sys("ftruncate", fd, e.size)
-            if e.kind == pb.REGULAR:
-                t.sys("lseek", fd, e.pos, 0)
+            fd = _open_one(t, e, iset, sh)
         high = t.sys("fcntl", fd, F_DUPFD_CLOEXEC, base)
         t.sys("close", fd)
         staged.append((high, e))
         if e.file_id and e.kind != pb.INHERITED and e.file_id not in sh.desc:
             sh.desc[e.file_id] = (t, high)
     return staged
+
+
+def _open_one(t: Target, e: pb.Fd, iset: ImageSet, sh: Shared) -> int:
+    """The description of `e` made in `t` (a new fd there, at any number), or the pipe end
+    or socket pair end `t` takes from the process that made it."""
+    base = t.fd_base
+    if e.kind == pb.PIPE and e.path.startswith("/"):
+        fd = _open_fifo(t, e, sh)
+    elif e.kind == pb.PIPE:
+        if e.pipe_id not in sh.pipes:
+            ends = t.put(bytes(8))
+            t.sys("pipe2", ends, 0)
+            r, w = struct.unpack("<ii", t.mem.read(ends, 8))
+            if e.pipe_size:
+                t.sys("fcntl", w, F_SETPIPE_SZ, e.pipe_size, check=False)
+            hr, hw = (t.sys("fcntl", x, F_DUPFD_CLOEXEC, base) for x in (r, w))
+            t.sys("close", r)
+            t.sys("close", w)
+            t.extra_fds += [hr, hw]
+            sh.pipes[e.pipe_id] = (t, hr, hw)
+        owner, r, w = sh.pipes[e.pipe_id]
+        fd = t.take_fd(owner, r if e.flags & files.O_ACCMODE == os.O_RDONLY else w)
+        if e.pipe_data:
+            local = _local_copy(owner, w)
+            try:
+                os.write(local, e.pipe_data)
+            finally:
+                os.close(local)
+        t.sys("fcntl", fd, F_SETFL, e.flags & ~files.O_ACCMODE)
+    elif e.kind == pb.SOCKET:
+        fd = sockets.create(t, e, sh.socks, _local_copy)
+    elif e.kind == pb.TTY:
+        fd = sh.terminals.open_fd(t, e)
+    elif e.kind in (pb.EVENTFD, pb.TIMERFD, pb.SIGNALFD, pb.EPOLL):
+        fd = eventfds.create(t, e, _local_copy)
+    elif e.kind in (pb.INOTIFY, pb.FANOTIFY):
+        fd = fsnotify.create(t, e, _local_copy)
+    elif e.kind == pb.DELETED_FILE:
+        d = os.path.dirname(e.path.removesuffix(" (deleted)")) or "/tmp"
+        fd = t.sys("openat", AT_FDCWD, t.cstr(d if os.path.isdir(d) else "/tmp"),
+                   files.O_TMPFILE | os.O_RDWR, e.mode or 0o600)
+        local = _local_copy(t, fd)
+        try:
+            with open(iset.path / e.data_file, "rb") as src:
+                while chunk := src.read(1 << 20):
+                    os.write(local, chunk)
+        finally:
+            os.close(local)
+        t.sys("lseek", fd, e.pos, 0)
+    else:
+        flags = e.flags & ~(files.O_CREAT | files.O_EXCL | files.O_TRUNC)
+        if e.kind == pb.DIRECTORY:
+            flags |= files.O_DIRECTORY
+        fd = t.sys("openat", AT_FDCWD, t.cstr(e.path), flags, check=False)
+        if fd < 0:
+            raise RestoreError(f"process {t.ns_pid} fd {e.fd}: cannot open {e.path}: {os.strerror(-fd)}")
+        if e.kind == pb.REGULAR and e.policy == pb.ROLLBACK and e.flags & files.O_ACCMODE:
+            t.sys("ftruncate", fd, e.size)
+        if e.kind == pb.REGULAR:
+            t.sys("lseek", fd, e.pos, 0)
+    return fd
+
+
+def _open_fifo(t: Target, e: pb.Fd, sh: Shared) -> int:
+    """A FIFO's fd, opened by path by `t` (with the image owner's file credentials). The
+    first opener of a FIFO keeps it open read-write until the fds are installed, so that no
+    open blocks or fails for want of the other side, and its saved data stays buffered."""
+    where = f"process {t.ns_pid} fd {e.fd}"
+    if e.pipe_id not in sh.pipes:
+        keep = t.sys("openat", AT_FDCWD, t.cstr(e.path), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC, check=False)
+        if keep < 0:
+            raise RestoreError(f"{where}: cannot open FIFO {e.path}: {os.strerror(-keep)}")
+        if e.pipe_size:
+            t.sys("fcntl", keep, F_SETPIPE_SZ, e.pipe_size, check=False)
+        high = t.sys("fcntl", keep, F_DUPFD_CLOEXEC, t.fd_base)
+        t.sys("close", keep)
+        t.extra_fds.append(high)
+        sh.pipes[e.pipe_id] = (t, high, high)
+    owner, _, keeper = sh.pipes[e.pipe_id]
+    flags = e.flags & ~(files.O_CREAT | files.O_EXCL | files.O_TRUNC)
+    fd = t.sys("openat", AT_FDCWD, t.cstr(e.path), flags | os.O_NONBLOCK, check=False)
+    if fd < 0:
+        raise RestoreError(f"{where}: cannot open FIFO {e.path}: {os.strerror(-fd)}")
+    if e.pipe_data:
+        local = _local_copy(owner, keeper)
+        try:
+            os.write(local, e.pipe_data)
+        finally:
+            os.close(local)
+    t.sys("fcntl", fd, F_SETFL, e.flags & ~files.O_ACCMODE)
+    return fd
 
 
 def _install_fds(t: Target, staged: list[tuple[int, pb.Fd]]) -> None:
@@ -647,6 +696,7 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
     validate_ipc(str(iset.path), inv, owner, procs)
     for p in procs:
         validate_fsnotify(str(iset.path), p, owner)
+    validate_in_flight(str(iset.path), [p for p in procs if not p.zombie])
     if inv.own_pid_namespace:
         pidns.ensure()
     else:
@@ -677,7 +727,11 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
         for t in targets.values():
             for fd in t.shm_fds.values():
                 t.sys("close", fd)
+        for p in live:
+            _prepare_fds(targets[p.pid], list(p.fds))
+        sh.socks.setup(live, targets, sh.desc, partial(_open_one, iset=iset, sh=sh), _local_copy)
         staged = {p.pid: _stage_fds(targets[p.pid], list(p.fds), iset, sh) for p in live}
+        sockets.pass_in_flight(sh.socks)
         for p in live:
             _install_fds(targets[p.pid], staged[p.pid])
         sysvipc.restore_undo(targets, live)

@@ -9,6 +9,7 @@ files) are keyed by their inode, saved once, and restored as one object mapped b
 """
 import functools
 import os
+import stat
 from dataclasses import dataclass, field
 
 from ..errors import ProcessGoneError
@@ -84,7 +85,7 @@ class Descriptions:
                 ref = FdRef(pid, fd, target, st, info)
                 d.fds[(pid, fd)] = ref
                 groups.setdefault((st.st_dev, st.st_ino, target), []).append((pid, fd))
-                if target.startswith("pipe:"):
+                if target.startswith("pipe:") or stat.S_ISFIFO(st.st_mode):
                     d.pipe_modes.setdefault(st.st_ino, set()).add(ref.flags & O_ACCMODE)
         next_id = 1
         for members in groups.values():
@@ -110,11 +111,19 @@ class Descriptions:
     def pipe_inside(self, ino: int) -> bool:
         """Both ends of the pipe are held by processes of the tree, or the end the tree
         lacks is closed everywhere (make hands its jobs such a pipe as stdin)."""
-        if {os.O_RDONLY, os.O_WRONLY} <= self.pipe_modes.get(ino, set()):
+        modes = self.pipe_modes.get(ino, set())
+        if os.O_RDWR in modes or {os.O_RDONLY, os.O_WRONLY} <= modes:
             return True
         if ino not in self._outside:
-            self._outside[ino] = _held_outside(f"pipe:[{ino}]", {p for p, _ in self.fds})
+            self._outside[ino] = _held_outside(self.pipe_target(ino), {p for p, _ in self.fds})
         return not self._outside[ino]
+
+    def pipe_target(self, ino: int) -> str:
+        """What /proc shows an fd of pipe `ino` lead to: pipe:[ino], or a FIFO's path."""
+        for ref in self.fds.values():
+            if ref.st.st_ino == ino and stat.S_ISFIFO(ref.st.st_mode):
+                return ref.target
+        return f"pipe:[{ino}]"
 
     def first(self, what: object) -> bool:
         """True the first time `what` is asked about: save shared content only once."""

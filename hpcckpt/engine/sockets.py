@@ -19,10 +19,11 @@ import os
 import socket
 import stat
 import struct
+import sys
 import termios
 from dataclasses import dataclass
 
-from ..errors import HpcckptError, RestoreError, UnsupportedError
+from ..errors import HpcckptError, ImageError, RestoreError, UnsupportedError
 from ..images import pb
 from ..kernel import listenlock, netlock, sockdiag
 from ..kernel.libc import pidfd_getfd, pidfd_open
@@ -32,12 +33,13 @@ SOL_SOCKET, SOL_TCP, SOL_IPV6 = 1, 6, 41
 SO_REUSEADDR, SO_SNDBUF, SO_RCVBUF, SO_REUSEPORT = 2, 7, 8, 15
 SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_PEEK_OFF, SO_BUF_LOCK = 32, 33, 42, 72
 IPV6_V6ONLY, TCP_NODELAY = 26, 1
-O_NONBLOCK, SOCK_NONBLOCK = 0o4000, 0o4000
+O_NONBLOCK, SOCK_NONBLOCK, SOCK_CLOEXEC = 0o4000, 0o4000, 0o2000000
 F_SETFL = 4
 SCM_RIGHTS = 1
 TYPE_NAMES = {1: "stream", 2: "datagram", 3: "raw", 4: "rdm", 5: "seqpacket", 10: "packet"}
 FAMILY_NAMES = {1: "unix", 2: "IPv4", 10: "IPv6", 16: "netlink", 17: "packet"}
 ANC_SPACE = socket.CMSG_SPACE(253 * 4)
+TCP_CLOSE = 7                                      # a unix socket never connected (sock_diag state)
 AT_FDCWD = -100
 
 
@@ -66,9 +68,49 @@ def tree_sockets(descs) -> set[int]:
 
 
 def pair_inside(descs, ino: int) -> bool:
-    """A unix socket connected to a socket the tree holds too (so not stdio leading out)."""
+    """A unix socket connected to a socket the tree holds too, or one in flight in a queue
+    of the tree's (so not stdio leading out)."""
     u = unix_table(descs).get(ino)
-    return u is not None and u.peer != 0 and u.peer in tree_sockets(descs)
+    return u is not None and u.peer != 0 and held(descs, u.peer)
+
+
+def held(descs, ino: int) -> bool:
+    """A socket an fd of the tree holds, or one passed (SCM_RIGHTS) and still queued in a
+    unix socket of the tree's; the queues are only looked at when the fds do not tell."""
+    return ino in tree_sockets(descs) or ino in in_flight_sockets(descs)
+
+
+def in_flight_sockets(descs) -> set[int]:
+    """Inodes of the sockets passed with SCM_RIGHTS and not yet received, in the queues of
+    the unix sockets the tree holds (what those carry in turn is refused when described)."""
+    if "flight" in descs.cache:
+        return descs.cache["flight"]
+    found: set[int] = set()
+    table, seen = unix_table(descs), set()
+
+    def note(x: int) -> pb.PassedFile:
+        st = os.fstat(x)
+        if stat.S_ISSOCK(st.st_mode):
+            found.add(st.st_ino)
+        return pb.PassedFile()
+
+    for (pid, fd), ref in sorted(descs.fds.items()):
+        u = table.get(ref.st.st_ino) if ref.target.startswith("socket:") else None
+        if u is None or u.ino in seen or u.state == sockdiag.TCP_LISTEN:
+            continue
+        seen.add(u.ino)
+        try:
+            s = _dup(pid, fd)
+        except OSError:
+            continue
+        try:
+            _peek(s, u.type == socket.SOCK_STREAM, f"process {pid}: fd {fd}", note, dead=bool(u.shutdown & 1))
+        except (OSError, UnsupportedError):
+            pass               # described (and refused, if need be) with the fd itself
+        finally:
+            s.close()
+    descs.cache["flight"] = found
+    return found
 
 
 def _fmt(addr) -> str:
@@ -77,24 +119,106 @@ def _fmt(addr) -> str:
     return repr(addr)
 
 
-def _passed_file(x: int, where: str) -> pb.PassedFile:
-    """What a file passed in flight is (our duplicate `x`, from a peek): only what can be
-    opened by path again (a regular file, directory or device) is taken."""
-    mode, target = os.fstat(x).st_mode, os.readlink(f"/proc/self/fd/{x}")
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISCHR(mode)) \
+def _passed(x: int, where: str, descs, pid: int) -> pb.PassedFile:
+    """What a file passed in flight is (our duplicate `x`, from a peek). A unix socket or a
+    pipe is the description an fd of the tree holds too (by file id), or else described
+    in full as an object of its own; a regular file, directory or device is taken by
+    path; anything else is refused."""
+    st = os.fstat(x)
+    target = os.readlink(f"/proc/self/fd/{x}")
+    fifo = stat.S_ISFIFO(st.st_mode) and (target.startswith("pipe:") or (
+        target.startswith("/") and not target.endswith(" (deleted)")))
+    if stat.S_ISSOCK(st.st_mode) or fifo:
+        fid = _tree_description(x, st, target, where, descs)
+        return pb.PassedFile(file_id=fid) if fid else _flight_object(x, st, target, where, descs, pid)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode) or stat.S_ISCHR(st.st_mode)) \
             or not target.startswith("/") or target.endswith(" (deleted)"):
         raise UnsupportedError(f"{where} has {target} in flight (passed with SCM_RIGHTS, not yet received); "
-                               "only files, directories and devices can be checkpointed in flight")
+                               "only files, directories, devices, unix sockets and pipes can be "
+                               "checkpointed in flight")
+    return pb.PassedFile(path=target, flags=_fdinfo_flags(x), pos=_fdinfo(x)["pos"])
+
+
+def _fdinfo(x: int) -> dict[str, int]:
     with open(f"/proc/self/fdinfo/{x}") as f:
         info = dict(line.split(":", 1) for line in f if ":" in line)
-    return pb.PassedFile(path=target, flags=int(info["flags"], 8) & ~os.O_CLOEXEC, pos=int(info["pos"]))
+    return {"flags": int(info["flags"], 8), "pos": int(info["pos"])}
 
 
-def _peek(s: socket.socket, stream: bool, where: str, dead: bool = False) -> tuple[list[bytes], list[pb.InFlight]]:
+def _fdinfo_flags(x: int) -> int:
+    return _fdinfo(x)["flags"] & ~os.O_CLOEXEC
+
+
+def _tree_description(x: int, st: os.stat_result, target: str, where: str, descs) -> int:
+    """The file id of the tree's description `x` (ours, from a peek) is, 0 if no fd of the
+    tree holds it (kcmp among the fds leading to the same inode)."""
+    from .shared import same_description
+    index = descs.cache.get("by_inode")
+    if index is None:
+        index = descs.cache["by_inode"] = {}
+        for key, ref in descs.fds.items():
+            index.setdefault((ref.st.st_dev, ref.st.st_ino), []).append(key)
+    me = os.getpid()
+    for p2, fd2 in index.get((st.st_dev, st.st_ino), ()):
+        if not same_description(me, x, p2, fd2):
+            continue
+        outside = (not descs.pipe_inside(st.st_ino)) if stat.S_ISFIFO(st.st_mode) else \
+            (not pair_inside(descs, st.st_ino) and unix_table(descs).get(st.st_ino) is not None
+             and unix_table(descs)[st.st_ino].state != sockdiag.TCP_LISTEN)
+        if fd2 <= 2 and outside:
+            raise UnsupportedError(f"{where} has {target} in flight, which is also process {p2}'s "
+                                   f"fd {fd2} leading outside the tree; it cannot be passed again")
+        return descs.ids[(p2, fd2)]
+    return 0
+
+
+def _flight_object(x: int, st: os.stat_result, target: str, where: str, descs, pid: int) -> pb.PassedFile:
+    """A unix socket or pipe end held by no fd of the tree, only by queues: described as an
+    fd would be, once (a second reference names it by its file id). Sockets have one
+    description each; pipe ends are told apart by access mode only."""
+    flags = _fdinfo_flags(x)
+    pipe = stat.S_ISFIFO(st.st_mode)          # a pipe, or a FIFO (by its path)
+    key = (st.st_ino, flags & 3) if pipe else st.st_ino
+    objs = descs.cache.setdefault("flight_objects", {})
+    if key in objs:
+        return pb.PassedFile(file_id=objs[key])
+    fid = objs[key] = max(descs.ids.values(), default=0) + 1 + len(objs)
+    e = pb.Fd(fd=0, flags=flags, file_id=fid, path=target)
+    at = f"{where}: {target} in flight"
+    if pipe:
+        from . import files
+        descs.pipe_modes.setdefault(st.st_ino, set()).add(flags & 3)
+        if not descs.pipe_inside(st.st_ino):
+            raise UnsupportedError(f"{at} (passed with SCM_RIGHTS) is a pipe or FIFO leading outside "
+                                   "the process tree; only those with both ends inside can be checkpointed")
+        e.kind, e.pipe_id = pb.PIPE, st.st_ino
+        e.pipe_size = fcntl.fcntl(x, files.F_GETPIPE_SZ)
+        if flags & 3 != os.O_WRONLY and descs.first(("pipe", st.st_ino)):
+            e.pipe_data = files.tee_pipe(x)
+        return pb.PassedFile(object=e)
+    s = socket.socket(fileno=os.dup(x))
+    try:
+        _describe(e, s, pid, st.st_ino, descs, True, at)
+    finally:
+        s.close()
+    if e.socket.family != socket.AF_UNIX:
+        raise UnsupportedError(f"{at}: only unix sockets (and pipes) can be checkpointed in flight, "
+                               f"not {FAMILY_NAMES.get(e.socket.family, e.socket.family)} ones")
+    if e.socket.in_flight:
+        raise UnsupportedError(f"{at} has fds in flight in its own queue (passed fds nested in a "
+                               "passed socket); this cannot be checkpointed yet: let the receiver "
+                               "take them first")
+    return pb.PassedFile(object=e)
+
+
+def _peek(s: socket.socket, stream: bool, where: str, passed,
+          dead: bool = False) -> tuple[list[bytes], list[pb.InFlight]]:
     """The receive queue, message by message, left in place, with the files passed along
-    (a stream's chunks are kept apart then: each goes back with its own sendmsg). `dead`:
-    the peer closed, so an empty queue reads as EOF instead of EAGAIN (a zero-length
-    seqpacket message would end the peek there)."""
+    (`passed(our duplicate)` says what each is; a stream's chunks are kept apart then:
+    each goes back with its own sendmsg). `dead`: shut down for reading (the peer closed,
+    or shut its sending side), where an empty queue reads as an empty message (seqpacket)
+    or EOF, not EAGAIN: an empty message without fds ends the queue then (one the peer
+    sent before is taken for the end)."""
     inq = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.FIONREAD, b"\0" * 4))[0]
     size = max(inq, s.getsockopt(SOL_SOCKET, SO_RCVBUF), 1 << 16)
     old = s.getsockopt(SOL_SOCKET, SO_PEEK_OFF)
@@ -111,14 +235,14 @@ def _peek(s: socket.socket, stream: bool, where: str, dead: bool = False) -> tup
                 if level == SOL_SOCKET and kind == SCM_RIGHTS:
                     fds = struct.unpack(f"{len(payload) // 4}i", payload[:len(payload) // 4 * 4])
                     try:
-                        flight.append(pb.InFlight(message=len(out), files=[_passed_file(x, where) for x in fds]))
+                        flight.append(pb.InFlight(message=len(out), files=[passed(x) for x in fds]))
                     finally:
                         for x in fds:
                             os.close(x)
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                 raise UnsupportedError(f"{where} holds a message larger than {size} bytes (or with more "
                                        "passed fds than one message may carry)")
-            if (stream or dead) and not data and not anc:
+            if not data and not anc and (stream or dead):
                 break
             out.append(data)
     finally:
@@ -131,20 +255,25 @@ def describe(e: pb.Fd, pid: int, ino: int, descs, first: bool) -> None:
     `first`: this is the first fd of its description (it carries the queued data)."""
     s = _dup(pid, e.fd)
     try:
-        k = pb.Socket(family=s.getsockopt(SOL_SOCKET, socket.SO_DOMAIN),
-                      type=s.getsockopt(SOL_SOCKET, socket.SO_TYPE),
-                      protocol=s.getsockopt(SOL_SOCKET, socket.SO_PROTOCOL),
-                      sndbuf=s.getsockopt(SOL_SOCKET, SO_SNDBUF), rcvbuf=s.getsockopt(SOL_SOCKET, SO_RCVBUF))
-        where = f"process {pid}: fd {e.fd} ({FAMILY_NAMES.get(k.family, k.family)} " \
-                f"{TYPE_NAMES.get(k.type, k.type)} socket:[{ino}])"
-        if k.family == socket.AF_UNIX:
-            _unix(k, s, ino, descs, first, where, pid)
-        elif k.family in (socket.AF_INET, socket.AF_INET6) and k.type in (1, 2):
-            _inet(k, s, ino, descs, first, where)
-        else:
-            raise UnsupportedError(f"{where}: this kind of socket cannot be checkpointed yet")
+        _describe(e, s, pid, ino, descs, first, f"process {pid}: fd {e.fd}")
     finally:
         s.close()
+
+
+def _describe(e: pb.Fd, s: socket.socket, pid: int, ino: int, descs, first: bool, at: str) -> None:
+    """Fill `e` for socket `s` (our duplicate of a socket of process `pid`, held by an fd or
+    in flight in a queue of its: `at` says which)."""
+    k = pb.Socket(family=s.getsockopt(SOL_SOCKET, socket.SO_DOMAIN),
+                  type=s.getsockopt(SOL_SOCKET, socket.SO_TYPE),
+                  protocol=s.getsockopt(SOL_SOCKET, socket.SO_PROTOCOL),
+                  sndbuf=s.getsockopt(SOL_SOCKET, SO_SNDBUF), rcvbuf=s.getsockopt(SOL_SOCKET, SO_RCVBUF))
+    where = f"{at} ({FAMILY_NAMES.get(k.family, k.family)} {TYPE_NAMES.get(k.type, k.type)} socket:[{ino}])"
+    if k.family == socket.AF_UNIX:
+        _unix(k, s, ino, descs, first, where, pid)
+    elif k.family in (socket.AF_INET, socket.AF_INET6) and k.type in (1, 2):
+        _inet(k, s, ino, descs, first, where)
+    else:
+        raise UnsupportedError(f"{where}: this kind of socket cannot be checkpointed yet")
     e.kind = pb.SOCKET
     e.socket.CopyFrom(k)
 
@@ -163,17 +292,23 @@ def _unix(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: s
         _named_dgram(k, s, u, pid, descs, first, where)
         return
     if not u.peer and dead_peer(k, u):
-        _dead_peer(k, s, ino, u, first, where)
+        _dead_peer(k, s, ino, u, first, where, descs, pid)
         return
+    if not u.peer and u.state == TCP_CLOSE and not u.name:
+        return                          # never connected nor bound: socket() makes it again
     if not u.peer:
         raise UnsupportedError(f"{where}{' bound to ' + repr(name) if name else ''} is not connected "
-                               "to a peer; only connected pairs can be checkpointed")
-    if u.peer not in tree_sockets(descs):
+                               "to a peer; only connected pairs, listening sockets and unconnected "
+                               "unnamed ones can be checkpointed")
+    if not held(descs, u.peer):
         raise UnsupportedError(f"{where} is connected to socket:[{u.peer}], which no process of the "
                                "tree holds; only unix sockets with both ends in the tree are supported")
     k.pair_id, k.end, k.shutdown = min(ino, u.peer), int(ino > u.peer), u.shutdown
+    if k.type in (socket.SOCK_STREAM, socket.SOCK_SEQPACKET) and u.peer in table:
+        _pair_names(k, u, table[u.peer], descs, pid, where)
     if first:
-        queue, flight = _peek(s, k.type == socket.SOCK_STREAM, where)
+        queue, flight = _peek(s, k.type == socket.SOCK_STREAM, where, lambda x: _passed(x, where, descs, pid),
+                              dead=bool(u.shutdown & 1))
         k.queue.extend(queue)
         k.in_flight.extend(flight)
 
@@ -185,16 +320,52 @@ def dead_peer(k: pb.Socket, u) -> bool:
     return k.type in (socket.SOCK_STREAM, socket.SOCK_SEQPACKET) and u.state == sockdiag.TCP_ESTABLISHED
 
 
-def _dead_peer(k: pb.Socket, s: socket.socket, ino: int, u, first: bool, where: str) -> None:
+def _dead_peer(k: pb.Socket, s: socket.socket, ino: int, u, first: bool, where: str, descs, pid: int) -> None:
     """Saved as one end of a pair of its own (CRIU's way): the restore makes a socketpair,
     gives this end its unread data back through the other, and closes the other with
     the staged fds, so reads drain the queue then see EOF and writes fail with EPIPE, as
     they would have."""
     k.pair_id, k.end, k.shutdown, k.dead_peer = ino, 0, u.shutdown, True
     if first:
-        queue, flight = _peek(s, k.type == socket.SOCK_STREAM, where, dead=True)
+        queue, flight = _peek(s, k.type == socket.SOCK_STREAM, where,
+                              lambda x: _passed(x, where, descs, pid), dead=True)
         k.queue.extend(queue)
         k.in_flight.extend(flight)
+
+
+def _name_key(u):
+    """What makes two unix sockets' names the same: the socket file (path names), or the
+    abstract name; None if unnamed."""
+    return ("vfs", u.vfs_ino) if u.vfs_ino else ("name", u.name) if u.name else None
+
+
+def _pair_names(k: pb.Socket, u, peer, descs, pid: int, where: str) -> None:
+    """A connected stream/seqpacket pair whose ends have names (an accept()ed connection
+    carries its listener's, a client may have bound one): this end's name, and whether it
+    is the accepted end, decided alike from both ends: the end named like a listening
+    socket, else the only named one, else the one with the smaller inode."""
+    if not (u.name or peer.name):
+        return
+    if "listen_keys" not in descs.cache:
+        descs.cache["listen_keys"] = {_name_key(x) for x in unix_table(descs).values()
+                                      if x.state == sockdiag.TCP_LISTEN and _name_key(x)}
+    keys = descs.cache["listen_keys"]
+    ends = sorted((u, peer), key=lambda x: x.ino)
+    like = [x for x in ends if _name_key(x) in keys]
+    named = [x for x in ends if x.name]
+    acceptor = like[0] if len(like) == 1 else named[0]
+    k.accepted = acceptor is u
+    if not u.name:
+        return
+    name = unixlisten.absolute(u, pid)
+    if not name.startswith(b"\0"):
+        name = name.rstrip(b"\0")
+    if not name.startswith((b"/", b"\0")):    # relative, its file gone: from the working directory
+        try:
+            name = os.path.join(os.readlink(f"/proc/{pid}/cwd").encode(), name)
+        except OSError:
+            name = b"/" + name
+    k.address = os.fsdecode(name)
 
 
 def _named_dgram(k: pb.Socket, s: socket.socket, u, pid: int, descs, first: bool, where: str) -> None:
@@ -205,12 +376,12 @@ def _named_dgram(k: pb.Socket, s: socket.socket, u, pid: int, descs, first: bool
     if u.peer:
         peer = unix_table(descs)[u.peer]
         name = unixlisten.absolute(peer, pid)
-        if u.peer not in tree_sockets(descs) or not name.startswith((b"/", b"\0")):
+        if not held(descs, u.peer) or not name.startswith((b"/", b"\0")):
             raise UnsupportedError(f"{where} is connected to {name!r}, a socket outside the tree (or "
                                    "not reachable by name from here); only its own sockets can be reconnected")
         k.peer_address = os.fsdecode(name)
     if first:
-        queue, flight = _peek(s, False, where)
+        queue, flight = _peek(s, False, where, lambda x: _passed(x, where, descs, pid))
         if queue and not k.address:
             raise UnsupportedError(f"{where} has {len(queue)} datagram(s) queued but no name to send "
                                    "them to again on restore")
@@ -266,7 +437,7 @@ def _inet(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: s
     if peer is not None:
         k.peer_address, k.peer_port = peer[0], peer[1]
     if first:
-        dropped, _ = _peek(s, False, where)   # (UDP carries no files)
+        dropped, _ = _peek(s, False, where, lambda x: pb.PassedFile())   # (UDP carries no files)
         if dropped:
             descs.notes.append(f"{where} on {_fmt(name)}: {len(dropped)} queued datagram(s) "
                                "dropped (their senders' addresses cannot be given back)")
@@ -318,8 +489,8 @@ def _established(k: pb.Socket, s: socket.socket, name, peer, descs, first: bool,
 
 @dataclass
 class Pair:
-    owner: object          # restore.Target holding both ends, staged
-    ends: tuple[int, int]
+    owners: tuple          # the restore.Targets holding each end, staged
+    ends: tuple[int, int]  # the staged fd of each end in its owner
 
 
 def _setint(t, fd: int, level: int, opt: int, value: int, check: bool = True) -> int:
@@ -339,34 +510,33 @@ def sockaddr(family: int, address: str, port: int) -> bytes:
             + socket.inet_pton(family, address or "::") + bytes(4))
 
 
-def create(t, e: pb.Fd, pairs: dict[int, Pair], local_copy) -> int:
-    """The socket of `e` in target `t` (a restore.Target); returns its fd there."""
+def create(t, e: pb.Fd, pairs: "Restoring", local_copy) -> int:
+    """The socket of `e` in target `t` (a restore.Target); returns its fd there. A queue
+    carrying passed fds is refilled later (`pass_in_flight`), once every fd exists."""
     k = e.socket
     where = f"process {t.ns_pid} fd {e.fd}"
+
+    def refill(local_fd, to=None):
+        run = lambda: _refill(local_fd(), k, where, lambda f: pairs.passed_fd(t, f, where), to=to)  # noqa: E731
+        pairs.deferred.append(run) if k.in_flight else run()
+
     if k.family == socket.AF_UNIX and k.listening:
         return unixlisten.create(t, e)
     if unixlisten.named_dgram(k):
         fd = unixlisten.create(t, e)
         if k.queue:   # sent again to its name, from a socket of ours
-            _refill(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).detach(), k, where,
-                    lambda f: _open_passed(t, f, local_copy, where), to=os.fsencode(k.address))
+            refill(lambda: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).detach(), to=os.fsencode(k.address))
         return fd
+    if k.family == socket.AF_UNIX and not k.pair_id:      # never connected: a plain socket
+        return t.sys("socket", socket.AF_UNIX, k.type | (SOCK_NONBLOCK if e.flags & O_NONBLOCK else 0), 0)
     if k.family == socket.AF_UNIX:
         if k.pair_id not in pairs:
-            sv = t.put(bytes(8))
-            t.sys("socketpair", socket.AF_UNIX, k.type, 0, sv)
-            a, b = struct.unpack("<ii", t.mem.read(sv, 8))
-            ends = tuple(t.sys("fcntl", x, 1030, t.fd_base) for x in (a, b))  # F_DUPFD_CLOEXEC
-            t.sys("close", a)
-            t.sys("close", b)
-            t.extra_fds += list(ends)
-            pairs[k.pair_id] = Pair(t, ends)
+            pairs[k.pair_id] = _connect_pair(pairs, k.pair_id, where) or _socketpair(t, k)
         pair = pairs[k.pair_id]
-        fd = t.take_fd(pair.owner, pair.ends[k.end])
+        fd = t.take_fd(pair.owners[k.end], pair.ends[k.end])
         _buffers(t, fd, k)
         if k.queue:
-            _refill(local_copy(pair.owner, pair.ends[1 - k.end]), k, where,
-                    lambda f: _open_passed(t, f, local_copy, where))
+            refill(lambda: local_copy(pair.owners[1 - k.end], pair.ends[1 - k.end]))
         t.sys("fcntl", fd, F_SETFL, e.flags & O_NONBLOCK)
         return fd
     fd = t.sys("socket", k.family, k.type | (SOCK_NONBLOCK if e.flags & O_NONBLOCK else 0), k.protocol)
@@ -407,13 +577,202 @@ def _inet_options(t, fd: int, k: pb.Socket) -> None:
 
 class Restoring(dict):
     """What a restore builds socket by socket: unix pairs by id (the dict), and the TCP
-    connections made so far, in repair mode until `resume` once the whole tree is in place."""
+    connections made so far, in repair mode until `resume` once the whole tree is in place.
+    `setup` gives it the tree: the targets, the descriptions made so far (file id ->
+    (target, staged fd), shared with restore.Shared) and how to make one fd of an image."""
 
     def __init__(self):
         super().__init__()
         self.tcp: list[tuple[socket.socket, pb.Socket]] = []    # (our duplicate, the image's socket)
         self.locks: dict[tuple[str, int], tuple[int, list]] = {}  # (table, netns) -> (netns fd, connections)
         self.listen_locks: dict[tuple[str, int], tuple[int, list]] = {}   # the same for listeners (listenlock)
+        self.deferred: list = []        # refills of queues carrying passed fds, run by pass_in_flight
+        self.ends: dict[int, dict[int, tuple[int, pb.Fd]]] = {}   # pair id -> end -> (holder pid, its Fd)
+        self.listeners: dict[str, tuple[int, pb.Fd]] = {}       # unix name -> (holder pid, listening Fd)
+        self.flight: list[tuple[int, pb.Fd]] = []               # (queue holder pid, in-flight object)
+        self.targets: dict = {}
+        self.desc: dict = {}
+        self.make = None
+        self.local_copy = None
+
+    def setup(self, procs: list[pb.Process], targets: dict, desc: dict, make, local_copy) -> None:
+        self.targets, self.desc, self.make, self.local_copy = targets, desc, make, local_copy
+        for p in procs:
+            for e in p.fds:
+                if e.kind != pb.SOCKET or e.socket.family != socket.AF_UNIX:
+                    continue
+                self._note(p.pid, e)
+                for f in in_flight_objects(e):
+                    self.flight.append((p.pid, f))
+                    if f.kind == pb.SOCKET:
+                        self._note(p.pid, f)
+
+    def _note(self, pid: int, e: pb.Fd) -> None:
+        k = e.socket
+        if k.pair_id:
+            self.ends.setdefault(k.pair_id, {}).setdefault(k.end, (pid, e))
+        if k.listening and k.address:
+            self.listeners.setdefault(k.address, (pid, e))
+
+    def staged(self, pid: int, e: pb.Fd) -> tuple:
+        """(target, staged fd) of description `e` of process `pid`, made now in that process
+        if it does not exist yet (its own staging takes it then)."""
+        if e.file_id not in self.desc:
+            t = self.targets[pid]
+            fd = self.make(t, e)
+            high = t.sys("fcntl", fd, F_DUPFD_CLOEXEC, t.fd_base)
+            t.sys("close", fd)
+            t.extra_fds.append(high)
+            self.desc[e.file_id] = (t, high)
+        return self.desc[e.file_id]
+
+    def passed_fd(self, t, f: pb.PassedFile, where: str) -> int:
+        """A file passed in flight, as our fd: the description made for it (an fd of the tree
+        or an in-flight object), or (files, directories, devices) opened again by `t`."""
+        fid = f.object.file_id if f.HasField("object") else f.file_id
+        if not fid:
+            return _open_passed(t, f, self.local_copy, where)
+        if fid not in self.desc:
+            raise ImageError(f"image is invalid: {where} passes file id {fid} in flight, which no fd "
+                             "or in-flight object of the image has")
+        return self.local_copy(*self.desc[fid])
+
+
+F_DUPFD_CLOEXEC = 1030
+
+
+def in_flight_objects(e: pb.Fd) -> list[pb.Fd]:
+    """The unix sockets and pipe ends only `e`'s queue holds (passed, not yet received)."""
+    if e.kind != pb.SOCKET:
+        return []
+    return [f.object for m in e.socket.in_flight for f in m.files if f.HasField("object")]
+
+
+def _socketpair(t, k: pb.Socket) -> Pair:
+    """Both ends made by `t` with socketpair() (unnamed, as socketpair makes them)."""
+    sv = t.put(bytes(8))
+    t.sys("socketpair", socket.AF_UNIX, k.type, 0, sv)
+    a, b = struct.unpack("<ii", t.mem.read(sv, 8))
+    ends = tuple(t.sys("fcntl", x, F_DUPFD_CLOEXEC, t.fd_base) for x in (a, b))
+    t.sys("close", a)
+    t.sys("close", b)
+    t.extra_fds += list(ends)
+    return Pair((t, t), ends)
+
+
+SO_PEERCRED = 17
+
+
+def _connect_pair(r: Restoring, pair_id: int, where: str) -> Pair | None:
+    """A pair whose accepted end is named: the other end (bound to its own name first, if
+    it had one) connects to that name and the accepted end's holder accepts, so both ends'
+    getsockname/getpeername are what they were. The listener is the restored one bound to
+    the name, if the image has it, else a temporary one (its socket file removed after, if
+    it made one). None (a socketpair then) if the name is taken by a live socket outside."""
+    ends = r.ends.get(pair_id, {})
+    acc = next((x for x in ends.values() if x[1].socket.accepted and x[1].socket.address), None)
+    if acc is None or len(ends) != 2:
+        return None
+    con = ends[1 - acc[1].socket.end]
+    ka, kc = acc[1].socket, con[1].socket
+    ta, tc = r.targets[acc[0]], r.targets[con[0]]
+    name = ka.address
+    made_file = False
+    if name in r.listeners:
+        lfd = ta.take_fd(*r.staged(*r.listeners[name]))
+    else:
+        if unixlisten.live(name, ka.type):
+            print(f"hpcckpt: {where}: unix socket name {name!r} is taken by a live socket; the "
+                  "connection comes back unnamed (as a socketpair)", file=sys.stderr)
+            return None
+        made_file = not name.startswith("\0") and not os.path.lexists(name)
+        lfd = ta.sys("socket", socket.AF_UNIX, ka.type | SOCK_CLOEXEC, 0)
+        res = unixlisten.bind(ta, lfd, name)
+        if res < 0:
+            ta.sys("close", lfd)
+            print(f"hpcckpt: {where}: cannot bind {name!r} to connect the pair again "
+                  f"({os.strerror(-res)}); it comes back unnamed (as a socketpair)", file=sys.stderr)
+            return None
+        ta.sys("listen", lfd, 1)
+    c = -1
+    # a name's socket file exists after the restore only if it did before (the program may
+    # have removed it; the name stays the socket's all the same)
+    con_file = bool(kc.address) and not kc.address.startswith("\0") and not os.path.lexists(kc.address)
+    try:
+        c = tc.sys("socket", socket.AF_UNIX, kc.type | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)
+        if kc.address:
+            res = unixlisten.bind(tc, c, kc.address)
+            if res < 0:
+                print(f"hpcckpt: {where}: cannot bind {kc.address!r} again ({os.strerror(-res)}); "
+                      "the pair comes back unnamed (as a socketpair)", file=sys.stderr)
+                tc.sys("close", c)
+                return None
+        sa = unixlisten.sockaddr(name)
+        res = tc.sys("connect", c, tc.put(sa), len(sa), check=False)
+        if res < 0:
+            raise RestoreError(f"{where}: cannot connect to unix socket {name!r} again: {os.strerror(-res)}")
+        a = _accept_from(ta, lfd, tc, where)
+    finally:
+        ta.sys("close", lfd)
+        if made_file:
+            ta.sys("unlinkat", unixlisten.AT_FDCWD, ta.cstr(name), 0, check=False)
+        if con_file:
+            tc.sys("unlinkat", unixlisten.AT_FDCWD, tc.cstr(kc.address), 0, check=False)
+    owners, fds = [None, None], [0, 0]
+    for end, t, fd in ((ka.end, ta, a), (kc.end, tc, c)):
+        owners[end] = t
+        fds[end] = t.sys("fcntl", fd, F_DUPFD_CLOEXEC, t.fd_base)
+        t.sys("close", fd)
+        t.extra_fds.append(fds[end])
+    return Pair(tuple(owners), tuple(fds))
+
+
+def _accept_from(ta, lfd: int, tc, where: str) -> int:
+    """Accept, in `ta`, the connection `tc` just made; one made meanwhile by a process
+    outside (SO_PEERCRED names another process) is closed, as a server that was down would."""
+    for _ in range(64):
+        a = ta.sys("accept4", lfd, 0, 0, SOCK_CLOEXEC, check=False)
+        if a < 0:
+            raise RestoreError(f"{where}: cannot accept the pair's connection again: {os.strerror(-a)}")
+        s = socket.socket(fileno=_local(ta, a))
+        try:
+            pid = struct.unpack("<3i", s.getsockopt(SOL_SOCKET, SO_PEERCRED, 12))[0]
+        finally:
+            s.close()
+        if pid == tc.pid:
+            return a
+        ta.sys("close", a)
+    raise RestoreError(f"{where}: the listener kept taking connections from outside the tree")
+
+
+def _local(t, fd: int) -> int:
+    pidfd = pidfd_open(t.pid)
+    try:
+        return pidfd_getfd(pidfd, fd)
+    finally:
+        os.close(pidfd)
+
+
+def pass_in_flight(r: Restoring) -> None:
+    """Every fd of every process staged: the objects only queues held are made (by the
+    process holding the queue), then the queues carrying passed fds are refilled."""
+    for pid, e in r.flight:
+        if e.file_id in r.desc:
+            continue
+        t, fd = r.staged(pid, e)
+        k = e.socket
+        where = f"process {t.ns_pid}: socket in flight"
+        if e.kind == pb.SOCKET and unixlisten.named_dgram(k) and k.peer_address:
+            sa = unixlisten.sockaddr(k.peer_address)
+            res = t.sys("connect", fd, t.put(sa), len(sa), check=False)
+            if res < 0:
+                raise RestoreError(f"{where}: cannot connect to unix socket {k.peer_address!r} again: "
+                                   f"{os.strerror(-res)}")
+        if e.kind == pb.SOCKET and k.shutdown:
+            t.sys("shutdown", fd, {1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}[k.shutdown & 3])
+    for run in r.deferred:
+        run()
+    r.deferred.clear()
 
 
 def _connection(t, fd: int, k: pb.Socket, pairs, local_copy, where: str) -> int:
@@ -678,6 +1037,7 @@ def check(pid: int, fds: list[pb.Fd], creds: pb.Creds | None = None) -> None:
     only that user): the restore binds as root, so a port below ip_unprivileged_port_start
     is only given back to a process that could have bound it itself (CAP_NET_BIND_SERVICE)."""
     privileged = creds is not None and (creds.euid == 0 or creds.cap_eff >> CAP_NET_BIND_SERVICE & 1)
+    fds = list(fds) + [o for e in fds for o in in_flight_objects(e)]
     unixlisten.check(pid, fds)
     for e in fds:
         k = e.socket

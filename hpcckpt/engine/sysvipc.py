@@ -19,8 +19,10 @@ SEM_UNDO adjustments, which the kernel shows nowhere, are measured: a single-thr
 process with an undo list (kcmp KCMP_SYSVSEM) is made to apply its own (injected
 unshare(CLONE_SYSVSEM), what exit does), the change of the values is its adjustments, and
 it takes them back (semop with SEM_UNDO of the opposite amounts). A restored process gets
-them the same way. Threads share one list, allocated by pthread_create, that cannot be
-read so: a multi-threaded process's adjustments are not kept (the dump says so).
+them the same way. Threads share one list, allocated by pthread_create: every thread of a
+multi-threaded process has to drop it for it to apply, and they cannot share one again, so
+theirs are read (`threaded_undo`) only by a dump after which the tree dies, last; a dump
+that lets the tree run on says it did not keep them.
 
 Not kept: creator uid/gid (the restorer's), the PIDs and times of the last operations
 (the kernel's). Messages and segments are read without disturbing them (msgrcv MSG_COPY,
@@ -236,7 +238,9 @@ def _stat(o: Obj) -> bytes:
     return buf.raw
 
 
-def _save_segment(o: Obj, dest: Path) -> None:
+def _save_segment(o: Obj, dest: Path) -> int:
+    """Copy a segment's content (attached read-only here) into `dest`; returns its huge page
+    size in bytes, 0 for a segment of ordinary pages."""
     addr = libc.shmat(o.id, None, SHM_RDONLY)
     if addr is None or addr == ctypes.c_void_p(-1).value:
         e = ctypes.get_errno()
@@ -244,8 +248,23 @@ def _save_segment(o: Obj, dest: Path) -> None:
     try:
         with open(dest, "wb") as f:
             f.write(ctypes.string_at(addr, o.size))
+        page = _page_size_at(addr)
+        return page if page > os.sysconf("SC_PAGESIZE") else 0
     finally:
         libc.shmdt(ctypes.c_void_p(addr))
+
+
+def _page_size_at(addr: int) -> int:
+    """KernelPageSize (bytes) of our mapping starting at `addr` (hugetlb: the huge page's)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and ":" not in head:
+                inside = int(head.split("-")[0], 16) == addr
+            elif inside and head == "KernelPageSize:":
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 @contextmanager
@@ -319,10 +338,6 @@ def _take_undo(pids: dict[int, int], vmas: dict[int, list], notes: list[str]) ->
     single-threaded processes: threads share one list, and for them this is not possible."""
     sets = _listing("sem")
     single = [h for h in pids if _threads(h) == 1]
-    for h in pids:
-        if h not in single:
-            notes.append(f"process {pids[h]} has threads: SEM_UNDO adjustments it may hold are not "
-                         "kept (only those of single-threaded processes can be read)")
     with _undo_probe() as has_undo:
         undo = [h for h in single if has_undo(h)]
     if not undo:
@@ -357,6 +372,63 @@ def _take_undo(pids: dict[int, int], vmas: dict[int, list], notes: list[str]) ->
     finally:
         _give_back(out, pids, vmas)
     return out
+
+
+def threaded_undo(root: int, pids: dict[int, int], vmas: dict[int, list], notes: list[str],
+                  final: bool) -> dict[int, list[pb.SemUndo]]:
+    """SEM_UNDO adjustments of the multi-threaded processes (host PID -> per set), for a dump
+    that kills the tree next (`final`); call it last, with the image otherwise complete.
+
+    Threads share one list (pthread_create clones with CLONE_SYSVSEM); unshare(CLONE_SYSVSEM)
+    in a thread only drops that thread's reference, and the last one dropped applies the
+    list, as the last thread's exit would. So every thread of the frozen process is made to
+    unshare, the values' change is the adjustments, and the main thread takes them back
+    (semop with SEM_UNDO): its threads no longer share that list, which no syscall can
+    give back; so only a dump after which the tree dies does this (or one failing after
+    it: the process then runs on with its adjustments in its main thread's list). A dump
+    that lets the tree run on notes that they are not kept. The restore gives them to the
+    main thread before it makes its threads, so they share them again."""
+    multi = [h for h in pids if _threads(h) > 1]
+    if not multi:
+        return {}
+    if not final:
+        for h in multi:
+            notes.append(f"process {pids[h]} has threads: SEM_UNDO adjustments it may hold are not "
+                         "kept (read only by a dump after which the tree stops)")
+        return {}
+    out: dict[int, list[pb.SemUndo]] = {}
+    with entered(root):
+        sets = _listing("sem")
+        for h in multi:
+            for other in pids:
+                if other != h and raw_syscall(arch.SYSCALLS["kcmp"], h, other, KCMP_SYSVSEM, 0, 0) == 0:
+                    raise UnsupportedError(f"processes {pids[h]} and {pids[other]} share one SEM_UNDO "
+                                           "list (clone CLONE_SYSVSEM without CLONE_THREAD); not supported")
+        for o in sets:
+            for i in range(o.size):
+                if libc.semctl(o.id, i, GETNCNT) > 0 or libc.semctl(o.id, i, GETZCNT) > 0:
+                    raise UnsupportedError(f"{o.name()} has a waiter outside the frozen tree; its "
+                                           "SEM_UNDO adjustments cannot be read now")
+        values = {o.id: _sem_values(o) for o in sets}
+        try:
+            for h in multi:
+                ip = find_syscall_insn(h, vmas[h])
+                for tid in sorted(int(x) for x in os.listdir(f"/proc/{h}/task")):
+                    inj = Injector(tid, ip)
+                    try:
+                        res = inj.syscall("unshare", CLONE_SYSVSEM, check=False)
+                    finally:
+                        inj.restore()
+                    if res < 0:
+                        raise UnsupportedError(f"process {pids[h]} thread {tid}: cannot read its SEM_UNDO "
+                                               f"adjustments: {os.strerror(-res)}")
+                now = {o.id: _sem_values(o) for o in sets}
+                out[h] = [pb.SemUndo(semid=i, adj=[b - a for a, b in zip(values[i], now[i])])
+                          for i in values if now[i] != values[i]]
+                values = now
+        finally:
+            _give_back(out, pids, vmas)
+    return {h: u for h, u in out.items() if u}
 
 
 def _give_back(out: dict[int, list[pb.SemUndo]], pids: dict[int, int], vmas: dict[int, list]) -> None:
@@ -406,10 +478,10 @@ def dump(root: int, pids: dict[int, int], vmas: dict[int, list], images: Path,
         for o in _listing("shm"):
             name = f"sysvshm-{o.id}.img"
             try:
-                _save_segment(o, images / name)
+                huge = _save_segment(o, images / name)
             except OSError as e:
                 raise UnsupportedError(f"cannot save {o.name()}: {e.strerror}") from None
-            out.shm.append(pb.SysvShm(perm=o.perm(), size=o.size, data_file=name,
+            out.shm.append(pb.SysvShm(perm=o.perm(), size=o.size, data_file=name, huge_page_size=huge,
                                       removed=bool(o.mode & SHM_DEST), locked=bool(o.mode & SHM_LOCKED)))
         for o in _listing("sem"):
             out.sem.append(pb.SysvSem(perm=o.perm(), values=_sem_values(o)))
@@ -486,7 +558,15 @@ def create(ipc: pb.IpcNamespace, images: Path, procs: list[pb.Process] = ()) -> 
     try:
         for s in ipc.shm:
             _next_id("shm", s.perm.id)
-            _created("shm", s.perm, libc.shmget(s.perm.key, s.size, IPC_CREAT | IPC_EXCL | (s.perm.mode & PERM)))
+            res = libc.shmget(s.perm.key, s.size, IPC_CREAT | IPC_EXCL | (s.perm.mode & PERM) | _huge_flags(s))
+            if res < 0 and s.huge_page_size:
+                e = ctypes.get_errno()
+                pages = -(-s.size // s.huge_page_size)
+                raise RestoreError(f"cannot recreate SysV shared memory {s.perm.id}, a SHM_HUGETLB segment "
+                                   f"of {pages} huge page(s) of {s.huge_page_size >> 10} kB: {os.strerror(e)}; "
+                                   "this node needs that many free (vm.nr_hugepages, or nr_hugepages under "
+                                   f"/sys/kernel/mm/hugepages/hugepages-{s.huge_page_size >> 10}kB)")
+            _created("shm", s.perm, res)
             _fill_segment(s, images)
             _set_owner("shm", s.perm)
             if s.locked:
@@ -514,6 +594,16 @@ def create(ipc: pb.IpcNamespace, images: Path, procs: list[pb.Process] = ()) -> 
     except OSError as e:
         raise RestoreError(f"recreating the job's SysV IPC objects: {e.strerror}") from None
     return remove_later
+
+
+SHM_HUGETLB, SHM_HUGE_SHIFT = 0o4000, 26
+
+
+def _huge_flags(s: pb.SysvShm) -> int:
+    """shmget flags for a SHM_HUGETLB segment: its page size as log2 << SHM_HUGE_SHIFT."""
+    if not s.huge_page_size:
+        return 0
+    return SHM_HUGETLB | (s.huge_page_size.bit_length() - 1) << SHM_HUGE_SHIFT
 
 
 def undo_totals(ipc: pb.IpcNamespace, procs) -> dict[int, list[int]]:

@@ -104,18 +104,9 @@ def create(t, e: pb.Fd) -> int:
     where = f"process {t.ns_pid} fd {e.fd}"
     if not k.address:          # a datagram socket connected one way, never bound: connect() comes later
         return t.sys("socket", socket.AF_UNIX, k.type | (SOCK_NONBLOCK if e.flags & O_NONBLOCK else 0), 0)
-    name = os.fsencode(k.address)
-    abstract = name.startswith(b"\0")
-    if not abstract:
-        path = t.cstr(k.address)
-        try:
-            if stat.S_ISSOCK(os.lstat(name).st_mode):
-                t.sys("unlinkat", AT_FDCWD, path, 0, check=False)
-        except FileNotFoundError:
-            pass
+    abstract = k.address.startswith("\0")
     fd = t.sys("socket", socket.AF_UNIX, k.type | (SOCK_NONBLOCK if e.flags & O_NONBLOCK else 0), 0)
-    sa = struct.pack("<H", socket.AF_UNIX) + name + (b"" if abstract else b"\0")
-    res = t.sys("bind", fd, t.put(sa), len(sa), check=False)
+    res = bind(t, fd, k.address)
     if res < 0:
         raise RestoreError(f"{where}: cannot bind unix socket {k.address!r} again: {os.strerror(-res)}")
     if k.unix_mode and not abstract:
@@ -123,6 +114,33 @@ def create(t, e: pb.Fd) -> int:
     if k.listening:
         t.sys("listen", fd, k.backlog or socket.SOMAXCONN)
     return fd
+
+
+def bind(t, fd: int, address: str) -> int:
+    """Bind target `t`'s socket `fd` to `address` by injection, a stale socket file there
+    removed first (by the target: with the image owner's file credentials); returns what
+    bind returned."""
+    name = os.fsencode(address)
+    if not name.startswith(b"\0"):
+        try:
+            if stat.S_ISSOCK(os.lstat(name).st_mode):
+                t.sys("unlinkat", AT_FDCWD, t.cstr(address), 0, check=False)
+        except FileNotFoundError:
+            pass
+    sa = sockaddr(address)
+    return t.sys("bind", fd, t.put(sa), len(sa), check=False)
+
+
+def live(address: str, kind: int) -> bool:
+    """Does a live socket answer on `address` (a connection or datagram would reach it)?"""
+    probe = socket.socket(socket.AF_UNIX, kind)
+    try:
+        probe.connect(os.fsencode(address))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def sockaddr(name: str) -> bytes:

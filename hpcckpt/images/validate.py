@@ -81,6 +81,8 @@ def validate(where: str, p: pb.Process, pm: pb.Pagemap, pages_size: int) -> None
             _fail(where, f"fd {f.fd} (kind {f.kind})")
         if f.kind in (pb.REGULAR, pb.DIRECTORY, pb.CHAR_DEVICE) and not f.path.startswith("/"):
             _fail(where, f"fd {f.fd} names a relative path {f.path!r}")
+        if f.kind == pb.PIPE and not (f.path.startswith("pipe:") or f.path.startswith("/") and "\0" not in f.path):
+            _fail(where, f"fd {f.fd}: pipe or FIFO path {f.path!r}")
         if f.data_file and ("/" in f.data_file or f.data_file.startswith(".")):
             _fail(where, f"fd {f.fd} names data file {f.data_file!r} outside the image")
         if f.kind == pb.SOCKET and f.socket.HasField("tcp"):
@@ -94,6 +96,8 @@ def validate(where: str, p: pb.Process, pm: pb.Pagemap, pages_size: int) -> None
             _fail(where, f"fd {f.fd} names listener lock table {f.socket.listen_lock!r}")
         if f.kind == pb.SOCKET and f.socket.in_flight:
             _in_flight(where, f.fd, f.socket)
+        if f.kind == pb.SOCKET and f.socket.family == UNIX and f.socket.address:
+            _unix_name(where, f"fd {f.fd}", f.socket.address)
     for a in p.sigactions:
         if not 1 <= a.signo <= 64:
             _fail(where, f"signal handler for signal {a.signo}")
@@ -112,15 +116,76 @@ SCM_MAX_FD = 253
 O_CREAT, O_EXCL, O_TRUNC = 0o100, 0o200, 0o1000
 
 
+UNIX = 1
+UNIX_PATH_MAX = 108
+PIPE_MAX = 1 << 30
+
+
+def _unix_name(where: str, what: str, name: str) -> None:
+    """A unix socket name a restore binds: an absolute path or an abstract name, that fits."""
+    raw = name.encode(errors="surrogateescape")
+    if not (raw.startswith(b"/") and b"\0" not in raw or raw.startswith(b"\0")) or len(raw) >= UNIX_PATH_MAX:
+        _fail(where, f"{what}: unix socket name {name!r}")
+
+
 def _in_flight(where: str, fd: int, k: pb.Socket) -> None:
-    """Passed files: attached to messages that exist, as many as the kernel allows, by
-    absolute path, never asking the restore to create or truncate anything."""
+    """Passed files: attached to messages that exist, as many as the kernel allows; files by
+    absolute path, never asking the restore to create or truncate anything; sockets and
+    pipes by file id, or described in full once (unix sockets not carrying passed fds
+    themselves, pipes of bounded size)."""
     for m in k.in_flight:
         if m.message >= len(k.queue) or not 0 < len(m.files) <= SCM_MAX_FD:
             _fail(where, f"fd {fd}: {len(m.files)} passed file(s) on message {m.message} of {len(k.queue)}")
         for pf in m.files:
-            if not pf.path.startswith("/") or "\0" in pf.path or pf.flags & (O_CREAT | O_EXCL | O_TRUNC):
+            if pf.file_id or pf.HasField("object"):
+                if pf.path or (pf.file_id and pf.HasField("object")):
+                    _fail(where, f"fd {fd}: a passed file has a path and a file id, or two file ids")
+                if pf.HasField("object"):
+                    _flight_object(where, fd, pf.object)
+            elif not pf.path.startswith("/") or "\0" in pf.path or pf.flags & (O_CREAT | O_EXCL | O_TRUNC):
                 _fail(where, f"fd {fd}: passed file {pf.path!r} (flags {pf.flags:o})")
+
+
+def _flight_object(where: str, fd: int, o: pb.Fd) -> None:
+    what = f"fd {fd}: {pb.FdKind.Name(o.kind) if o.kind in pb.FdKind.values() else o.kind} in flight"
+    if not o.file_id or o.locks or o.data_file or o.epoll_watches or o.inotify or o.HasField("tty"):
+        _fail(where, f"{what}: no file id, or fields no socket or pipe has")
+    if o.kind == pb.PIPE:
+        if not (o.path.startswith("pipe:") or o.path.startswith("/") and "\0" not in o.path):
+            _fail(where, f"{what}: pipe or FIFO path {o.path!r}")
+        if not o.pipe_id or len(o.pipe_data) > PIPE_MAX or o.pipe_size > PIPE_MAX:
+            _fail(where, f"{what}: pipe {o.pipe_id} with {len(o.pipe_data)} bytes, size {o.pipe_size}")
+        return
+    k = o.socket
+    if o.kind != pb.SOCKET or k.family != UNIX or k.type not in (1, 2, 5) or k.in_flight \
+            or k.HasField("tcp") or k.port:
+        _fail(where, f"{what}: only unix sockets (not carrying passed fds) and pipes may be in flight")
+    if k.address:
+        _unix_name(where, what, k.address)
+
+
+def validate_in_flight(where: str, procs: list[pb.Process]) -> None:
+    """Every file id passed in flight is one the image makes (an fd's or an in-flight
+    object's), and no in-flight object reuses one."""
+    have = {f.file_id for p in procs for f in p.fds if f.file_id and f.kind != pb.INHERITED}
+    objects, refs = set(), []
+    for p in procs:
+        for f in p.fds:
+            if f.kind != pb.SOCKET:
+                continue
+            for m in f.socket.in_flight:
+                for pf in m.files:
+                    if pf.HasField("object"):
+                        if pf.object.file_id in have or pf.object.file_id in objects:
+                            _fail(where, f"process {p.pid} fd {f.fd}: in-flight object with file id "
+                                  f"{pf.object.file_id}, which another description has")
+                        objects.add(pf.object.file_id)
+                    elif pf.file_id:
+                        refs.append((p.pid, f.fd, pf.file_id))
+    for pid, fd, fid in refs:
+        if fid not in have and fid not in objects:
+            _fail(where, f"process {pid} fd {fd} passes file id {fid} in flight, which no fd or "
+                  "in-flight object of the image has")
 
 
 TTY_INDEX_MAX = 1 << 20
@@ -209,6 +274,9 @@ def validate_ipc(where: str, inv: pb.Inventory, owner: int, procs: list[pb.Proce
             for o in objs:
                 if not 0 < o.size <= SHM_SIZE_MAX:
                     _fail(where, f"SysV shm {o.perm.id}: size {o.size}")
+                hp = o.huge_page_size
+                if hp and (hp & (hp - 1) or not 1 << 16 <= hp <= 1 << 34):
+                    _fail(where, f"SysV shm {o.perm.id}: huge page size {hp}")
                 if o.data_file != f"sysvshm-{o.perm.id}.img" or o.data_file not in inv.digests \
                         or inv.digests[o.data_file].size != o.size:
                     _fail(where, f"SysV shm {o.perm.id}: data file {o.data_file!r} is not the one "

@@ -24,7 +24,7 @@ UNSHARE = ["unshare", "--ipc"]
 @pytest.fixture(scope="session")
 def sysvipc(tmp_path_factory):
     out = tmp_path_factory.mktemp("bin") / "sysvipc"
-    subprocess.run(["gcc", "-O2", "-o", str(out), str(PROGRAMS / "sysvipc.c")], check=True)
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(out), str(PROGRAMS / "sysvipc.c")], check=True)
     return out
 
 
@@ -146,6 +146,70 @@ def test_sem_undo_adjustments_are_kept(tmp_path, sysvipc):
         assert job.out.read_bytes() == ref
     finally:
         job.kill()
+
+
+def test_sem_undo_of_a_multithreaded_process_is_kept(tmp_path, sysvipc):
+    """The child has a second thread, so its SEM_UNDO list is shared by two threads. A
+    --leave-running dump says it did not keep them (the job must not notice); the final
+    dump makes both threads drop the list (the last one applies it), reads the change and
+    gives it back; the restored child takes them before its thread is made, so they share
+    them again, and its exit takes its increments back: the final values are the
+    uninterrupted run's (without them the counter would end above 0)."""
+    cmd = [sysvipc, 80, 40, "undo-threads"]
+    ref = reference(cmd, tmp_path / "ref.txt")
+    assert b"sem values 1 0 0\n" in ref
+    job = Job.start([*UNSHARE, *cmd], tmp_path / "out.txt")
+    try:
+        job.wait_lines(8)
+        said = cli("dump", "--pid", job.pid, "--images", tmp_path / "img0", "--leave-running")
+        assert "has threads: SEM_UNDO adjustments it may hold are not kept" in said.stdout + said.stderr
+        job.wait_lines(job.lines() + 4)
+        cli("dump", "--pid", job.pid, "--images", tmp_path / "img")
+        job.proc.wait(timeout=10)
+        from hpcckpt.images.imageset import ImageSet
+        iset = ImageSet(tmp_path / "img")
+        procs = [iset.process(pid) for pid in iset.inventory().pids]
+        undo = [(len(p.threads), list(u.adj)) for p in procs for u in p.sem_undo]
+        assert len(undo) == 1 and undo[0][0] == 2 and undo[0][1][:2] == [0, 0] and undo[0][1][2] < -5, undo
+        _wait_gone(tmp_path / "img")
+        res = restore_fg(tmp_path / "img")
+        assert res.returncode == 0, res.stderr
+        assert job.out.read_bytes() == ref
+    finally:
+        job.kill()
+
+
+@pytest.fixture
+def hugepages():
+    """8 more 2 MiB huge pages for the test (the restore makes the job's segment again while
+    the killed job's namespace may still hold its pages), the old count put back after."""
+    knob = Path("/proc/sys/vm/nr_hugepages")
+    try:
+        old = int(knob.read_text())
+        knob.write_text(str(old + 8))
+    except OSError as e:
+        pytest.skip(f"cannot raise vm.nr_hugepages: {e}")
+    try:
+        if int(knob.read_text()) < old + 4:
+            pytest.skip("the kernel cannot give 4 more 2 MiB huge pages (memory too fragmented)")
+        yield
+    finally:
+        knob.write_text(str(old))
+
+
+def test_hugetlb_segment_under_run(tmp_path, sysvipc, hugepages):
+    """A SHM_HUGETLB segment (4 MiB of 2 MiB pages) both processes attach: recreated as a
+    hugetlb segment with its content, attached again whole; the program's own checks (sums,
+    mapping, page size of the attachment) give the uninterrupted run's output."""
+    cmd = [sysvipc, 30, 40, "huge"]
+    ref = reference(cmd, tmp_path / "ref.txt")
+    assert b"segment mapping +0-+0x400000 rw-s\nshared segment: 2048 kB pages\n" in ref
+    out = tmp_path / "stdout.txt"
+    interrupt_and_resume(tmp_path, cmd, lambda: out.exists() and _waiting_messages(out.read_bytes()))
+    assert out.read_bytes() == ref
+    from hpcckpt.images.imageset import ImageSet
+    shm = ImageSet(tmp_path / "img" / "latest").inventory().ipc.shm
+    assert [s.huge_page_size for s in shm] == [2 << 20, 0, 0]
 
 
 def test_image_cannot_give_a_segment_to_another_user(tmp_path, sysvipc):

@@ -140,3 +140,81 @@ def test_named_datagram_server_and_its_client(tmp_path):
     interrupt_and_resume(tmp_path, cmd, lambda: out.exists() and out.read_bytes().count(b"\n") >= 10)
     assert out.read_bytes() == ref
     assert b"done 0 " in ref
+
+
+@pytest.mark.parametrize("mode", ["stream", "dgram"])
+def test_sockets_and_pipes_in_flight_are_passed_after_restore(tmp_path, mode):
+    """Unix sockets (socketpair halves with queued data, both ends of a pair, listening
+    named sockets) and pipe ends (with buffered data) passed with SCM_RIGHTS, held by
+    nothing but the queue at the checkpoint, arrive after the resume and work: the pipe's
+    data read to EOF, a conversation over the socket, a connection to the listener."""
+    cmd = [sys.executable, PROGRAMS / "passobj.py", mode, 30, 0.05]
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    ref = reference(["bash", "-c", f"cd {ref_dir} && {' '.join(map(str, cmd))}"], ref_dir / "out.txt")
+    out = tmp_path / "stdout.txt"
+    # the parent sends twice as fast as the child takes: ~5 messages (30 fds) in flight then
+    said = interrupt_and_resume(tmp_path, cmd, lambda: out.exists() and out.read_bytes().count(b"\n") >= 5)
+    assert out.read_bytes() == ref
+    assert ref.endswith(b"done 0\n") and ref.count(b"answer") == 30
+    assert "in flight" not in said
+
+
+def test_nested_in_flight_refused_program_runs_on(tmp_path):
+    """A socket in flight whose own queue carries a passed fd: refused, naming the process,
+    the queue's fd and the socket; the program runs on to its normal end."""
+    job = Job.start([sys.executable, PROGRAMS / "passobj.py", "nested", 3], tmp_path / "out.txt")
+    try:
+        job.wait_lines(1)
+        res = cli("dump", "--pid", job.pid, "--images", tmp_path / "img", check=False)
+        assert res.returncode != 0
+        assert f"process {job.pid}: fd" in res.stderr and "in flight" in res.stderr, res.stderr
+        assert "nested" in res.stderr and "socket:[" in res.stderr, res.stderr
+        assert job.proc.wait(timeout=30) == 0
+        assert job.out.read_text() == "sent\ngot outer inner 1 done\n"
+        assert not (tmp_path / "img").exists() or not any((tmp_path / "img").iterdir())
+    finally:
+        job.kill()
+
+
+def test_accepted_unix_connections_keep_their_names(tmp_path):
+    """Accepted unix connections (stream to a listener still open, seqpacket to an abstract
+    name whose listener closed, stream from a client bound to a name of its own to a
+    listener closed and unlinked): restored by connecting and accepting again, so
+    getsockname/getpeername of both ends, and the data queued both ways, are as they were;
+    no socket file is left behind where none was."""
+    cmd = [sys.executable, PROGRAMS / "unix_names.py", 40, 0.03]
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    ref = reference(["bash", "-c", f"cd {ref_dir} && {' '.join(map(str, cmd))}"], ref_dir / "out.txt")
+    out = tmp_path / "stdout.txt"
+    interrupt_and_resume(tmp_path, cmd, lambda: out.exists() and out.read_bytes().count(b"\n") >= 10)
+    assert out.read_bytes() == ref
+    assert ref.endswith(b"done 0 False True\n")
+    assert b"gone.sock>cli.sock c39 cli.sock>gone.sock" in ref and b"@abs>- c39 ->@abs" in ref
+
+
+def test_sockets_whose_peer_closed_and_unconnected_ones(tmp_path):
+    """A stream and a seqpacket socket whose peer exited with records still queued, and a
+    socket never connected: the records come back, then the end (EOF, EPIPE) as the peer
+    is gone; the fresh socket connects afterwards."""
+    cmd = [sys.executable, PROGRAMS / "widowed.py", 40, 0.03]
+    ref = reference(cmd, tmp_path / "ref.txt")
+    out = tmp_path / "stdout.txt"
+    interrupt_and_resume(tmp_path, cmd, lambda: out.exists() and out.read_bytes().count(b"\n") >= 10)
+    assert out.read_bytes() == ref
+    assert ref.endswith(b"end b'' b''\nwrite EPIPE\nfresh hi\n")
+
+
+def test_fifos_with_data_and_in_flight(tmp_path):
+    """FIFOs (named pipes) opened by path: a read end whose writer exited with records
+    buffered, and a read-write end held only by a socket's queue (passed, not received):
+    opened by path again, their data buffered again; EOF once the records are read."""
+    cmd = [sys.executable, PROGRAMS / "fifos.py", 40, 0.03]
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    ref = reference(["bash", "-c", f"cd {ref_dir} && {' '.join(map(str, cmd))}"], ref_dir / "out.txt")
+    out = tmp_path / "stdout.txt"
+    interrupt_and_resume(tmp_path, cmd, lambda: out.exists() and out.read_bytes().count(b"\n") >= 10)
+    assert out.read_bytes() == ref
+    assert ref.endswith(b"end b''\npassed all written done.fifo\n")

@@ -1,9 +1,11 @@
 /* A parent and a child taking turns through SysV IPC (tests/engine/test_ipc.py).
  *
- *   sysvipc STEPS DELAY_MS [private|undo]
+ *   sysvipc STEPS DELAY_MS [private|undo|undo-threads|huge]
  *
  * private: every object IPC_PRIVATE (for a run in the host's namespace, where keys could
- * clash); undo: the child's counter increments use SEM_UNDO.
+ * clash); undo: the child's counter increments use SEM_UNDO; undo-threads: so, and the
+ * child has a second thread (sharing its SEM_UNDO list); huge: the shared segment is
+ * SHM_HUGETLB (4 MiB, attached whole: no hole, no read-only page), its page size shown.
  * Objects: a segment both have attached (the child by fork), a keyed segment nobody has
  * attached between its set-up and the end, a segment removed (IPC_RMID) while attached, a
  * keyed set of 3 semaphores (turns and a counter), a queue the parent feeds two messages
@@ -11,6 +13,7 @@
  * it at any checkpoint. Every line is deterministic in a fresh IPC namespace, including
  * the IDs, which the end checks are still the objects' (same IDs after a restore).
  */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +29,7 @@
 #define KEY_PLAIN 0x5e5e0001
 #define KEY_SEM   0x5e5e0002
 #define SHM_SIZE  (3 * 4096 + 100)
+#define HUGE_SIZE (4 << 20)
 
 struct msg { long type; char text[32]; };
 union semun { int val; struct semid_ds *buf; unsigned short *array; };
@@ -72,12 +76,40 @@ static void pause_ms(int ms)
         ;
 }
 
+static void *idle(void *arg)
+{
+    (void)arg;
+    for (;;)
+        pause();
+    return NULL;
+}
+
+/* the kernel page size of the mapping at `base` (kB), from smaps */
+static long page_kb(void *base)
+{
+    FILE *f = fopen("/proc/self/smaps", "r");
+    char line[512];
+    unsigned long s, e, b = (unsigned long)base;
+    long kb = -1;
+    int in = 0;
+    while (fgets(line, sizeof line, f)) {
+        if (sscanf(line, "%lx-%lx ", &s, &e) == 2 && strchr(line, '-') < strchr(line, ' '))
+            in = s == b;
+        else if (in && sscanf(line, "KernelPageSize: %ld kB", &kb) == 1)
+            break;
+    }
+    fclose(f);
+    return kb;
+}
+
 int main(int argc, char **argv)
 {
     int steps = argc > 1 ? atoi(argv[1]) : 20, delay = argc > 2 ? atoi(argv[2]) : 50;
     int private = argc > 3 && !strcmp(argv[3], "private");
-    undo = argc > 3 && !strcmp(argv[3], "undo");
-    int shared = shmget(IPC_PRIVATE, SHM_SIZE, IPC_CREAT | 0600);
+    int threads = argc > 3 && !strcmp(argv[3], "undo-threads");
+    int huge = argc > 3 && !strcmp(argv[3], "huge");
+    undo = threads || (argc > 3 && !strcmp(argv[3], "undo"));
+    int shared = shmget(IPC_PRIVATE, huge ? HUGE_SIZE : SHM_SIZE, IPC_CREAT | 0600 | (huge ? SHM_HUGETLB : 0));
     int plain = shmget(private ? IPC_PRIVATE : KEY_PLAIN, 5000, IPC_CREAT | IPC_EXCL | 0640);
     int gone = shmget(IPC_PRIVATE, 8192, IPC_CREAT | 0600);
     int q = msgget(IPC_PRIVATE, IPC_CREAT | 0620);
@@ -101,6 +133,9 @@ int main(int argc, char **argv)
 
     pid_t child = fork();
     if (child == 0) {
+        pthread_t helper;
+        if (threads && pthread_create(&helper, NULL, idle, NULL) != 0)
+            _exit(3);
         for (int i = 0; i < steps; i++) {
             sem_op(1, -1);
             long sum = 0;
@@ -119,8 +154,10 @@ int main(int argc, char **argv)
         _exit(0);
     }
     /* the parent keeps only part of its attachment, the last page read-only */
-    munmap((char *)arr + 2 * 4096, 4096);
-    mprotect((char *)arr + 3 * 4096, 4096, PROT_READ);
+    if (!huge) {
+        munmap((char *)arr + 2 * 4096, 4096);
+        mprotect((char *)arr + 3 * 4096, 4096, PROT_READ);
+    }
     for (int i = 0; i < steps; i++) {
         sem_op(0, -1);
         arr[i] = (long)i * i + arr[i > 0 ? i - 1 : 0];
@@ -163,6 +200,8 @@ int main(int argc, char **argv)
         (unsigned long)semd.sem_nsems, md.msg_perm.mode & 0777, (unsigned long)md.msg_qnum);
     say("removed segment intact: %d, still removed: %d\n", gone_ok, shmctl(gone, IPC_STAT, &sd) < 0 || (sd.shm_perm.mode & SHM_DEST) != 0);
     show_maps(arr);
+    if (huge)
+        say("shared segment: %d kB pages\n", (int)page_kb(arr));
     shmdt(arr);
     shmdt(g);
     shmctl(shared, IPC_RMID, NULL);

@@ -158,3 +158,70 @@ def test_crafted_images_are_refused_by_name(real_image, craft, message):
     craft(p, pm)
     with pytest.raises(ImageError, match=message):
         validate("crafted", p, pm, size)
+
+
+def _flight_object(p: pb.Process, kind: int, **fields) -> pb.Fd:
+    """fd 0 made a unix socket whose one queued message carries an in-flight object."""
+    _in_flight(p, 0, "/etc/motd")
+    pf = p.fds[0].socket.in_flight[0].files[0]
+    pf.path = ""
+    pf.object.kind, pf.object.file_id = kind, 900
+    for k, v in fields.items():
+        setattr(pf.object, k, v)
+    return pf.object
+
+
+def _nested(p: pb.Process) -> None:
+    o = _flight_object(p, pb.SOCKET)
+    o.socket.family, o.socket.type = 1, 1
+    o.socket.queue.append(b"y")
+    o.socket.in_flight.add(message=0).files.add(path="/etc/motd")
+
+
+def _both(p: pb.Process) -> None:
+    _flight_object(p, pb.PIPE, pipe_id=5)
+    p.fds[0].socket.in_flight[0].files[0].file_id = 3
+
+
+def _pair_name(p: pb.Process) -> None:
+    f = p.fds[0]
+    f.kind = pb.SOCKET
+    f.socket.family, f.socket.type, f.socket.pair_id, f.socket.accepted = 1, 1, 7, True
+    f.socket.address = "relative.sock"
+
+
+@pytest.mark.parametrize("craft, message", [
+    (lambda p: _flight_object(p, pb.REGULAR, path="/etc/shadow"), "only unix sockets .* and pipes may be in flight"),
+    (_nested, "only unix sockets \\(not carrying passed fds\\)"),
+    (_both, "has a path and a file id, or two file ids"),
+    (lambda p: _flight_object(p, pb.PIPE, path="pipe:[5]", pipe_id=5, pipe_size=1 << 31), "pipe 5 with 0 bytes"),
+    (lambda p: _flight_object(p, pb.PIPE, path="pipe:[5]", pipe_id=5, data_file="../x"), "fields no socket or pipe has"),
+    (_pair_name, "unix socket name 'relative.sock'"),
+    (lambda p: _flight_object(p, pb.PIPE, path="fifo", pipe_id=5), "pipe or FIFO path 'fifo'"),
+])
+def test_crafted_in_flight_objects_are_refused(real_image, craft, message):
+    """Sockets and pipes in flight, and unix pair names (engine/sockets.py): refused by name."""
+    src_p, src_pm, size = real_image
+    p, pm = pb.Process(), pb.Pagemap()
+    p.CopyFrom(src_p)
+    pm.CopyFrom(src_pm)
+    craft(p)
+    with pytest.raises(ImageError, match=message):
+        validate("crafted", p, pm, size)
+
+
+def test_in_flight_file_ids_must_exist():
+    from hpcckpt.images.validate import validate_in_flight
+    p = pb.Process(pid=5)
+    f = p.fds.add(fd=3, kind=pb.SOCKET, file_id=1)
+    f.socket.family, f.socket.type = 1, 1
+    f.socket.queue.append(b"x")
+    f.socket.in_flight.add(message=0).files.add(file_id=99)
+    with pytest.raises(ImageError, match="process 5 fd 3 passes file id 99 in flight, which no fd"):
+        validate_in_flight("crafted", [p])
+    f.socket.in_flight[0].files[0].file_id = 1          # its own description: fine
+    validate_in_flight("crafted", [p])
+    o = f.socket.in_flight[0].files.add().object
+    o.kind, o.file_id, o.pipe_id = pb.PIPE, 1, 9          # an object reusing an fd's id
+    with pytest.raises(ImageError, match="in-flight object with file id 1, which another"):
+        validate_in_flight("crafted", [p])

@@ -131,7 +131,7 @@ SYSCALLS.update({"timer_create": 222, "timer_settime": 223, "timer_gettime": 224
                  "eventfd2": 290, "timerfd_create": 283, "timerfd_settime": 286,
                  "timerfd_gettime": 287, "signalfd4": 289, "epoll_create1": 291,
                  "epoll_ctl": 233})
-SYSCALLS.update({"socket": 41, "connect": 42, "sendto": 44, "shutdown": 48, "bind": 49,
+SYSCALLS.update({"socket": 41, "connect": 42, "sendto": 44, "accept4": 288, "shutdown": 48, "bind": 49,
                  "listen": 50, "getsockname": 51, "getpeername": 52, "socketpair": 53,
                  "setsockopt": 54, "getsockopt": 55})
 # rootless restores hand back the capabilities their stubs held
