@@ -259,7 +259,7 @@ def test_missing_or_damaged_parent_is_named(tmp_path):
 def test_cli_dump_track_mem_then_parent(tmp_path):
     """`dump -R --track-mem` leaves tracking armed (a holder keeps it) and saves digests
     (the fallback when the holder is gone: see the stale-record test below)."""
-    cmd = CHAIN + [30, 0.05]
+    cmd = CHAIN + [60, 0.05]
     ref = reference(cmd, tmp_path / "ref.txt")
     job = Job.start(cmd, tmp_path / "out.txt")
     job.wait_lines(3)

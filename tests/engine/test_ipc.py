@@ -101,7 +101,7 @@ def _host_ids(first_line: str) -> dict[str, int]:
 def test_host_namespace_use_is_refused_and_job_runs_on(tmp_path, sysvipc):
     """In the host's namespace the objects are not the job's: refused, naming process,
     kind and ID, pointing to `hpcckpt run`; the job finishes as an uninterrupted run."""
-    cmd = [sysvipc, 30, 30, "private"]
+    cmd = [sysvipc, 80, 30, "private"]
     with open(tmp_path / "ref.txt", "wb") as f:
         subprocess.run(list(map(str, cmd)), stdout=f, check=True, timeout=120)
     job = Job.start(cmd, tmp_path / "out.txt")

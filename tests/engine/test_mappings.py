@@ -14,7 +14,7 @@ def test_every_kind_of_mapping(tmp_path):
 
     def cmd():
         shared.write_bytes(b"\0" * 8192)
-        return [exe, 30, 30, data, shared]
+        return [exe, 80, 30, data, shared]
 
     ref = reference(cmd(), tmp_path / "ref.txt")
     ref_shared = shared.read_bytes()

@@ -380,11 +380,11 @@ def test_cgroup_freezer_dumps_a_forking_tree(tmp_path, flag):
     tree) midway, killed, restored: it finishes with the uninterrupted run's output."""
     v2 = needs_v2()
     exe = build(tmp_path, "forker", FORKER_C)
-    ref = subprocess.run([str(exe), "400"], capture_output=True, check=True, timeout=60).stdout
+    ref = subprocess.run([str(exe), "1500"], capture_output=True, check=True, timeout=60).stdout
     with cgroup(v2, "forker") as cg:
         out = tmp_path / "out"
         with open(out, "wb") as f:
-            root = subprocess.Popen([str(exe), "400"], stdout=f, stdin=subprocess.DEVNULL,
+            root = subprocess.Popen([str(exe), "1500"], stdout=f, stdin=subprocess.DEVNULL,
                                     start_new_session=True, preexec_fn=joiner(cg))
         while out.read_bytes().count(b"\n") < 2:
             assert root.poll() is None

@@ -136,7 +136,7 @@ def test_unsupported_fd_deep_in_tree_leaves_it_running(tmp_path):
             "if os.fork()==0:\n"
             "  if os.fork()==0:\n"
             "    s=socket.socket(socket.AF_NETLINK, socket.SOCK_RAW); sys.stdout.write(f'{os.getpid()} {s.fileno()}\\n'); sys.stdout.flush()\n"
-            "    [time.sleep(0.02) for _ in range(40)]; print('grandchild done', flush=True); os._exit(0)\n"
+            "    [time.sleep(0.02) for _ in range(150)]; print('grandchild done', flush=True); os._exit(0)\n"
             "  os.wait(); os._exit(0)\n"
             "os.wait(); print('root done', flush=True)\n")
     out = tmp_path / "out.txt"
