@@ -21,7 +21,7 @@ NOBODY = 65534
 @pytest.fixture
 def image(tmp_path, threads_fp):
     """A sealed image of a process killed after the dump; returns (image dir, job)."""
-    job = Job.start([threads_fp, 30, 2, 20], tmp_path / "out.txt")
+    job = Job.start([threads_fp, 120, 2, 20], tmp_path / "out.txt")
     job.wait_lines(4)
     cli("dump", "--pid", job.pid, "--images", tmp_path / "img")
     job.proc.wait(timeout=10)
@@ -47,9 +47,9 @@ def test_pid_that_already_exited(tmp_path):
 def test_unsupported_fd_leaves_process_running(tmp_path, threads_fp):
     """A netlink socket stops the dump, names process, fd and kind; the job finishes correctly."""
     cmd = [sys.executable, "-c",
-           "import socket,sys,runpy; s=socket.socket(socket.AF_NETLINK, socket.SOCK_RAW); sys.argv=['compute.py','25','0.06']; "
+           "import socket,sys,runpy; s=socket.socket(socket.AF_NETLINK, socket.SOCK_RAW); sys.argv=['compute.py','50','0.06']; "
            f"runpy.run_path({str(PROGRAMS / 'compute.py')!r}, run_name='__main__')"]
-    ref = reference([sys.executable, PROGRAMS / "compute.py", 25, 0.06], tmp_path / "ref.txt")
+    ref = reference([sys.executable, PROGRAMS / "compute.py", 50, 0.06], tmp_path / "ref.txt")
     job = Job.start(cmd, tmp_path / "out.txt")
     job.wait_lines(5)
     res = cli("dump", "--pid", job.pid, "--images", tmp_path / "img", check=False)
@@ -67,9 +67,9 @@ def test_full_disk_leaves_process_running(tmp_path):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
     try:
         cmd = [sys.executable, "-c",
-               "import sys,runpy; big=bytearray(b'x')*(16<<20); sys.argv=['compute.py','25','0.06']; "
+               "import sys,runpy; big=bytearray(b'x')*(16<<20); sys.argv=['compute.py','50','0.06']; "
                f"runpy.run_path({str(PROGRAMS / 'compute.py')!r}, run_name='__main__')"]
-        ref = reference([sys.executable, PROGRAMS / "compute.py", 25, 0.06], tmp_path / "ref.txt")
+        ref = reference([sys.executable, PROGRAMS / "compute.py", 50, 0.06], tmp_path / "ref.txt")
         job = Job.start(cmd, tmp_path / "out.txt")
         job.wait_lines(5)
         res = cli("dump", "--pid", job.pid, "--images", mnt / "img", check=False)
@@ -124,7 +124,7 @@ def test_other_format_version(image):
 def test_missing_mapped_file(tmp_path, threads_fp):
     exe = tmp_path / "copy_of_threads_fp"
     shutil.copy(threads_fp, exe)
-    job = Job.start([exe, 30, 2, 20], tmp_path / "out.txt")
+    job = Job.start([exe, 120, 2, 20], tmp_path / "out.txt")
     job.wait_lines(3)
     cli("dump", "--pid", job.pid, "--images", tmp_path / "img")
     job.proc.wait(timeout=10)
@@ -150,7 +150,7 @@ def test_user_process_restored_with_its_own_credentials(world_dir, threads_fp):
     exe = world_dir / "threads_fp"
     shutil.copy(threads_fp, exe)
     exe.chmod(0o755)
-    cmd = [exe, 30, 2, 20]
+    cmd = [exe, 120, 2, 20]
     ref = reference(cmd, world_dir / "ref.txt")
     out = world_dir / "out.txt"
     out.touch()

@@ -23,7 +23,7 @@ def checkpoint_and_resume(tmp_path, cmd, lines_before, env=None):
 
 
 def test_threads_c_program(tmp_path, threads_fp):
-    ref, out = checkpoint_and_resume(tmp_path, [threads_fp, 40, 4, 20], 10)
+    ref, out = checkpoint_and_resume(tmp_path, [threads_fp, 100, 4, 20], 10)
     assert out == ref
 
 
@@ -97,7 +97,7 @@ def test_restore_exit_status_and_signals(tmp_path, threads_fp):
 
 
 def test_detach(tmp_path, threads_fp):
-    cmd = [threads_fp, 20, 2, 80]   # ~1 s left after line 5: a loaded machine still dumps in time
+    cmd = [threads_fp, 40, 2, 80]   # ~2.8 s left after line 5: a loaded machine still dumps in time
     ref = reference(cmd, tmp_path / "ref.txt")
     job = Job.start(cmd, tmp_path / "out.txt")
     job.wait_lines(5)

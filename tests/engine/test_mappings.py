@@ -33,7 +33,7 @@ def test_every_kind_of_mapping(tmp_path):
 
 
 def test_vdso_of_another_kernel_is_refused(tmp_path, threads_fp):
-    job = Job.start([threads_fp, 30, 2, 20], tmp_path / "out.txt")
+    job = Job.start([threads_fp, 120, 2, 20], tmp_path / "out.txt")
     job.wait_lines(3)
     cli("dump", "--pid", job.pid, "--images", tmp_path / "img")
     job.proc.wait(timeout=10)
