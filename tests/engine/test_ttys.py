@@ -141,7 +141,7 @@ def test_pty_index_taken(pty_image, tmp_path):
     ("termios", b"\x01\x02", "termios of 2/36 bytes"),
     ("rows", 1 << 20, "window size"),
     ("output", b"x" * (2 << 20), "queued data beyond"),
-])
+], ids=["uid", "sid", "termios", "rows", "output"])   # a 2 MiB id would not fit in PYTEST_CURRENT_TEST
 def test_crafted_terminal_is_refused(pty_image, field, value, says):
     """An image's terminal fields are untrusted: each bad one is refused, naming it, before
     any process exists."""
