@@ -1031,11 +1031,13 @@ def _unprivileged_port_start() -> int:
         return 1024
 
 
-def check(pid: int, fds: list[pb.Fd], creds: pb.Creds | None = None) -> None:
+def check(pid: int, fds: list[pb.Fd], creds: pb.Creds | None = None, fresh_netns: bool = False) -> None:
     """Every port the process had bound is free here, and no connection it had exists.
     With `creds` (given for an image a user, not root, owns; check_owner made sure it claims
     only that user): the restore binds as root, so a port below ip_unprivileged_port_start
-    is only given back to a process that could have bound it itself (CAP_NET_BIND_SERVICE)."""
+    is only given back to a process that could have bound it itself (CAP_NET_BIND_SERVICE).
+    `fresh_netns`: the sockets go into a new network namespace (engine/netns.py), where
+    every port is free and no connection exists: only the privilege check applies."""
     privileged = creds is not None and (creds.euid == 0 or creds.cap_eff >> CAP_NET_BIND_SERVICE & 1)
     fds = list(fds) + [o for e in fds for o in in_flight_objects(e)]
     unixlisten.check(pid, fds)
@@ -1046,6 +1048,8 @@ def check(pid: int, fds: list[pb.Fd], creds: pb.Creds | None = None) -> None:
         if creds is not None and not privileged and k.port < _unprivileged_port_start():
             raise RestoreError(f"process {pid} fd {e.fd}: the image gives it port {k.port}, which uid "
                                f"{creds.euid} may not bind (below ip_unprivileged_port_start); refused")
+        if fresh_netns:
+            continue
         if k.HasField("tcp"):
             ino = _connection_here(k)
             if ino:

@@ -271,33 +271,10 @@ def test_periodic_checkpoints_leave_connections_alone(tmp_path):
     check_stream(out, "server", "client", want)
 
 
-@pytest.fixture
-def nodes():
-    """Two network namespaces, 10.232.N.1 and 10.232.N.2, joined by a veth pair."""
-    n = os.getpid() % 200 + 20
-    a, b = f"tcp{n}a", f"tcp{n}b"
-    sh = lambda *c: subprocess.run(c, check=True, capture_output=True)   # noqa: E731
-    sh("ip", "netns", "add", a)
-    sh("ip", "netns", "add", b)
-    try:
-        sh("ip", "link", "add", f"tcpv{n}a", "type", "veth", "peer", "name", f"tcpv{n}b")
-        sh("ip", "link", "set", f"tcpv{n}a", "netns", a)
-        sh("ip", "link", "set", f"tcpv{n}b", "netns", b)
-        for ns, dev, addr in ((a, f"tcpv{n}a", f"10.232.{n}.1/24"), (b, f"tcpv{n}b", f"10.232.{n}.2/24")):
-            sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        yield a, b, f"10.232.{n}.1"
-    finally:
-        subprocess.run(["ip", "netns", "del", a])
-        subprocess.run(["ip", "netns", "del", b])
-
-
 def test_server_in_its_own_namespace_over_veth(tmp_path, nodes):
     """Server and client on two "nodes": the dump runs outside both, locks the connection
     inside the server's namespace, and the restore runs in it."""
-    a, b, server_addr = nodes
-    _server_dumped(tmp_path, server_addr, (a, b))
+    _server_dumped(tmp_path, nodes.addr_a, (nodes.a, nodes.b))
 
 
 # -- connections we cannot take ----------------------------------------------------------
