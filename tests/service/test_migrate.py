@@ -14,7 +14,7 @@ import pytest
 from hpcckpt.engine.dump import dump
 from hpcckpt.images import service_pb2 as spb
 from hpcckpt.service import framing
-from tests.engine.helpers import PROGRAMS, pid_alive, reference
+from tests.engine.helpers import PROGRAMS, Job, pid_alive, reference
 
 from .conftest import start_hog
 
@@ -238,3 +238,51 @@ def test_a_broken_or_corrupt_stream_leaves_nothing_at_the_destination(nodes, mun
     while pid_alive(hog.pid) or set(Path("/dev/shm").glob("hpcckpt-migrate-0-*")) - staged:
         assert time.monotonic() < deadline, "the half-restored process or its staged files stayed"
         time.sleep(0.05)
+
+
+def test_migrate_tcp_server_with_its_namespace_client_never_notices(nodes, munged, dest_daemon, tmp_path):
+    """A TCP server in a network namespace of its own on node A (its veth a port of A's
+    bridge), a client in a third namespace on the same segment streaming to it: `hpcckpt
+    migrate --tcp-established --netns` moves the server, its namespace and its address to
+    node B; the client runs through (no reset) and both ends received exactly the other's
+    stream (SHA-256 both sides). The server's veth left A and is a port of B's bridge."""
+    from tests.engine.test_tcp import PROG, TOTAL, check_stream, expected, progress, wait_for
+    from tests.engine.test_netns import _job_of, node_side
+    want = expected()
+    j, c = nodes.namespace("mj"), nodes.namespace("mc")
+    addr = nodes.ip(10)
+    nodes.attach(j, nodes.a, "mjv0", f"{addr}/24")
+    nodes.attach(c, nodes.a, "mcv0", f"{nodes.ip(20)}/24")
+    # under `hpcckpt run` (own PID namespace: one machine plays both nodes, so PIDs must be free)
+    srv = Job.start(["ip", "netns", "exec", nodes.a, sys.executable, "-m", "hpcckpt.cli", "run", "--netns",
+                     f"/run/netns/{j}", "--", "sh", "-c", f"{sys.executable} {PROG} server {addr} {TOTAL}; exec sleep 600"],
+                    tmp_path / "server.txt")
+    client = moved = None
+    try:
+        srv.wait_lines(1)
+        job = _job_of(srv.pid)
+        subprocess.run(["ip", "netns", "del", j], check=True)     # the job's own: only it holds it now
+        port = srv.out.read_text().split()[1]
+        client = Job.start(["ip", "netns", "exec", c, sys.executable, PROG, "client", addr, port, TOTAL],
+                           tmp_path / "client.txt")
+        wait_for(lambda: progress(client.out, "client") > TOTAL // 10, "the stream to get going",
+                 alive=(srv.proc, client.proc))
+        res = subprocess.run(["ip", "netns", "exec", nodes.a, sys.executable, "-m", "hpcckpt.cli", "migrate",
+                              "--pid", str(job), "--to", f"{nodes.addr_b}:{PORT}", "--munge-socket", munged,
+                              "--tcp-established", "--netns"], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        moved = int(res.stderr.split("as PID")[1].split()[0])
+        srv.proc.wait(timeout=30)                                   # the source's monitor saw its job leave
+        assert node_side(nodes.a, "mjv0") is None
+        assert client.proc.wait(timeout=120) == 0, client.out.read_text()[-1000:]
+        check_stream(client.out, "client", "server", want)
+        wait_for(lambda: "server sent" in srv.out.read_text(), "the migrated server's last line")
+        check_stream(srv.out, "server", "client", want)
+        side = node_side(nodes.b, "mjv0")
+        assert side and side.get("master") == "br0" and "UP" in side["flags"], side
+    finally:
+        for p in (client, srv):
+            if p is not None:
+                p.kill()
+        if moved is not None and pid_alive(moved):
+            os.kill(moved, 9)
