@@ -115,6 +115,8 @@ def test_job_namespace_dumped_and_restored_keeps_its_client(tmp_path, nodes):
         assert res.returncode == 0, res.stderr
         assert run.proc.wait(timeout=10) != 0                     # its job was killed
         assert node_side(nodes.a, "jrv0") is None, "the job's veth stayed on the node after the dump"
+        shown = cli("show", tmp_path / "img").stdout
+        assert "own network namespace: 2 interfaces" in shown and "node side jrv0 on bridge br0" in shown, shown
         time.sleep(0.3)                        # the client keeps sending meanwhile
         assert client.proc.poll() is None, client.out.read_text()[-500:]
         # a bridge the node does not have: refused before anything is made
