@@ -32,6 +32,7 @@ from .incremental import Parent, TreeTracker, collect_held, hand_off, save_diges
 from . import tree as ptree
 from .freeze import Frozen
 from .netns import detach as detach_netns, save as save_netns
+from ..kernel.rtnl import preload as preload_netlink
 
 SCRATCH = 1 << 16
 MAP_PRIVATE_ANON = 0x22
@@ -334,6 +335,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     writers: dict[int, _PageFile] = {}
     # a pre-dump's fds are never restored: its connections are read (and let go) rather than refused
     conns = tcp.DumpConnections(tcp_established or pre_dump, pid)
+    if netns:
+        preload_netlink()          # not while the tree is frozen
     if tcp_established and not leave_running:    # the tree will be killed: hold its listeners' clients off
         conns = listeners.quiesce(conns, pid)
     try:

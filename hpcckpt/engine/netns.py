@@ -94,7 +94,7 @@ def save(root: int, pids: list[int]) -> pb.NetNamespace:
         return net
     except KernelError:
         raise
-    except rtnl.ERRORS as e:
+    except rtnl.errors() as e:
         raise KernelError(f"cannot read the network namespace of process {root}: {e}") from None
     finally:
         for r in (inside, outside):
@@ -203,7 +203,7 @@ def detach(net: pb.NetNamespace) -> list[str]:
                 idx = ipr.link_lookup(ifname=ln.peer_name)
                 if idx:
                     ipr.link("del", index=idx[0])
-            except rtnl.ERRORS as e:
+            except rtnl.errors() as e:
                 notes.append(f"the job's veth {ln.peer_name} could not be removed from this node: {e}")
     finally:
         ipr.close()
@@ -280,7 +280,7 @@ class Restoring:
         self.inside = rtnl.ipr()
         try:
             self._build()
-        except rtnl.ERRORS as e:
+        except rtnl.errors() as e:
             raise RestoreError(f"{self.where}: cannot rebuild the job's network namespace: {e}") from None
 
     def _build(self) -> None:
@@ -358,7 +358,7 @@ class Restoring:
                     out, _ = self.node_side(ln)
                     self.node.link("set", index=self.node.link_lookup(ifname=out)[0], state="up")
             self._announce()
-        except rtnl.ERRORS as e:
+        except rtnl.errors() as e:
             raise RestoreError(f"{self.where}: cannot connect the job's network namespace to the node: {e}") from None
 
     def _announce(self) -> None:
@@ -401,7 +401,7 @@ class Restoring:
                 idx = self.node.link_lookup(ifname=out) if self.node else []
                 if idx:
                     self.node.link("del", index=idx[0])
-        except rtnl.ERRORS:
+        except rtnl.errors():
             pass
         finally:
             self.leave()
@@ -411,7 +411,7 @@ def _ok_if_there(fn) -> None:
     """Add something the kernel may have made already (lo's addresses once it is up)."""
     try:
         fn()
-    except rtnl.ERRORS as e:
+    except rtnl.errors() as e:
         if rtnl.errno_of(e) != errno.EEXIST:
             raise
 

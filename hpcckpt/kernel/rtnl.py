@@ -11,6 +11,7 @@ import ctypes
 import os
 import socket
 import struct
+import sys
 
 from ..errors import KernelError
 from .libc import libc
@@ -25,16 +26,12 @@ RTPROT_KERNEL = 2
 RTN_LOCAL, RTN_BROADCAST, RTN_MULTICAST, RTN_ANYCAST = 2, 3, 5, 4
 
 
-def _netlink_error() -> type:
-    try:
-        from pyroute2.netlink.exceptions import NetlinkError
-        return NetlinkError
-    except ImportError:      # pragma: no cover - pyroute2 is a dependency
-        return OSError
-
-
-# what a netlink request may raise: pyroute2's NetlinkError (code = errno) is no OSError
-ERRORS = (OSError, _netlink_error())
+def errors() -> tuple:
+    """What a netlink request may raise: pyroute2's NetlinkError (`code` = errno) is no
+    OSError. Looked up when an exception is being handled: pyroute2 is only imported
+    (slowly, see `preload`) by the code that uses it."""
+    mod = sys.modules.get("pyroute2.netlink.exceptions")
+    return (OSError, mod.NetlinkError) if mod is not None else (OSError,)
 
 
 def errno_of(e: BaseException) -> int | None:
@@ -60,9 +57,15 @@ def entered(nsfd: int, what: str = "the network namespace"):
         os.close(back)
 
 
+def preload() -> None:
+    """Import pyroute2 now (~0.2-0.4 s: its package imports all of itself), so that the
+    dump's frozen time and the restore's pause do not pay for it."""
+    import pyroute2.iproute.linux  # noqa: F401
+
+
 def ipr(nsfd: int | None = None, what: str = "the network namespace"):
     """An IPRoute speaking to namespace `nsfd` (ours if None); the caller closes it."""
-    from pyroute2 import IPRoute
+    from pyroute2.iproute.linux import IPRoute
     if nsfd is None:
         return IPRoute()
     with entered(nsfd, what):
