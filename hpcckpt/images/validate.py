@@ -87,6 +87,10 @@ def validate(where: str, p: pb.Process, pm: pb.Pagemap, pages_size: int) -> None
             _fail(where, f"fd {f.fd}: pipe or FIFO path {f.path!r}")
         if f.data_file and ("/" in f.data_file or f.data_file.startswith(".")):
             _fail(where, f"fd {f.fd} names data file {f.data_file!r} outside the image")
+        if f.kind == pb.SOCKET and (f.socket.congestion or f.socket.fastopen_qlen) and \
+                (not CA_NAME.match(f.socket.congestion) or f.socket.type != 1 or f.socket.fastopen_qlen > 1 << 20):
+            _fail(where, f"fd {f.fd}: TCP congestion control {f.socket.congestion!r} or Fast Open queue "
+                  f"{f.socket.fastopen_qlen} on a socket of type {f.socket.type}")
         if f.kind == pb.SOCKET and f.socket.HasField("tcp"):
             _tcp(where, f.fd, f.socket)
         if f.kind == pb.SOCKET and f.socket.dead_peer and (
@@ -114,6 +118,7 @@ def validate(where: str, p: pb.Process, pm: pb.Pagemap, pages_size: int) -> None
         _fail(where, f"exe {mm.exe!r} or cwd {p.cwd!r} is not an absolute path")
 
 
+CA_NAME = re.compile(r"^[a-z0-9_]{0,15}$")
 SCM_MAX_FD = 253
 O_CREAT, O_EXCL, O_TRUNC = 0o100, 0o200, 0o1000
 

@@ -119,8 +119,8 @@ def _server_dumped(tmp_path: Path, host: str, ns: tuple[str, str] | None = None,
         assert rest.wait(timeout=60) == 0, (tmp_path / "restore.txt").read_text()
         check_stream(client.out, "client", "server", want)
         check_stream(srv.out, "server", "client", want)
-        # TCP_NODELAY, SO_KEEPALIVE, TCP_KEEPIDLE, SO_RCVTIMEO's microseconds, SO_BUF_LOCK
-        assert "server opts 1 1 77 500000 0" in srv.out.read_text()
+        # TCP_NODELAY, SO_KEEPALIVE, TCP_KEEPIDLE, SO_RCVTIMEO's microseconds, SO_BUF_LOCK, TCP_CONGESTION
+        assert "server opts 1 1 77 500000 0 reno" in srv.out.read_text()
         assert not our_tables(srv.pid, ns[0] if ns else None), "network lock left after the restore"
     finally:
         for p in (client, srv):
@@ -808,3 +808,46 @@ def test_server_migrated_between_nodes(tmp_path, three_nodes):
         if rest is not None and rest.poll() is None:
             rest.kill()
             rest.wait()
+
+
+# -- TCP options (engine/tcpopts.py) ------------------------------------------------------
+
+OPTS = PROGRAMS / "tcp_opts.py"
+
+
+def test_congestion_control_and_fast_open_kept(tmp_path):
+    """A listener with Fast Open and congestion control reno (not this node's default), a
+    socket with TCP_FASTOPEN_CONNECT/NO_COOKIE: the restored program reads the same."""
+    job = Job.start([sys.executable, OPTS, "options"], tmp_path / "out.txt")
+    try:
+        job.wait_lines(3)
+        before = job.out.read_text().splitlines()[-1].split(" ", 2)[2]
+        assert before == "opts 5 reno 1 1", before
+        cli("dump", "--pid", job.pid, "--images", tmp_path / "img")
+        job.proc.wait(timeout=10)
+        n = job.lines()
+        rest = restore_bg(tmp_path / "img", tmp_path / "restore.txt")
+        try:
+            wait_for(lambda: job.lines() > n + 2, "the restored program's ticks", alive=(rest,))
+            assert job.out.read_text().splitlines()[-1].split(" ", 2)[2] == before
+        finally:
+            subprocess.run(["kill", "-9", str(job.pid)])
+            rest.wait(timeout=30)
+    finally:
+        job.kill()
+
+
+@pytest.mark.parametrize("mode,message", [("md5", "uses TCP-MD5 signatures"),
+                                          ("urgent", "urgent data (MSG_OOB) the program has not read")])
+def test_md5_and_unread_urgent_data_refused(tmp_path, mode, message):
+    """Refused by name, the program left running, no network lock left behind."""
+    job = Job.start([sys.executable, OPTS, mode], tmp_path / "out.txt")
+    try:
+        job.wait_lines(2)
+        res = cli("dump", "--pid", job.pid, "--images", tmp_path / "img", "--tcp-established", check=False)
+        assert res.returncode != 0 and message in res.stderr, res.stderr
+        runs_on(job)
+        assert not our_tables(job.pid)
+        assert not (tmp_path / "img").exists()
+    finally:
+        job.kill()
