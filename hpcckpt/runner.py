@@ -156,8 +156,11 @@ def run(command: list[str], dest=None, every: float | None = None, quiet: bool =
         if latest:
             pidns.ensure()
             refilled = outputs.refill(latest)
+            # --netns PATH that the site made again for this rerun is joined as it is; else
+            # an image with a namespace gets a new one built from it
+            join = netns if netns and os.path.exists(netns) else None
             r = restore(latest, show_progress=not quiet, tracker=tracker, shell_job=True,  # our terminal, if any
-                        on_ready=(lambda root: _adopt(jobcg, root)) if jobcg else None)
+                        on_ready=(lambda root: _adopt(jobcg, root)) if jobcg else None, join_netns=join)
             pid = r.pid
             for note in dest.notes + refilled:
                 _say(quiet, note)

@@ -313,7 +313,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     "auto" (default): the root's own cgroup if it holds exactly the tree; None: ptrace alone.
     `netns`: the tree runs in a network namespace of its own, saved with the image
     (engine/netns.py); a restore makes a new one from it. When the tree is killed, the
-    node side of its veths goes too.
+    node side of its veths goes too, unless the namespace is bind-mounted (the site's).
     """
     t0 = time.monotonic()
     check_owner(pid)
@@ -381,6 +381,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         for h, u in undo.items():
             procs[h].sem_undo.extend(u)
         net = save_netns(pid, [h for h in ft.order if h not in ft.zombies]) if netns else None
+        net_ino = os.stat(f"/proc/{pid}/ns/net").st_ino if netns else None
         tty_images = terms.collect()
         terms.read_queues()               # last of what reads the frozen tree's state
         if leave_running:
@@ -478,7 +479,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                 ft.kill()
                 conns.keep()
                 if net is not None:
-                    notes.extend(detach_netns(net))
+                    notes.extend(detach_netns(net, net_ino))
         if tracker is not None:
             tracker.base_id = inv.image_id if leave_running else None
         if own:

@@ -190,9 +190,27 @@ def _rules(net: pb.NetNamespace, inside) -> None:
                 flags=r["flags"]))
 
 
-def detach(net: pb.NetNamespace) -> list[str]:
+def held_by_mount(ino: int) -> str | None:
+    """Where network namespace `ino` is bind-mounted (/run/netns/NAME: a namespace the site
+    manages, which outlives the job), None if nowhere we can see."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and fields[3] == f"net:[{ino}]":
+                    return fields[4]
+    except OSError:
+        pass
+    return None
+
+
+def detach(net: pb.NetNamespace, ino: int | None = None) -> list[str]:
     """The tree is dead: delete the node side of its veths (and so the pairs), so its
-    addresses are gone from this node at once. Returns notes."""
+    addresses are gone from this node at once. With `ino` given, a namespace the site keeps
+    (bind-mounted) is left as it is: the site's, for a rerun here (`run --netns`) or its
+    epilog. Returns notes."""
+    if ino is not None and (mount := held_by_mount(ino)):
+        return [f"the job's network namespace stays ({mount}), with its interfaces and addresses"]
     notes = []
     ipr = rtnl.ipr()
     try:
@@ -231,6 +249,7 @@ class Restoring:
     net: pb.NetNamespace
     where: str
     veth: dict[str, tuple[str, str]] = field(default_factory=dict)
+    join: str | None = None      # an existing namespace to restore into, as it is
     home: int = -1
     node = None            # IPRoute in the node's (our original) namespace
     inside = None          # IPRoute in the new one
@@ -243,6 +262,13 @@ class Restoring:
         if os.geteuid() != 0:
             raise PermissionDeniedError(f"{self.where}: the image holds the job's network namespace, "
                                         "which only root (or hpcckptd) may create")
+        if self.join:
+            try:
+                fd = os.open(self.join, os.O_RDONLY)
+            except OSError as e:
+                raise RestoreError(f"network namespace {self.join}: {e.strerror}") from None
+            os.close(fd)
+            return
         unknown = set(self.veth) - {ln.name for ln in self.net.links if ln.kind == "veth"}
         if unknown:
             raise RestoreError(f"--veth names {', '.join(sorted(unknown))}, which the image's network "
@@ -274,6 +300,13 @@ class Restoring:
         """The calling thread (and every process it forks from now on) in a new network
         namespace, built from the image; node sides of veths down."""
         self.home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        if self.join:
+            fd = os.open(self.join, os.O_RDONLY)
+            try:
+                rtnl._setns(fd, f"network namespace {self.join}")
+            finally:
+                os.close(fd)
+            return
         self.node = rtnl.ipr()
         if libc.unshare(rtnl.CLONE_NEWNET) != 0:
             raise KernelError(f"cannot create a network namespace: {os.strerror(ctypes.get_errno())}")
@@ -352,6 +385,8 @@ class Restoring:
     def connect(self) -> None:
         """The job is complete: the node sides of its veths come up (attached to their
         bridges), and its addresses are announced there."""
+        if self.join:
+            return
         try:
             for ln in self.net.links:
                 if ln.kind == "veth" and ln.up:

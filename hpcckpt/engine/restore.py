@@ -677,7 +677,7 @@ def check_pages(chain: list[Link], procs: list[pb.Process], pms: dict[int, pb.Pa
 
 def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None,
             tracker: "TreeTracker | None" = None, shell_job: bool = False, arriving=None,
-            veth: dict[str, tuple[str, str]] | None = None) -> Restored:
+            veth: dict[str, tuple[str, str]] | None = None, join_netns: str | None = None) -> Restored:
     """Recreate the process tree of an image set (or of the newest image of a chain),
     running, its root our child; returns the root's PID. Nothing runs before every process
     is fully restored; any failure kills every process the restore made. With `tracker`,
@@ -688,7 +688,9 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
     front, `.wait(path, end)` returns once a file holds `end` bytes; the caller checks
     their digests itself in `on_ready`, before anything runs. An image holding the job's
     network namespace is restored into a new one (engine/netns.py); `veth` overrides the
-    node side of its veths ({inside name: (node-side name, bridge)})."""
+    node side of its veths ({inside name: (node-side name, bridge)}); `join_netns` (a
+    namespace file such as /run/netns/NAME, which the site made again for a rerun) is
+    joined instead, as it is (CRIU's --join-ns)."""
     t0 = time.monotonic()
     iset = ImageSet(images)
     inv, root, _ = check_image(iset, arriving)
@@ -705,7 +707,7 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
     validate_netns(str(iset.path), inv, owner)
     net = None
     if inv.HasField("netns"):
-        net = NewNetns(inv.netns, str(iset.path), veth or {})
+        net = NewNetns(inv.netns, str(iset.path), veth or {}, join=join_netns)
         net.check()
     elif veth:
         raise RestoreError(f"--veth: {iset.path} holds no network namespace (dumped without --netns)")

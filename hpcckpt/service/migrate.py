@@ -262,6 +262,8 @@ def migrate(pid: int, to: str, munge_socket: str | None = None, show_progress: b
         img = work / "img"
         dump(pid, img, leave_running=False, show_progress=show_progress, tcp_established=tcp_established,
              netns=netns, **hooks)
+        if netns:
+            _leave_node(img)
         remote = (lambda n: action(n.event, n.pid, n.images, node=to) or True) if action else None
         try:
             resp = send(img, host, int(port), munge_socket, on_notify=on_notify, on_hook=remote,
@@ -276,6 +278,15 @@ def migrate(pid: int, to: str, munge_socket: str | None = None, show_progress: b
         return resp
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _leave_node(img: Path) -> None:
+    """The job leaves with its network namespace: the node side of its veths goes from
+    this node even when the site keeps the namespace (bind-mounted), so its address is
+    nowhere but at the destination (a failed migration restores it here again)."""
+    from ..engine.netns import detach
+    from ..images.imageset import ImageSet
+    detach(ImageSet(img).inventory().netns)
 
 
 class MigrationFailed(HpcckptError):

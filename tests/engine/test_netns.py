@@ -63,16 +63,16 @@ def job_namespace(nodes, tag: str) -> tuple[str, str]:
     return j, addr
 
 
-def _job_of(ancestor: int) -> int:
+def _job_of(ancestor: int, node: str | None = None) -> int:
     """The root of the job under `ancestor` (hpcckpt run's monitor, or a restore): its
-    first descendant in another network namespace."""
+    first descendant in another network namespace than `node`'s (default: the ancestor's)."""
     def children(pid: int) -> list[int]:
         try:
             return [int(c) for t in os.listdir(f"/proc/{pid}/task")
                     for c in open(f"/proc/{pid}/task/{t}/children").read().split()]
         except OSError:
             return []
-    home = os.stat(f"/proc/{ancestor}/ns/net").st_ino
+    home = os.stat(f"/run/netns/{node}" if node else f"/proc/{ancestor}/ns/net").st_ino
     deadline = time.monotonic() + 30
     while True:
         todo = children(ancestor)
@@ -101,7 +101,7 @@ def test_job_namespace_dumped_and_restored_keeps_its_client(tmp_path, nodes):
     client = rest = job = None
     try:
         srv.wait_lines(1)
-        job = _job_of(run.pid)
+        job = _job_of(run.pid, nodes.a)
         subprocess.run(["ip", "netns", "del", j], check=True)     # the job's own: only it holds it now
         before = net_state(job)
         port = srv.out.read_text().split()[1]
@@ -131,7 +131,7 @@ def test_job_namespace_dumped_and_restored_keeps_its_client(tmp_path, nodes):
         check_stream(client.out, "client", "server", want)
         wait_for(lambda: "server sent" in srv.out.read_text(), "the restored server's last line", alive=(rest,))
         check_stream(srv.out, "server", "client", want)
-        job = _job_of(rest.pid)
+        job = _job_of(rest.pid, nodes.a)
         assert net_state(job) == before
         side = node_side(nodes.a, "jrv0")
         assert side and side.get("master") == "br0" and "UP" in side["flags"], side
@@ -202,3 +202,56 @@ def test_crafted_namespace_images_refused(change, message):
     change(inv.netns)
     with pytest.raises(ImageError, match=message.replace("(", r"\(").replace(".", r"\.")):
         validate_netns("img", inv, 1000 if "uid" in message else 0)
+
+
+def test_run_netns_requeued_rejoins_or_rebuilds_its_namespace(tmp_path, nodes):
+    """`hpcckpt run --netns PATH` stopped by its final checkpoint (TERM, as at preemption)
+    and run again: while the site's namespace PATH exists the resumed job joins it as it
+    is (the checkpoint left it alone); once the site removed it, the job gets a new one
+    built from the image (its veth back on the node's bridge). The job's output is that
+    of an uninterrupted run."""
+    from .helpers import reference
+    j = nodes.namespace("jq")
+    nodes.attach(j, nodes.a, "jqv0", f"{nodes.ip(30)}/24")
+    ns_file = f"/run/netns/{j}"
+    cmd = [sys.executable, PROGRAMS / "compute.py", 90, 0.05]
+    ref = reference(cmd, tmp_path / "ref.txt")
+    out = tmp_path / "out.txt"
+    run = [*HPCCKPT, "run", "--netns", ns_file, "--images", str(tmp_path / "img"), "--", *map(str, cmd)]
+
+    def start() -> subprocess.Popen:
+        with open(out, "ab") as f:
+            return subprocess.Popen(["ip", "netns", "exec", nodes.a, *run], stdin=subprocess.DEVNULL, stdout=f,
+                                    stderr=subprocess.PIPE, start_new_session=True)
+
+    def stop_at(mon: subprocess.Popen, lines: int) -> None:
+        wait_for(lambda: out.read_bytes().count(b"\n") >= lines, f"{lines} lines", alive=(mon,))
+        mon.send_signal(15)
+        said = mon.communicate(timeout=60)[1].decode()
+        assert mon.returncode == 0 and "final checkpoint" in said, said
+
+    mon = start()
+    try:
+        job = _job_of(mon.pid, nodes.a)
+        assert os.stat(f"/proc/{job}/ns/net").st_ino == os.stat(ns_file).st_ino
+        stop_at(mon, 20)
+        assert node_side(nodes.a, "jqv0"), "the site's namespace lost its veth to the checkpoint"
+        mon = start()                                   # resumed into the site's namespace
+        job = _job_of(mon.pid, nodes.a)
+        assert os.stat(f"/proc/{job}/ns/net").st_ino == os.stat(ns_file).st_ino
+        stop_at(mon, 45)
+        subprocess.run(["ip", "netns", "del", j], check=True)     # the site's epilog
+        wait_for(lambda: node_side(nodes.a, "jqv0") is None, "the namespace to go")
+        mon = start()                                   # resumed into a new one, from the image
+        job = _job_of(mon.pid, nodes.a)
+        state = net_state(job)
+        assert ("eth0", "inet", nodes.ip(30), 24) in state["addrs"], state
+        side = node_side(nodes.a, "jqv0")
+        assert side and side.get("master") == "br0", side
+        said = mon.communicate(timeout=120)[1].decode()
+        assert mon.returncode == 0, said
+        assert out.read_bytes() == ref
+    finally:
+        if mon.poll() is None:
+            mon.kill()
+            mon.wait()

@@ -260,7 +260,7 @@ def test_migrate_tcp_server_with_its_namespace_client_never_notices(nodes, munge
     client = moved = None
     try:
         srv.wait_lines(1)
-        job = _job_of(srv.pid)
+        job = _job_of(srv.pid, nodes.a)
         subprocess.run(["ip", "netns", "del", j], check=True)     # the job's own: only it holds it now
         port = srv.out.read_text().split()[1]
         client = Job.start(["ip", "netns", "exec", c, sys.executable, PROG, "client", addr, port, TOTAL],
