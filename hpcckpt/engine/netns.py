@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from ..errors import HpcckptError, KernelError, PermissionDeniedError, RestoreError, UnsupportedError
 from ..images import pb
+from ..images.validate import IFNAME
 from ..kernel import rtnl
 from ..kernel.libc import libc
 
@@ -237,8 +238,9 @@ def parse_veth(specs: list[str] | None) -> dict[str, tuple[str, str]]:
     for s in specs or ():
         inside, eq, rest = s.partition("=")
         outside, _, bridge = rest.partition("@")
-        if not eq or not inside or not outside:
-            raise HpcckptError(f"--veth {s!r}: give INSIDE=OUTSIDE or INSIDE=OUTSIDE@BRIDGE")
+        if not eq or not all(IFNAME.match(x) for x in (inside, outside, bridge or "x")):
+            raise HpcckptError(f"--veth {s!r}: give INSIDE=OUTSIDE or INSIDE=OUTSIDE@BRIDGE, interface "
+                               "names of at most 15 characters")
         out[inside] = (outside, bridge)
     return out
 
