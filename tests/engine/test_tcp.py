@@ -748,12 +748,19 @@ def test_user_server_through_the_daemon(daemon, world_dir, rr_exe):  # noqa: F81
 def three_nodes():
     """Namespaces A and B (the server's old and new node) and C (the client), C joined to
     each by a veth pair; the server's address VIP starts on A, C routes it to A."""
-    n = os.getpid() % 200 + 20
-    a, b, c = f"tcp{n}ma", f"tcp{n}mb", f"tcp{n}mc"
+    from tests.netnodes import netns_add, netns_del
+    for k in range(200):        # names no other copy of the suite holds (`ip netns add` fails on those)
+        n = (os.getpid() + k) % 200 + 20
+        a, b, c = f"tcp{n}ma", f"tcp{n}mb", f"tcp{n}mc"
+        made = [ns for ns in (a, b, c) if netns_add(ns)]
+        if len(made) == 3:
+            break
+        for ns in made:
+            netns_del(ns)
+    else:
+        raise RuntimeError("no free tcpNm* network namespace names")
     vip = f"10.235.{n}.1"
     sh = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True)   # noqa: E731
-    for ns in (a, b, c):
-        sh("ip", "netns", "add", ns)
     try:
         for node, net in ((a, "233"), (b, "234")):
             here, there = f"tcpm{n}{node[-1]}", f"tcpm{n}c{node[-1]}"
