@@ -47,11 +47,13 @@ def node_side(node: str, name: str) -> dict | None:
     return json.loads(res.stdout)[0] if res.returncode == 0 else None
 
 
-def job_namespace(nodes, tag: str) -> tuple[str, str]:
-    """A job's namespace on node A, richly configured: (its name, the job's address)."""
+def job_namespace(nodes, tag: str, last: int = 10) -> tuple[str, str, str]:
+    """A job's namespace on node A, richly configured: (its name, its IPv4 and IPv6 address)."""
     j = nodes.namespace(tag)
-    addr = nodes.ip(10)
-    nodes.attach(j, nodes.a, f"{tag}v0", f"{addr}/24", f"fd00:231:{nodes.n}::10/64")
+    addr, addr6 = nodes.ip(last), f"fd00:231:{nodes.n}::{last}"
+    nodes.attach(j, nodes.a, f"{tag}v0", f"{addr}/24", f"{addr6}/64")
+    subprocess.run(["ip", "-n", nodes.a, "addr", "replace", f"fd00:231:{nodes.n}::1/64", "dev", "br0", "nodad"],
+                   check=True, capture_output=True)
     run = [["link", "set", "eth0", "mtu", "1400"], ["addr", "add", f"192.168.{nodes.n}.1/32", "dev", "lo"],
            ["route", "add", "default", "via", nodes.addr_a],
            ["route", "add", "10.99.0.0/16", "via", nodes.addr_a, "table", "100"],
@@ -60,7 +62,7 @@ def job_namespace(nodes, tag: str) -> tuple[str, str]:
            ["-6", "route", "add", "default", "via", f"fd00:231:{nodes.n}::1"]]
     for args in run:
         subprocess.run(["ip", "-n", j, *args], check=True, capture_output=True)
-    return j, addr
+    return j, addr, addr6
 
 
 def _job_of(ancestor: int, node: str | None = None) -> int:
@@ -88,11 +90,15 @@ def _job_of(ancestor: int, node: str | None = None) -> int:
         time.sleep(0.02)
 
 
-def test_job_namespace_dumped_and_restored_keeps_its_client(tmp_path, nodes):
+@pytest.mark.parametrize("tag", ["jr", "j6"])
+def test_job_namespace_dumped_and_restored_keeps_its_client(tmp_path, nodes, tag):
     """`hpcckpt run --netns` on node A (the monitor stays in the node's namespace, the job
-    joins its own); the job is dumped from the node and restored there into a new one."""
+    joins its own); the job is dumped from the node and restored there into a new one.
+    Over IPv4 (jr) and IPv6 (j6: the address comes back without duplicate address
+    detection and is announced by an unsolicited neighbour advertisement)."""
     want = expected()
-    j, addr = job_namespace(nodes, "jr")
+    j, addr4, addr6 = job_namespace(nodes, tag, 10 if tag == "jr" else 11)
+    addr = addr4 if tag == "jr" else addr6
     # the job: a shell whose child is the server; the shell sleeps on once the stream is done,
     # so the restored namespace can be looked at afterwards
     run = Job.start(["ip", "netns", "exec", nodes.a, *HPCCKPT, "run", "--netns", f"/run/netns/{j}", "--", "sh", "-c",
@@ -114,16 +120,16 @@ def test_job_namespace_dumped_and_restored_keeps_its_client(tmp_path, nodes):
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
         assert run.proc.wait(timeout=10) != 0                     # its job was killed
-        assert node_side(nodes.a, "jrv0") is None, "the job's veth stayed on the node after the dump"
+        assert node_side(nodes.a, f"{tag}v0") is None, "the job's veth stayed on the node after the dump"
         shown = cli("show", tmp_path / "img").stdout
-        assert "own network namespace: 2 interfaces" in shown and "node side jrv0 on bridge br0" in shown, shown
+        assert "own network namespace: 2 interfaces" in shown and f"node side {tag}v0 on bridge br0" in shown, shown
         time.sleep(0.3)                        # the client keeps sending meanwhile
         assert client.proc.poll() is None, client.out.read_text()[-500:]
         # a bridge the node does not have: refused before anything is made
         bad = subprocess.run(["ip", "netns", "exec", nodes.a, *HPCCKPT, "restore", "--images", str(tmp_path / "img"),
-                              "--veth", "eth0=jrv1@nobridge"], capture_output=True, text=True, timeout=60)
+                              "--veth", f"eth0={tag}v1@nobridge"], capture_output=True, text=True, timeout=60)
         assert bad.returncode != 0 and "bridge nobridge" in bad.stderr, bad.stderr
-        assert node_side(nodes.a, "jrv1") is None
+        assert node_side(nodes.a, f"{tag}v1") is None
         rest = subprocess.Popen(["ip", "netns", "exec", nodes.a, *HPCCKPT, "restore", "--images", str(tmp_path / "img")],
                                 stdout=subprocess.DEVNULL, stderr=open(tmp_path / "restore.txt", "wb"),
                                 stdin=subprocess.DEVNULL)
@@ -133,7 +139,7 @@ def test_job_namespace_dumped_and_restored_keeps_its_client(tmp_path, nodes):
         check_stream(srv.out, "server", "client", want)
         job = _job_of(rest.pid, nodes.a)
         assert net_state(job) == before
-        side = node_side(nodes.a, "jrv0")
+        side = node_side(nodes.a, f"{tag}v0")
         assert side and side.get("master") == "br0" and "UP" in side["flags"], side
         assert subprocess.run(["ip", "netns", "identify", str(job)], capture_output=True,
                               text=True).stdout.strip() == "", "restored into a named (existing) namespace"
