@@ -17,6 +17,7 @@ setup(
         "matplotlib",  # hpcckpt stats
         "zstandard>=0.22",  # store compression
         "lz4>=4.0",
+        "pyroute2>=0.9",  # network namespaces (engine/netns.py)
     ],
     extras_require={
         # pytest 9 keeps node ids where pytest-xdist 3.8 cannot tag them: --dist loadgroup

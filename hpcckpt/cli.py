@@ -29,7 +29,8 @@ def exit_like(status: int) -> int:
     """Our exit status as the child's: its code, or die of its signal."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        signal.signal(sig, signal.SIG_DFL)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):   # those two have no handler to reset
+            signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
         return 128 + sig
     return os.WEXITSTATUS(status)
@@ -64,6 +65,11 @@ TCP_HELP = ("checkpoint established TCP connections (TCP_REPAIR); their packets 
             "from the dump until the restore, and only a restore of this checkpoint can take them up")
 
 
+NETNS_HELP = ("the job runs in a network namespace of its own: save its interfaces, addresses, "
+              "routes and rules; a restore makes a new one (the node side of its veths deleted "
+              "here when the job is killed)")
+
+
 def cmd_dump(args) -> int:
     if sock := _service(args):
         from .service import viacli
@@ -83,6 +89,7 @@ def cmd_dump(args) -> int:
                     track_mem=args.track_mem or pre, live=getattr(args, "live", False), pre_dump=pre,
                     shell_job=getattr(args, "shell_job", False),
                     tcp_established=getattr(args, "tcp_established", False),
+                    netns=getattr(args, "netns", False),
                     freeze_cgroup=getattr(args, "freeze_cgroup", None) or "auto", **hooks)
     if args.images and not args.store:  # the image set itself, as CRIU's -D
         where, r = args.images, do_dump(args.images)
@@ -102,12 +109,15 @@ def cmd_restore(args) -> int:
     if sock := _service(args):
         from .service import viacli
         return viacli.restore(args, sock)
+    from .engine.netns import parse_veth
     from .engine.restore import restore as engine_restore
     script = _action_script(args)
 
+    veth = parse_veth(getattr(args, "veth", None))
+
     def restore(path: str, **kw):
         ready = (lambda pid: script("restored", pid, path)) if script else None
-        return engine_restore(path, on_ready=ready, **kw)
+        return engine_restore(path, on_ready=ready, veth=veth, **kw)
     if args.store:
         from .store import commands
         if args.job is None:
@@ -219,7 +229,7 @@ def cmd_run(args) -> int:
     return run(args.command, dest=dest, quiet=args.quiet, schedule=schedule,
                checkpoint_signal=args.checkpoint_signal, final_signal=args.final_signal,
                requeue=args.requeue, walltime=args.walltime, errors=errors, full_every=args.full_every,
-               tcp_established=args.tcp_established)
+               tcp_established=args.tcp_established, netns=args.netns)
 
 
 def cmd_status(args) -> int:
@@ -269,7 +279,8 @@ def cmd_migrate(args) -> int:
     try:
         from .service.viacli import ProgressLine
         resp = migrate(args.pid, args.to, args.munge_socket, show_progress=not args.quiet,
-                       action=_action_script(args), on_notify=ProgressLine(not args.quiet))
+                       action=_action_script(args), on_notify=ProgressLine(not args.quiet),
+                       tcp_established=args.tcp_established, netns=args.netns)
     except MigrationFailed as e:
         print(f"hpcckpt migrate: {e}", file=sys.stderr)
         return wait_as_parent(e.local.pid)
@@ -304,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shell-job", "-j", action="store_true",
                    help="the tree runs in a terminal held outside it (a shell job); see docs/ttys.md")
     d.add_argument("--tcp-established", action="store_true", help=TCP_HELP)
+    d.add_argument("--netns", action="store_true", help=NETNS_HELP)
     _action_flag(d)
     d.set_defaults(func=cmd_dump)
     pd = sub.add_parser("pre-dump", help="copy a process's memory while it runs; a dump --parent then "
@@ -320,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--detach", "-d", action="store_true", help="print the PID and leave it running")
     r.add_argument("--shell-job", "-j", action="store_true",
                    help="an image of a shell job: the tree gets this command's terminal")
+    r.add_argument("--veth", action="append", metavar="INSIDE=OUTSIDE[@BRIDGE]",
+                   help="an image with the job's network namespace: make the node side of its veth "
+                        "INSIDE as OUTSIDE, a port of BRIDGE (default: the names the image had)")
     _action_flag(r)
     r.set_defaults(func=cmd_restore)
     s = sub.add_parser("show", help="decode an image set")
@@ -347,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--full-every", type=int, default=10, metavar="N",
                    help="checkpoints are incremental, every Nth one full (1: always full; default 10)")
     u.add_argument("--tcp-established", action="store_true", help=TCP_HELP)
+    u.add_argument("--netns", metavar="PATH",
+                   help="run the job (not this monitor) in that network namespace (/run/netns/NAME, "
+                        "made by the site with the job's veth and addresses); checkpoints save it and a "
+                        "resume makes a new one from the image (see docs/architecture.md)")
     u.add_argument("command", nargs=argparse.REMAINDER)
     u.set_defaults(func=cmd_run)
     so = sub.add_parser("status", help="a job's checkpoints, the schedule's next time and the measured costs")
@@ -359,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--pid", "-t", type=int, required=True)
     mg.add_argument("--to", required=True, metavar="HOST:PORT")
     mg.add_argument("--munge-socket", help="munged's socket, if not the default")
+    mg.add_argument("--tcp-established", action="store_true", help=TCP_HELP)
+    mg.add_argument("--netns", action="store_true", help=NETNS_HELP)
     _action_flag(mg)
     mg.set_defaults(func=cmd_migrate)
     cat = sub.add_parser("catalog", help="the store's HDF5 catalog")

@@ -57,18 +57,34 @@ def _say(quiet: bool, msg: str) -> None:
         print(f"hpcckpt run: {msg}", file=sys.stderr, flush=True)
 
 
-def start(command: list[str], cg=None) -> int:
+def start(command: list[str], cg=None, netns: str | None = None) -> int:
+    """Fork the job as PID 2 of our PID namespace; with `netns` (a namespace file, e.g.
+    /run/netns/NAME, the site made with the job's veth and addresses) the job, not this
+    monitor, joins that network namespace: checkpoints then save it (engine/netns.py)."""
+    nsfd = None
+    if netns:
+        try:
+            nsfd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise HpcckptError(f"--netns {netns}: {e.strerror}") from None
     pidns.ensure()
     pid = os.fork()
     if pid == 0:
         try:
             if cg is not None:
                 cgroup_freezer.join(cg)   # the job's own cgroup: dumps freeze it as one
+            if nsfd is not None:
+                from .kernel import rtnl
+                rtnl._setns(nsfd, f"network namespace {netns}")
             os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the job gets stdio, not our strays
             os.execvp(command[0], command)
         except OSError as e:
             print(f"hpcckpt run: cannot start {command[0]}: {e.strerror}", file=sys.stderr)
+        except HpcckptError as e:
+            print(f"hpcckpt run: cannot start {command[0]}: {e}", file=sys.stderr)
         os._exit(127)
+    if nsfd is not None:
+        os.close(nsfd)
     return pid
 
 
@@ -106,8 +122,11 @@ def run(command: list[str], dest=None, every: float | None = None, quiet: bool =
         checkpoint_signal: int = signal.SIGUSR1, final_signal: int = signal.SIGTERM,
         requeue: bool | None = None, schedule: Schedule | None = None, walltime: bool = True,
         errors: list[str] | None = None, full_every: int | None = 10,
-        tcp_established: bool = False) -> int:
+        tcp_established: bool = False, netns: str | None = None) -> int:
     """Start or resume `command`, supervise it, exit as it does.
+
+    `netns`: the job runs in that network namespace (a file like /run/netns/NAME), and
+    every checkpoint saves it; a resume builds a new one from the image.
 
     Checkpoints are incremental (only pages written since the previous one, tracked by
     the engine from the start or the resume on), with a full one every `full_every`
@@ -137,14 +156,17 @@ def run(command: list[str], dest=None, every: float | None = None, quiet: bool =
         if latest:
             pidns.ensure()
             refilled = outputs.refill(latest)
+            # --netns PATH that the site made again for this rerun is joined as it is; else
+            # an image with a namespace gets a new one built from it
+            join = netns if netns and os.path.exists(netns) else None
             r = restore(latest, show_progress=not quiet, tracker=tracker, shell_job=True,  # our terminal, if any
-                        on_ready=(lambda root: _adopt(jobcg, root)) if jobcg else None)
+                        on_ready=(lambda root: _adopt(jobcg, root)) if jobcg else None, join_netns=join)
             pid = r.pid
             for note in dest.notes + refilled:
                 _say(quiet, note)
             _say(quiet, f"resumed from {latest} as PID {pid} in {r.total_s:.3f} s")
         else:
-            pid = start(command, jobcg)
+            pid = start(command, jobcg, netns)
             _say(quiet, f"started {' '.join(command)} as PID {pid} (PID {pidns.JOB_PID} in its namespace)")
         for e in errors or []:  # after the restore: it rolls a shared output file back
             _say(quiet, f"error: {e}")
@@ -152,6 +174,7 @@ def run(command: list[str], dest=None, every: float | None = None, quiet: bool =
         sup = Supervisor(pid, dest, schedule, quiet, checkpoint_signal, final_signal, requeue, end, errors or [])
         sup.tracker, sup.full_every = tracker, full_every
         sup.tcp_established = tcp_established
+        sup.netns = bool(netns) or bool(latest and ImageSet(latest).inventory().HasField("netns"))
         sup.depth = ImageSet(latest).inventory().chain_depth if latest else None
         if latest:
             dest.release()
@@ -363,6 +386,7 @@ class Supervisor:
     tracker: TreeTracker | None = None
     full_every: int | None = None
     tcp_established: bool = False   # dumps take established TCP connections (engine/tcp.py)
+    netns: bool = False             # dumps save the job's network namespace (engine/netns.py)
     gone_status: int | None = None  # the job's wait status, when a dump collected it
     depth: int | None = None        # parents of the last image; None: there is none
 
@@ -389,7 +413,8 @@ class Supervisor:
     def _dump_into(self, final: bool):
         def do_dump(path, parent=None):
             r = dump(self.pid, path, leave_running=not final, show_progress=not self.quiet, shell_job=True,
-                     parent=parent, tracker=self.tracker, tcp_established=self.tcp_established)
+                     parent=parent, tracker=self.tracker, tcp_established=self.tcp_established,
+                     netns=self.netns)
             try:
                 warnings = outputs.keep(Path(path), self.outputs)
             except (HpcckptError, OSError, ValueError) as e:  # the checkpoint itself is good

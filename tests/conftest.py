@@ -1,5 +1,5 @@
 """Shared fixtures for hpcckpt's tests: the real Slurm cluster (started on first use) and
-hpcckpt as an ordinary user runs it.
+hpcckpt as an ordinary user runs it, and the two network-namespace test "nodes" (tests/netnodes.py).
 
 scripts/test.sh runs the suite in two pytest-xdist workers (`--dist loadgroup`) with two
 groups: the Slurm tests (which mostly wait for Slurm) with a few light files on one
@@ -8,7 +8,7 @@ jobs the tests checkpoint enough to change what the tests see; one stream beside
 waiting Slurm tests does not."""
 import pytest
 
-pytest_plugins = ["tests.slurm_cluster.fixture", "tests.user_env"]
+pytest_plugins = ["tests.slurm_cluster.fixture", "tests.user_env", "tests.netnodes"]
 
 BESIDE_SLURM = ("/tests/slurm/", "/tests/qemu_guest/", "/tests/store/")
 

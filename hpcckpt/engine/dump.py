@@ -31,6 +31,8 @@ from . import files, listeners, memory, sessions, shared, snapshot, sysvipc, tcp
 from .incremental import Parent, TreeTracker, collect_held, hand_off, save_digests
 from . import tree as ptree
 from .freeze import Frozen
+from .netns import detach as detach_netns, save as save_netns
+from ..kernel.rtnl import preload as preload_netlink
 
 SCRATCH = 1 << 16
 MAP_PRIVATE_ANON = 0x22
@@ -286,7 +288,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
          tracker: "TreeTracker | None" = None, track_mem: bool = False,
          live: bool = False, pre_dump: bool = False, on_dumped=None,
          shell_job: bool = False, tcp_established: bool = False, on_frozen=None,
-         freeze_cgroup: str | None = "auto") -> DumpResult:
+         freeze_cgroup: str | None = "auto", netns: bool = False) -> DumpResult:
     """Checkpoint `pid` and (unless `tree=False`) all its descendants into `images`;
     kill them all afterwards unless `leave_running`.
 
@@ -309,6 +311,9 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     is read or written (hpcckptd's "frozen" hook); raising thaws.
     `freeze_cgroup`: a cgroup v2 to freeze the tree through (it cannot fork meanwhile);
     "auto" (default): the root's own cgroup if it holds exactly the tree; None: ptrace alone.
+    `netns`: the tree runs in a network namespace of its own, saved with the image
+    (engine/netns.py); a restore makes a new one from it. When the tree is killed, the
+    node side of its veths goes too, unless the namespace is bind-mounted (the site's).
     """
     t0 = time.monotonic()
     check_owner(pid)
@@ -330,6 +335,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     writers: dict[int, _PageFile] = {}
     # a pre-dump's fds are never restored: its connections are read (and let go) rather than refused
     conns = tcp.DumpConnections(tcp_established or pre_dump, pid)
+    if netns:
+        preload_netlink()          # not while the tree is frozen
     if tcp_established and not leave_running:    # the tree will be killed: hold its listeners' clients off
         conns = listeners.quiesce(conns, pid)
     try:
@@ -373,6 +380,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                                  iset.path, notes)
         for h, u in undo.items():
             procs[h].sem_undo.extend(u)
+        net = save_netns(pid, [h for h in ft.order if h not in ft.zombies]) if netns else None
+        net_ino = os.stat(f"/proc/{pid}/ns/net").st_ino if netns else None
         tty_images = terms.collect()
         terms.read_queues()               # last of what reads the frozen tree's state
         if leave_running:
@@ -432,6 +441,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         if ipc is not None:
             inv.own_ipc_namespace = True
             inv.ipc.CopyFrom(ipc)
+        if net is not None:
+            inv.netns.CopyFrom(net)
         for h in ft.order:
             if h not in ft.zombies and h != pid:
                 inv.files.extend(f for f in _mapped_files(list(procs[h].mm.vmas), procs[h].mm.exe)
@@ -467,6 +478,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             else:
                 ft.kill()
                 conns.keep()
+                if net is not None:
+                    notes.extend(detach_netns(net, net_ino))
         if tracker is not None:
             tracker.base_id = inv.image_id if leave_running else None
         if own:

@@ -26,9 +26,10 @@ from ..kernel.libc import pidfd_getfd, pidfd_open
 from ..progress import Progress
 from . import eventfds, files, fsnotify, locks, memory, pidns, sockets, sysvipc, timers, ttys, userns
 from ..images.chain import Link, load_chain, pages_file_size, sources, Source
-from ..images.validate import validate, validate_fsnotify, validate_in_flight, validate_ipc
+from ..images.validate import validate, validate_fsnotify, validate_in_flight, validate_ipc, validate_netns
 from .create import create_tree
 from .incremental import TreeTracker
+from .netns import Restoring as NewNetns
 
 SCRATCH = 1 << 16
 WINDOW = 32 << 20           # scratch plus room to park the vDSO family while moving it
@@ -638,7 +639,8 @@ def _load_tree(iset: ImageSet, inv: pb.Inventory, root: pb.Process) -> list[pb.P
             raise RestoreError(f"process {p.pid} ran chrooted in {p.root}; not supported yet")
         files.check_files(list(p.fds))
         # a user's image (not root's) gets no port its process could not have bound itself
-        sockets.check(p.pid, list(p.fds), p.creds if os.stat(iset.path / "inventory.img").st_uid else None)
+        sockets.check(p.pid, list(p.fds), p.creds if os.stat(iset.path / "inventory.img").st_uid else None,
+                      fresh_netns=inv.HasField("netns"))
     return procs
 
 
@@ -674,7 +676,8 @@ def check_pages(chain: list[Link], procs: list[pb.Process], pms: dict[int, pb.Pa
 
 
 def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None,
-            tracker: "TreeTracker | None" = None, shell_job: bool = False, arriving=None) -> Restored:
+            tracker: "TreeTracker | None" = None, shell_job: bool = False, arriving=None,
+            veth: dict[str, tuple[str, str]] | None = None, join_netns: str | None = None) -> Restored:
     """Recreate the process tree of an image set (or of the newest image of a chain),
     running, its root our child; returns the root's PID. Nothing runs before every process
     is fully restored; any failure kills every process the restore made. With `tracker`,
@@ -683,7 +686,11 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
     held outside it; it gets this command's terminal instead (ttys.py). `arriving`: page
     files of the image still arriving (hpcckptd's migration): `.names` are not checked up
     front, `.wait(path, end)` returns once a file holds `end` bytes; the caller checks
-    their digests itself in `on_ready`, before anything runs."""
+    their digests itself in `on_ready`, before anything runs. An image holding the job's
+    network namespace is restored into a new one (engine/netns.py); `veth` overrides the
+    node side of its veths ({inside name: (node-side name, bridge)}); `join_netns` (a
+    namespace file such as /run/netns/NAME, which the site made again for a rerun) is
+    joined instead, as it is (CRIU's --join-ns)."""
     t0 = time.monotonic()
     iset = ImageSet(images)
     inv, root, _ = check_image(iset, arriving)
@@ -697,6 +704,13 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
     for p in procs:
         validate_fsnotify(str(iset.path), p, owner)
     validate_in_flight(str(iset.path), [p for p in procs if not p.zombie])
+    validate_netns(str(iset.path), inv, owner)
+    net = None
+    if inv.HasField("netns"):
+        net = NewNetns(inv.netns, str(iset.path), veth or {}, join=join_netns)
+        net.check()
+    elif veth:
+        raise RestoreError(f"--veth: {iset.path} holds no network namespace (dumped without --netns)")
     if inv.own_pid_namespace:
         pidns.ensure()
     else:
@@ -711,9 +725,13 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
         ipc_removed = sysvipc.create(inv.ipc, iset.path, live)
     terms = ttys.Terminals.prepare(str(iset.path), inv, procs, shell_job)
     try:
+        if net is not None:     # this thread, and so every stub it clones, in the job's namespace
+            net.enter()
         ctree = create_tree(procs, terms)
     except BaseException:
         terms.close()
+        if net is not None:
+            net.abort()
         raise
     targets: dict[int, Target] = {}
     try:
@@ -747,6 +765,8 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
         sockets.resume(sh.socks)
         if on_ready:
             on_ready(ctree.root_host)
+        if net is not None:     # its connections are out of repair mode: packets may come
+            net.connect()
         for p in reversed(live):      # children first: no parent runs to find a stopped child
             t = targets[p.pid]
             for tid in t.host.values():
@@ -759,7 +779,11 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
         ttys.take_back_foreground()
         ctree.kill_all()
         _kill_stub(ctree.root_host)
+        if net is not None:
+            net.abort()
         raise
+    if net is not None:
+        net.leave()
     return Restored(pid=ctree.root_host, threads=sum(len(p.threads) for p in live),
                     pages_bytes=pages_bytes,
                     total_s=time.monotonic() - t0, processes=len(procs), notes=terms.notes)

@@ -27,7 +27,7 @@ from ..errors import HpcckptError, ImageError, RestoreError, UnsupportedError
 from ..images import pb
 from ..kernel import listenlock, netlock, sockdiag
 from ..kernel.libc import pidfd_getfd, pidfd_open
-from . import tcp, unixlisten
+from . import tcp, tcpopts, unixlisten
 
 SOL_SOCKET, SOL_TCP, SOL_IPV6 = 1, 6, 41
 SO_REUSEADDR, SO_SNDBUF, SO_RCVBUF, SO_REUSEPORT = 2, 7, 8, 15
@@ -412,6 +412,8 @@ def _inet(k: pb.Socket, s: socket.socket, ino: int, descs, first: bool, where: s
     if k.type == socket.SOCK_STREAM:
         k.nodelay = bool(s.getsockopt(SOL_TCP, TCP_NODELAY))
         state = tcp.state(s)
+        k.listening = state == sockdiag.TCP_LISTEN
+        tcpopts.save(k, s, ino, descs, where)
         if state in tcp.RESTORABLE and peer is not None:
             _established(k, s, name, peer, descs, first, where)
             return
@@ -572,6 +574,8 @@ def _inet_options(t, fd: int, k: pb.Socket) -> None:
         _setint(t, fd, SOL_IPV6, IPV6_V6ONLY, int(k.v6only))
     if k.nodelay:
         _setint(t, fd, SOL_TCP, TCP_NODELAY, 1)
+    if k.type == socket.SOCK_STREAM:
+        tcpopts.restore(t, fd, k, f"process {t.ns_pid} socket fd {fd}")
     _buffers(t, fd, k)
 
 
@@ -1031,21 +1035,29 @@ def _unprivileged_port_start() -> int:
         return 1024
 
 
-def check(pid: int, fds: list[pb.Fd], creds: pb.Creds | None = None) -> None:
+def check(pid: int, fds: list[pb.Fd], creds: pb.Creds | None = None, fresh_netns: bool = False) -> None:
     """Every port the process had bound is free here, and no connection it had exists.
     With `creds` (given for an image a user, not root, owns; check_owner made sure it claims
     only that user): the restore binds as root, so a port below ip_unprivileged_port_start
-    is only given back to a process that could have bound it itself (CAP_NET_BIND_SERVICE)."""
+    is only given back to a process that could have bound it itself (CAP_NET_BIND_SERVICE).
+    `fresh_netns`: the sockets go into a new network namespace (engine/netns.py), where
+    every port is free and no connection exists: only the privilege check applies."""
     privileged = creds is not None and (creds.euid == 0 or creds.cap_eff >> CAP_NET_BIND_SERVICE & 1)
     fds = list(fds) + [o for e in fds for o in in_flight_objects(e)]
     unixlisten.check(pid, fds)
     for e in fds:
         k = e.socket
-        if e.kind != pb.SOCKET or k.family == socket.AF_UNIX or not k.port:
+        if e.kind != pb.SOCKET or k.family == socket.AF_UNIX:
+            continue
+        if k.type == socket.SOCK_STREAM:
+            tcpopts.check(pid, e.fd, k, creds is not None)
+        if not k.port:
             continue
         if creds is not None and not privileged and k.port < _unprivileged_port_start():
             raise RestoreError(f"process {pid} fd {e.fd}: the image gives it port {k.port}, which uid "
                                f"{creds.euid} may not bind (below ip_unprivileged_port_start); refused")
+        if fresh_netns:
+            continue
         if k.HasField("tcp"):
             ino = _connection_here(k)
             if ino:

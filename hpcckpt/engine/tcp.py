@@ -27,6 +27,7 @@ import time
 from ..errors import HpcckptError, KernelError, RestoreError, UnsupportedError
 from ..images import pb
 from ..kernel import netlock, tcpforge
+from . import tcpopts
 
 SOL_SOCKET, SOL_TCP = 1, 6
 TCP_MAXSEG, TCP_CORK, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT = 2, 3, 4, 5, 6
@@ -115,6 +116,9 @@ def save(s: socket.socket, where: str) -> pb.TcpConnection:
         c.timestamp = struct.unpack("I", s.getsockopt(SOL_TCP, TCP_TIMESTAMP, 4))[0]
     win = s.getsockopt(SOL_TCP, TCP_REPAIR_WINDOW, 20)
     c.snd_wl1, c.snd_wnd, c.max_window, c.rcv_wnd, c.rcv_wup = struct.unpack("5I", win)
+    if not _int(s, SOL_SOCKET, SO_OOBINLINE) and tcpopts.urgent_pending(s):
+        raise UnsupportedError(f"{where}: the TCP connection has urgent data (MSG_OOB) the program has not "
+                               "read yet; its urgent mark cannot be restored: checkpoint again once it is read")
     peek_off = _int(s, SOL_SOCKET, SO_PEEK_OFF)
     if peek_off >= 0:      # a peek offset the program set would make us skip bytes
         s.setsockopt(SOL_SOCKET, SO_PEEK_OFF, -1)

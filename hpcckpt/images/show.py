@@ -45,6 +45,8 @@ def show(path, as_json: bool = False) -> str:
              + (", own PID namespace" if inv.own_pid_namespace else "")]
     if inv.own_ipc_namespace:
         lines.extend(_ipc_lines(inv.ipc))
+    if inv.HasField("netns"):
+        lines.extend(_netns_lines(inv.netns))
     for pid in inv.pids:
         p, pm = iset.process(pid), iset.pagemap(pid)
         lines.append(f"process {p.pid} '{p.comm}' ppid {p.ppid} exe {p.mm.exe} cwd {p.cwd}")
@@ -66,6 +68,21 @@ def show(path, as_json: bool = False) -> str:
                      f"{t.pgrp or '-'}, queued {len(t.output)} bytes out, {len(t.input)} in"
                      + (", packet mode" if t.packet_mode else "") + (", locked" if t.locked else ""))
     return "\n".join(lines)
+
+
+def _netns_lines(net: pb.NetNamespace) -> list[str]:
+    out = [f"own network namespace: {len(net.links)} interfaces, {len(net.addresses)} addresses, "
+           f"{len(net.routes)} routes, {len(net.rules)} rules"]
+    for ln in net.links:
+        node = f", node side {ln.peer_name}" + (f" on bridge {ln.peer_master}" if ln.peer_master else "") \
+            if ln.kind == "veth" else ""
+        addrs = " ".join(f"{a.address}/{a.prefixlen}" for a in net.addresses if a.link == ln.name)
+        out.append(f"  {ln.name} ({ln.kind}{', up' if ln.up else ''}, mtu {ln.mtu}{node}) {addrs}")
+    for r in net.routes:
+        out.append(f"  route {r.dst or 'default'}{'/' + str(r.dst_len) if r.dst else ''}"
+                   + (f" via {r.gateway}" if r.gateway else "") + (f" dev {r.link}" if r.link else "")
+                   + f" table {r.table}")
+    return out
 
 
 def _ipc_lines(ipc: pb.IpcNamespace) -> list[str]:

@@ -5,6 +5,8 @@ their mappings or beyond the page file, absurd counts, relative paths) is refuse
 with an error naming the image and the field, before any process exists.
 """
 import bisect
+import ipaddress
+import re
 
 from ..errors import ImageError
 from ..kernel import listenlock
@@ -85,6 +87,10 @@ def validate(where: str, p: pb.Process, pm: pb.Pagemap, pages_size: int) -> None
             _fail(where, f"fd {f.fd}: pipe or FIFO path {f.path!r}")
         if f.data_file and ("/" in f.data_file or f.data_file.startswith(".")):
             _fail(where, f"fd {f.fd} names data file {f.data_file!r} outside the image")
+        if f.kind == pb.SOCKET and (f.socket.congestion or f.socket.fastopen_qlen) and \
+                (not CA_NAME.match(f.socket.congestion) or f.socket.type != 1 or f.socket.fastopen_qlen > 1 << 20):
+            _fail(where, f"fd {f.fd}: TCP congestion control {f.socket.congestion!r} or Fast Open queue "
+                  f"{f.socket.fastopen_qlen} on a socket of type {f.socket.type}")
         if f.kind == pb.SOCKET and f.socket.HasField("tcp"):
             _tcp(where, f.fd, f.socket)
         if f.kind == pb.SOCKET and f.socket.dead_peer and (
@@ -112,6 +118,7 @@ def validate(where: str, p: pb.Process, pm: pb.Pagemap, pages_size: int) -> None
         _fail(where, f"exe {mm.exe!r} or cwd {p.cwd!r} is not an absolute path")
 
 
+CA_NAME = re.compile(r"^[a-z0-9_]{0,15}$")
 SCM_MAX_FD = 253
 O_CREAT, O_EXCL, O_TRUNC = 0o100, 0o200, 0o1000
 
@@ -374,3 +381,86 @@ def _tcp(where: str, fd: int, k: pb.Socket) -> None:
     from ..kernel.netlock import valid_name
     if c.lock_table and not valid_name(c.lock_table):
         _fail(where, f"{what} names network lock table {c.lock_table!r}, not one hpcckpt makes")
+
+
+NET_ITEMS_MAX = 4096
+IFNAME = re.compile(r"^[A-Za-z0-9_.:@+-]{1,15}$")
+NET_KINDS = ("loopback", "veth")
+
+
+def _ifname(where: str, what: str, name: str, optional: bool = False) -> None:
+    if optional and not name:
+        return
+    if not IFNAME.match(name) or name in (".", ".."):
+        _fail(where, f"{what}: interface name {name!r}")
+
+
+def _ip(where: str, what: str, text: str, v6: bool, optional: bool = True) -> None:
+    if optional and not text:
+        return
+    try:
+        ok = ipaddress.ip_address(text).version == (6 if v6 else 4)
+    except ValueError:
+        ok = False
+    if not ok:
+        _fail(where, f"{what}: {text!r} is not an IPv{6 if v6 else 4} address")
+
+
+def validate_netns(where: str, inv: pb.Inventory, owner: int) -> None:
+    """The job's network namespace an image rebuilds (engine/netns.py): only from root's
+    images (it puts interfaces on the node's bridges), every name an interface name, every
+    address an address of its family, every reference to an interface one the image makes."""
+    if not inv.HasField("netns"):
+        return
+    net = inv.netns
+    if owner != 0:
+        _fail(where, f"a network namespace in an image owned by uid {owner}: only root's images may "
+              "create one (it attaches interfaces to the node's bridges)")
+    if max(len(net.links), len(net.addresses), len(net.routes), len(net.rules)) > NET_ITEMS_MAX:
+        _fail(where, "network namespace: too many interfaces, addresses, routes or rules")
+    names = set()
+    for ln in net.links:
+        what = f"network interface {ln.name!r}"
+        _ifname(where, what, ln.name)
+        if ln.name in names:
+            _fail(where, f"{what} appears twice")
+        names.add(ln.name)
+        if ln.kind not in NET_KINDS or (ln.kind == "loopback") != (ln.name == "lo"):
+            _fail(where, f"{what}: kind {ln.kind!r} (loopback is lo; others: veth)")
+        if len(ln.mac) not in (0, 6) or len(ln.peer_mac) not in (0, 6):
+            _fail(where, f"{what}: a MAC address is not 6 bytes")
+        if any(m and not 68 <= m <= 65536 for m in (ln.mtu, ln.peer_mtu)):
+            _fail(where, f"{what}: MTU {ln.mtu}/{ln.peer_mtu}")
+        if ln.kind == "veth":
+            _ifname(where, what + " (node side)", ln.peer_name)
+            _ifname(where, what + " (node side's bridge)", ln.peer_master, optional=True)
+        elif ln.peer_name or ln.peer_master or ln.peer_mac or ln.peer_mtu:
+            _fail(where, f"{what}: a node side for a {ln.kind} interface")
+    if "lo" not in names:
+        _fail(where, "network namespace without its loopback interface lo")
+    for a in net.addresses:
+        what = f"address {a.address!r}"
+        if a.link not in names:
+            _fail(where, f"{what} on interface {a.link!r}, which the image does not make")
+        _ip(where, what, a.address, a.v6, optional=False)
+        _ip(where, what + " (peer)", a.peer, a.v6)
+        _ip(where, what + " (broadcast)", a.broadcast, False)
+        if a.prefixlen > (128 if a.v6 else 32) or a.scope > 255 or len(a.label) > 15:
+            _fail(where, f"{what}: prefix length {a.prefixlen}, scope {a.scope} or label {a.label!r}")
+    for r in net.routes:
+        what = f"route to {r.dst or 'default'}/{r.dst_len} (table {r.table})"
+        if r.link and r.link not in names:
+            _fail(where, f"{what} through interface {r.link!r}, which the image does not make")
+        for field, text in (("destination", r.dst), ("gateway", r.gateway), ("source", r.prefsrc)):
+            _ip(where, f"{what} ({field})", text, r.v6)
+        if r.dst_len > (128 if r.v6 else 32) or r.scope > 255 or r.protocol > 255 or not 0 < r.type <= 12 \
+                or r.mtu > 65536 or r.table == 0:
+            _fail(where, f"{what}: length, scope, protocol, type, table or MTU out of range")
+    for r in net.rules:
+        what = f"routing rule {r.priority} (table {r.table})"
+        _ip(where, f"{what} (from)", r.src, r.v6)
+        _ip(where, f"{what} (to)", r.dst, r.v6)
+        _ifname(where, f"{what} (iif)", r.iif, optional=True)
+        _ifname(where, f"{what} (oif)", r.oif, optional=True)
+        if max(r.src_len, r.dst_len) > (128 if r.v6 else 32) or not 0 < r.action <= 8 or r.tos > 255:
+            _fail(where, f"{what}: prefix length, action or TOS out of range")

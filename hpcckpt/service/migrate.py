@@ -237,7 +237,7 @@ class _Splicer:
 
 
 def migrate(pid: int, to: str, munge_socket: str | None = None, show_progress: bool = True,
-            action=None, on_notify=None):
+            action=None, on_notify=None, tcp_established: bool = False, netns: bool = False):
     """Dump `pid` (stopping it), send it to `to` (HOST:PORT), return the remote answer.
 
     `action` (an ActionScript, or any callable(stage, pid, images)) runs at the source's
@@ -246,6 +246,8 @@ def migrate(pid: int, to: str, munge_socket: str | None = None, show_progress: b
     the destination's notifications (its restore's progress).
     On failure the process is restored here from the same image and a MigrationFailed
     carrying the local Restored is raised: the caller stays its parent.
+    `tcp_established`, `netns`: as for dump. With both, a server in a network namespace of
+    its own moves with its address and keeps its connections (docs/architecture.md).
     """
     from ..engine.dump import dump
     from ..engine.restore import restore
@@ -258,7 +260,10 @@ def migrate(pid: int, to: str, munge_socket: str | None = None, show_progress: b
              "on_dumped": lambda p: action("dumped", pid, str(p))} if action else {}
     try:
         img = work / "img"
-        dump(pid, img, leave_running=False, show_progress=show_progress, **hooks)
+        dump(pid, img, leave_running=False, show_progress=show_progress, tcp_established=tcp_established,
+             netns=netns, **hooks)
+        if netns:
+            _leave_node(img)
         remote = (lambda n: action(n.event, n.pid, n.images, node=to) or True) if action else None
         try:
             resp = send(img, host, int(port), munge_socket, on_notify=on_notify, on_hook=remote,
@@ -273,6 +278,15 @@ def migrate(pid: int, to: str, munge_socket: str | None = None, show_progress: b
         return resp
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _leave_node(img: Path) -> None:
+    """The job leaves with its network namespace: the node side of its veths goes from
+    this node even when the site keeps the namespace (bind-mounted), so its address is
+    nowhere but at the destination (a failed migration restores it here again)."""
+    from ..engine.netns import detach
+    from ..images.imageset import ImageSet
+    detach(ImageSet(img).inventory().netns)
 
 
 class MigrationFailed(HpcckptError):

@@ -303,6 +303,8 @@ def main() -> int:
         return 1
     try:
         from ..engine import dump, restore  # noqa: F401  (loaded before any request: a spare is warm)
+        from ..kernel.rtnl import preload
+        preload()                           # pyroute2, for a migrated job's network namespace
         first = framing.read_frame(_stdin)
     except Cancelled:      # a spare stopped with the daemon
         return 0

@@ -119,8 +119,8 @@ def _server_dumped(tmp_path: Path, host: str, ns: tuple[str, str] | None = None,
         assert rest.wait(timeout=60) == 0, (tmp_path / "restore.txt").read_text()
         check_stream(client.out, "client", "server", want)
         check_stream(srv.out, "server", "client", want)
-        # TCP_NODELAY, SO_KEEPALIVE, TCP_KEEPIDLE, SO_RCVTIMEO's microseconds, SO_BUF_LOCK
-        assert "server opts 1 1 77 500000 0" in srv.out.read_text()
+        # TCP_NODELAY, SO_KEEPALIVE, TCP_KEEPIDLE, SO_RCVTIMEO's microseconds, SO_BUF_LOCK, TCP_CONGESTION
+        assert "server opts 1 1 77 500000 0 reno" in srv.out.read_text()
         assert not our_tables(srv.pid, ns[0] if ns else None), "network lock left after the restore"
     finally:
         for p in (client, srv):
@@ -271,33 +271,10 @@ def test_periodic_checkpoints_leave_connections_alone(tmp_path):
     check_stream(out, "server", "client", want)
 
 
-@pytest.fixture
-def nodes():
-    """Two network namespaces, 10.232.N.1 and 10.232.N.2, joined by a veth pair."""
-    n = os.getpid() % 200 + 20
-    a, b = f"tcp{n}a", f"tcp{n}b"
-    sh = lambda *c: subprocess.run(c, check=True, capture_output=True)   # noqa: E731
-    sh("ip", "netns", "add", a)
-    sh("ip", "netns", "add", b)
-    try:
-        sh("ip", "link", "add", f"tcpv{n}a", "type", "veth", "peer", "name", f"tcpv{n}b")
-        sh("ip", "link", "set", f"tcpv{n}a", "netns", a)
-        sh("ip", "link", "set", f"tcpv{n}b", "netns", b)
-        for ns, dev, addr in ((a, f"tcpv{n}a", f"10.232.{n}.1/24"), (b, f"tcpv{n}b", f"10.232.{n}.2/24")):
-            sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        yield a, b, f"10.232.{n}.1"
-    finally:
-        subprocess.run(["ip", "netns", "del", a])
-        subprocess.run(["ip", "netns", "del", b])
-
-
 def test_server_in_its_own_namespace_over_veth(tmp_path, nodes):
     """Server and client on two "nodes": the dump runs outside both, locks the connection
     inside the server's namespace, and the restore runs in it."""
-    a, b, server_addr = nodes
-    _server_dumped(tmp_path, server_addr, (a, b))
+    _server_dumped(tmp_path, nodes.addr_a, (nodes.a, nodes.b))
 
 
 # -- connections we cannot take ----------------------------------------------------------
@@ -771,12 +748,19 @@ def test_user_server_through_the_daemon(daemon, world_dir, rr_exe):  # noqa: F81
 def three_nodes():
     """Namespaces A and B (the server's old and new node) and C (the client), C joined to
     each by a veth pair; the server's address VIP starts on A, C routes it to A."""
-    n = os.getpid() % 200 + 20
-    a, b, c = f"tcp{n}ma", f"tcp{n}mb", f"tcp{n}mc"
+    from tests.netnodes import netns_add, netns_del
+    for k in range(200):        # names no other copy of the suite holds (`ip netns add` fails on those)
+        n = (os.getpid() + k) % 200 + 20
+        a, b, c = f"tcp{n}ma", f"tcp{n}mb", f"tcp{n}mc"
+        made = [ns for ns in (a, b, c) if netns_add(ns)]
+        if len(made) == 3:
+            break
+        for ns in made:
+            netns_del(ns)
+    else:
+        raise RuntimeError("no free tcpNm* network namespace names")
     vip = f"10.235.{n}.1"
     sh = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True)   # noqa: E731
-    for ns in (a, b, c):
-        sh("ip", "netns", "add", ns)
     try:
         for node, net in ((a, "233"), (b, "234")):
             here, there = f"tcpm{n}{node[-1]}", f"tcpm{n}c{node[-1]}"
@@ -831,3 +815,46 @@ def test_server_migrated_between_nodes(tmp_path, three_nodes):
         if rest is not None and rest.poll() is None:
             rest.kill()
             rest.wait()
+
+
+# -- TCP options (engine/tcpopts.py) ------------------------------------------------------
+
+OPTS = PROGRAMS / "tcp_opts.py"
+
+
+def test_congestion_control_and_fast_open_kept(tmp_path):
+    """A listener with Fast Open and congestion control reno (not this node's default), a
+    socket with TCP_FASTOPEN_CONNECT/NO_COOKIE: the restored program reads the same."""
+    job = Job.start([sys.executable, OPTS, "options"], tmp_path / "out.txt")
+    try:
+        job.wait_lines(3)
+        before = job.out.read_text().splitlines()[-1].split(" ", 2)[2]
+        assert before == "opts 5 reno 1 1", before
+        cli("dump", "--pid", job.pid, "--images", tmp_path / "img")
+        job.proc.wait(timeout=10)
+        n = job.lines()
+        rest = restore_bg(tmp_path / "img", tmp_path / "restore.txt")
+        try:
+            wait_for(lambda: job.lines() > n + 2, "the restored program's ticks", alive=(rest,))
+            assert job.out.read_text().splitlines()[-1].split(" ", 2)[2] == before
+        finally:
+            subprocess.run(["kill", "-9", str(job.pid)])
+            rest.wait(timeout=30)
+    finally:
+        job.kill()
+
+
+@pytest.mark.parametrize("mode,message", [("md5", "uses TCP-MD5 signatures"),
+                                          ("urgent", "urgent data (MSG_OOB) the program has not read")])
+def test_md5_and_unread_urgent_data_refused(tmp_path, mode, message):
+    """Refused by name, the program left running, no network lock left behind."""
+    job = Job.start([sys.executable, OPTS, mode], tmp_path / "out.txt")
+    try:
+        job.wait_lines(2)
+        res = cli("dump", "--pid", job.pid, "--images", tmp_path / "img", "--tcp-established", check=False)
+        assert res.returncode != 0 and message in res.stderr, res.stderr
+        runs_on(job)
+        assert not our_tables(job.pid)
+        assert not (tmp_path / "img").exists()
+    finally:
+        job.kill()

@@ -74,13 +74,15 @@ def server_side(ls: socket.socket, total: int) -> None:
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 77)
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("qq", 3, 500000))
+    conn.setsockopt(socket.IPPROTO_TCP, 13, b"reno")          # TCP_CONGESTION (not the default)
     # slow reader, throttled writer: ~1.6 MB/s each way at most
     exchange(conn, "server", "client", total, 8192, 0.005, 8192, 0.005)
     opts = (conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
             conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
             conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
             struct.unpack("qq", conn.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))[1],
-            conn.getsockopt(socket.SOL_SOCKET, 72))       # SO_BUF_LOCK: 0, buffers autotuned
+            conn.getsockopt(socket.SOL_SOCKET, 72),       # SO_BUF_LOCK: 0, buffers autotuned
+            conn.getsockopt(socket.IPPROTO_TCP, 13, 16).split(b"\0")[0].decode())
     print("server opts", *opts, flush=True)
     conn.close()
 

@@ -14,7 +14,7 @@ import pytest
 from hpcckpt.engine.dump import dump
 from hpcckpt.images import service_pb2 as spb
 from hpcckpt.service import framing
-from tests.engine.helpers import PROGRAMS, pid_alive, reference
+from tests.engine.helpers import PROGRAMS, Job, pid_alive, reference
 
 from .conftest import start_hog
 
@@ -50,42 +50,9 @@ def munged():
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _free_netns_pair() -> int:
-    """A number N for which namespaces serviceNa/serviceNb could be created: `ip netns add`
-    fails on a taken name, so a second copy of this suite (another worktree) picks another."""
-    start = os.getpid() % 200
-    for k in range(200):
-        n = (start + k) % 200 + 20
-        if subprocess.run(["ip", "netns", "add", f"service{n}a"], capture_output=True).returncode != 0:
-            continue
-        if subprocess.run(["ip", "netns", "add", f"service{n}b"], capture_output=True).returncode == 0:
-            return n
-        subprocess.run(["ip", "netns", "del", f"service{n}a"])
-    raise RuntimeError("no free serviceNa/serviceNb network namespace names")
-
-
-@pytest.fixture(scope="module")
-def nodes():
-    """Two network namespaces, 10.231.N.1 and 10.231.N.2, joined by a veth pair."""
-    n = _free_netns_pair()
-    a, b = f"service{n}a", f"service{n}b"
-    try:
-        sh("ip", "link", "add", f"service{n}a", "type", "veth", "peer", "name", f"service{n}b")
-        sh("ip", "link", "set", f"service{n}a", "netns", a)
-        sh("ip", "link", "set", f"service{n}b", "netns", b)
-        for ns, dev, addr in ((a, f"service{n}a", f"10.231.{n}.1/24"), (b, f"service{n}b", f"10.231.{n}.2/24")):
-            sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        yield a, b, f"10.231.{n}.2"
-    finally:
-        subprocess.run(["ip", "netns", "del", a])
-        subprocess.run(["ip", "netns", "del", b])
-
-
 @pytest.fixture
 def dest_daemon(nodes, munged, tmp_path):
-    a, b, addr = nodes
+    b, addr = nodes.b, nodes.addr_b
     run_dir = Path(tempfile.mkdtemp(prefix="hpcckptd-b-", dir="/tmp"))
     p = subprocess.Popen(["ip", "netns", "exec", b, sys.executable, "-m", "hpcckpt.service.daemon",
                           "--socket", str(run_dir / "d.sock"), "--listen", f"{addr}:{PORT}",
@@ -142,7 +109,7 @@ def _finishes(out: Path, ref: bytes) -> None:
 
 
 def test_migrate_running_job_between_nodes(nodes, munged, dest_daemon, tmp_path):
-    a, b, addr = nodes
+    a, addr = nodes.a, nodes.addr_b
     run, job, out, ref = _job_on_node_a(a, tmp_path)
     res = subprocess.run(["ip", "netns", "exec", a, sys.executable, "-m", "hpcckpt.cli", "migrate",
                           "--pid", str(job), "--to", f"{addr}:{PORT}", "--munge-socket", munged],
@@ -174,7 +141,7 @@ def test_migration_hooks_and_progress_on_both_sides(nodes, munged, dest_daemon, 
     """The source's action script runs at its "frozen" and "dumped" and at the destination's
     "restored" (the process built there, not yet running); the destination's restore
     reports its progress back."""
-    a, b, addr = nodes
+    a, addr = nodes.a, nodes.addr_b
     log = tmp_path / "actions.log"
     script = tmp_path / "action.sh"
     script.write_text(ACTION.replace("LOG", str(log)))
@@ -195,7 +162,7 @@ def test_migration_hooks_and_progress_on_both_sides(nodes, munged, dest_daemon, 
 
 
 def test_migration_refused_at_restored_comes_back_to_the_source(nodes, munged, dest_daemon, tmp_path):
-    a, b, addr = nodes
+    a, addr = nodes.a, nodes.addr_b
     log = tmp_path / "actions.log"
     script = tmp_path / "action.sh"
     script.write_text(ACTION.replace("LOG", str(log)))
@@ -212,7 +179,7 @@ def test_migration_refused_at_restored_comes_back_to_the_source(nodes, munged, d
 
 
 def test_unauthenticated_migration_is_refused(dest_daemon, nodes):
-    a, b, addr = nodes
+    a, addr = nodes.a, nodes.addr_b
     req = spb.Request(version=framing.VERSION, migrate=spb.MigrateRequest(
         files=[spb.MigrateFile(name="inventory.img", size=4)], credential=b"MUNGE:forged:"))
     code = ("import socket,sys; s=socket.create_connection((sys.argv[1], int(sys.argv[2]))); "
@@ -256,7 +223,7 @@ def test_a_broken_or_corrupt_stream_leaves_nothing_at_the_destination(nodes, mun
     """The destination restores while the pages still arrive: a stream that breaks off, or
     whose pages do not match the inventory's digest, kills what the restore built (nothing
     ever ran) and removes the staged files."""
-    a, b, addr = nodes
+    a, addr = nodes.a, nodes.addr_b
     hog = start_hog(memhog, 64)
     img = tmp_path / "img"
     dump(hog.pid, img, show_progress=False)
@@ -271,3 +238,51 @@ def test_a_broken_or_corrupt_stream_leaves_nothing_at_the_destination(nodes, mun
     while pid_alive(hog.pid) or set(Path("/dev/shm").glob("hpcckpt-migrate-0-*")) - staged:
         assert time.monotonic() < deadline, "the half-restored process or its staged files stayed"
         time.sleep(0.05)
+
+
+def test_migrate_tcp_server_with_its_namespace_client_never_notices(nodes, munged, dest_daemon, tmp_path):
+    """A TCP server in a network namespace of its own on node A (its veth a port of A's
+    bridge), a client in a third namespace on the same segment streaming to it: `hpcckpt
+    migrate --tcp-established --netns` moves the server, its namespace and its address to
+    node B; the client runs through (no reset) and both ends received exactly the other's
+    stream (SHA-256 both sides). The server's veth left A and is a port of B's bridge."""
+    from tests.engine.test_tcp import PROG, TOTAL, check_stream, expected, progress, wait_for
+    from tests.engine.test_netns import _job_of, node_side
+    want = expected()
+    j, c = nodes.namespace("mj"), nodes.namespace("mc")
+    addr = nodes.ip(10)
+    nodes.attach(j, nodes.a, "mjv0", f"{addr}/24")
+    nodes.attach(c, nodes.a, "mcv0", f"{nodes.ip(20)}/24")
+    # under `hpcckpt run` (own PID namespace: one machine plays both nodes, so PIDs must be free)
+    srv = Job.start(["ip", "netns", "exec", nodes.a, sys.executable, "-m", "hpcckpt.cli", "run", "--netns",
+                     f"/run/netns/{j}", "--", "sh", "-c", f"{sys.executable} {PROG} server {addr} {TOTAL}; exec sleep 600"],
+                    tmp_path / "server.txt")
+    client = moved = None
+    try:
+        srv.wait_lines(1)
+        job = _job_of(srv.pid, nodes.a)
+        subprocess.run(["ip", "netns", "del", j], check=True)     # the job's own: only it holds it now
+        port = srv.out.read_text().split()[1]
+        client = Job.start(["ip", "netns", "exec", c, sys.executable, PROG, "client", addr, port, TOTAL],
+                           tmp_path / "client.txt")
+        wait_for(lambda: progress(client.out, "client") > TOTAL // 10, "the stream to get going",
+                 alive=(srv.proc, client.proc))
+        res = subprocess.run(["ip", "netns", "exec", nodes.a, sys.executable, "-m", "hpcckpt.cli", "migrate",
+                              "--pid", str(job), "--to", f"{nodes.addr_b}:{PORT}", "--munge-socket", munged,
+                              "--tcp-established", "--netns"], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        moved = int(res.stderr.split("as PID")[1].split()[0])
+        srv.proc.wait(timeout=30)                                   # the source's monitor saw its job leave
+        assert node_side(nodes.a, "mjv0") is None
+        assert client.proc.wait(timeout=120) == 0, client.out.read_text()[-1000:]
+        check_stream(client.out, "client", "server", want)
+        wait_for(lambda: "server sent" in srv.out.read_text(), "the migrated server's last line")
+        check_stream(srv.out, "server", "client", want)
+        side = node_side(nodes.b, "mjv0")
+        assert side and side.get("master") == "br0" and "UP" in side["flags"], side
+    finally:
+        for p in (client, srv):
+            if p is not None:
+                p.kill()
+        if moved is not None and pid_alive(moved):
+            os.kill(moved, 9)
