@@ -18,21 +18,26 @@ ROOT = Path(__file__).resolve().parents[1]
 PORT, TCP_PORT = 7077, 7078
 
 SENDER = r'''
-import json, os, sys, time
-from pathlib import Path
-from hpcckpt.service import migrate as m
+import json, sys, time
+from hpcckpt.service import migrate as m, outgoing as o
 pid, to, munge_sock = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 t = {}
-orig = m.send
-def timed(images, *a, **k):
-    t["bytes"] = sum(p.stat().st_size for p in Path(images).iterdir())
-    t0 = time.perf_counter(); r = orig(images, *a, **k); t["send_s"] = time.perf_counter() - t0
+def timed(name, f):
+    def run(*a, **k):
+        r = f(*a, **k)
+        t[name] = time.perf_counter() - t0
+        return r
+    return run
+for name in ("begin", "end", "restored"):
+    setattr(o.Outgoing, name, timed(name, getattr(o.Outgoing, name)))
+enc = o.munge.encode
+def munge_timed(*a, **k):
+    t1 = time.perf_counter(); r = enc(*a, **k); t["munge_s"] = time.perf_counter() - t1
     return r
-m.send = timed
+o.munge.encode = munge_timed
 t0 = time.perf_counter()
 resp = m.migrate(pid, to, munge_sock, show_progress=False)
-t["total_s"] = time.perf_counter() - t0
-t["pid"] = resp.pid
+t.update(total_s=time.perf_counter() - t0, pid=resp.pid)
 print(json.dumps(t))
 '''
 
@@ -157,7 +162,8 @@ def _tcp_copy(nodes: Nodes, images: Path, spool: Path) -> dict:
     return json.loads(out)
 
 
-def bench_migration(sizes_mib: list[int], memhog: Path, work: Path) -> list[dict]:
+def bench_migration(sizes_mib: list[int], memhog: Path, work: Path, tree: int = 0) -> list[dict]:
+    """`tree` > 0: a tree of that many processes (treehog) sharing each size, instead of one."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     spool = Path(tempfile.mkdtemp(prefix="bench-spool-", dir="/dev/shm"))
     results = []
@@ -171,7 +177,7 @@ def bench_migration(sizes_mib: list[int], memhog: Path, work: Path) -> list[dict
                 assert d.poll() is None, (work / "daemon-b.log").read_text()
                 time.sleep(0.02)
             for mib in sizes_mib:
-                results.append(_one(nodes, munged, memhog, mib, spool, env))
+                results.append(_one(nodes, munged, memhog, mib, spool, env, tree))
                 for line in (work / "daemon-b.log").read_text().splitlines()[-2:]:
                     print("   destination:", line.removeprefix("hpcckptd: "))
         finally:
@@ -181,20 +187,23 @@ def bench_migration(sizes_mib: list[int], memhog: Path, work: Path) -> list[dict
     return results
 
 
-def _one(nodes: Nodes, munged: Munged, memhog: Path, mib: int, spool: Path, env: dict) -> dict:
+def _one(nodes: Nodes, munged: Munged, memhog: Path, mib: int, spool: Path, env: dict, tree: int = 0) -> dict:
     from hpcckpt.engine.dump import dump
     # the plain copy's bytes: an image of the same process, as migrate() would send
-    hog = subprocess.Popen(["ip", "netns", "exec", nodes.a, str(memhog), str(mib)], stdout=subprocess.PIPE,
-                           stderr=subprocess.DEVNULL)
+    # under `hpcckpt run`: a PID namespace of its own, so that node b (the same host here)
+    # can build its copy while the original, frozen, still holds its PIDs on node a
+    prog = ([str(memhog.parent / "treehog"), str(tree), str(mib * 1024 // tree), str(memhog)] if tree
+            else [str(memhog), str(mib)])
+    hog = subprocess.Popen(["ip", "netns", "exec", nodes.a, sys.executable, "-m", "hpcckpt.cli", "-q", "run", "--",
+                            *prog], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     assert hog.stdout.readline() == b"ready\n"
-    pid = hog.pid                        # ip netns exec execs the program itself
+    pid = _job(hog.pid, prog[0])
     img = Path(tempfile.mkdtemp(prefix="bench-img-", dir="/dev/shm")) / "img"
     dump(pid, img, leave_running=True, show_progress=False)
     # the link's speed drifts with the other work on the machine: a plain copy twice before
     # the migration and once after, their median the baseline of this run
     copies = [_tcp_copy(nodes, img, spool)["copy_s"] for _ in range(2)]
-    # reaped as soon as the dump kills it: node b restores it with the same PID (one host here)
-    reaper = threading.Thread(target=hog.wait)
+    reaper = threading.Thread(target=hog.wait)      # its monitor ends when it leaves
     reaper.start()
     res = subprocess.run(["ip", "netns", "exec", nodes.a, sys.executable, "-c", SENDER, str(pid),
                           f"{nodes.addr_b}:{PORT}", munged.socket], capture_output=True, text=True, env=env,
@@ -203,6 +212,7 @@ def _one(nodes: Nodes, munged: Munged, memhog: Path, mib: int, spool: Path, env:
         hog.kill()
         raise RuntimeError(f"migration of {mib} MiB failed:\n{res.stderr}")
     t = json.loads(res.stdout)
+    t["bytes"] = sum(p.stat().st_size for p in img.iterdir())
     reaper.join(timeout=30)              # left node a
     try:
         os.kill(t["pid"], 9)             # the copy on node b
@@ -211,13 +221,36 @@ def _one(nodes: Nodes, munged: Munged, memhog: Path, mib: int, spool: Path, env:
     copies.append(_tcp_copy(nodes, img, spool)["copy_s"])
     shutil.rmtree(img.parent)
     tcp = sorted(copies)[1]
-    r = {"mib": mib, "bytes": t["bytes"], "tcp_copy_s": tcp, "send_s": t["send_s"], "migrate_s": t["total_s"]}
+    r = {"mib": mib, "bytes": t["bytes"], "tcp_copy_s": tcp, "migrate_s": t["total_s"]}
     gbs = lambda s: t["bytes"] / s / 1e9  # noqa: E731
-    print(f"migrate {mib:5} MiB: image {t['bytes'] / 2**20:.0f} MiB; plain TCP copy {tcp:.3f} s "
-          f"(median of {', '.join(f'{c:.3f}' for c in copies)}; {gbs(tcp):.2f} GB/s); stream+restore "
-          f"{t['send_s']:.3f} s ({gbs(t['send_s']):.2f} GB/s, ratio {tcp / t['send_s']:.2f}); whole migration "
-          f"incl. dump {t['total_s']:.3f} s ({gbs(t['total_s']):.2f} GB/s, ratio {tcp / t['total_s']:.2f})")
+    print(f"migrate {mib:5} MiB{f' in {tree} processes' if tree else ''}: image {t['bytes'] / 2**20:.0f} MiB; plain TCP copy {tcp:.3f} s "
+          f"(median of {', '.join(f'{c:.3f}' for c in copies)}; {gbs(tcp):.2f} GB/s); whole migration "
+          f"(dump streamed while sent, restored while it arrives, until it runs there) {t['total_s']:.3f} s "
+          f"({gbs(t['total_s']):.2f} GB/s, ratio {tcp / t['total_s']:.2f}); metadata sent at {t['begin']:.3f} s, "
+          f"(munge {t['munge_s']:.3f} s), pages at {t['end']:.3f} s, restored (checked, not yet running) at {t['restored']:.3f} s")
     return r
+
+
+def _job(monitor: int, exe: str) -> int:
+    """The job under `hpcckpt run`'s monitor: the (topmost) process running `exe`."""
+    for _ in range(500):
+        kids = {}
+        for name in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                kids[int(name)] = (int(open(f"/proc/{name}/stat").read().rsplit(")", 1)[1].split()[1]),
+                                   os.readlink(f"/proc/{name}/exe"))
+            except (OSError, IndexError, ValueError):
+                continue
+        for pid, (_, path) in kids.items():
+            p = pid
+            if path != exe or kids.get(kids[pid][0], (0, ""))[1] == exe:
+                continue
+            while p in kids and p > 1:
+                p = kids[p][0]
+                if p == monitor:
+                    return pid
+        time.sleep(0.01)
+    raise RuntimeError(f"no {exe} under {monitor}")
 
 
 def main() -> None:
@@ -226,19 +259,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--mib", default="256,1024", help="process sizes in MiB, comma-separated")
     ap.add_argument("--repeat", type=int, default=3, help="runs per size; medians are printed")
+    ap.add_argument("--tree", type=int, default=0, help="a tree of N processes sharing each size (treehog)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-migrate-"))
     try:
         exe = work / "memhog"
         subprocess.run(["gcc", "-O2", "-o", str(exe), str(ROOT / "benchmarks" / "memhog.c")], check=True)
+        subprocess.run(["gcc", "-O2", "-o", str(work / "treehog"), str(ROOT / "benchmarks" / "treehog.c")], check=True)
         sizes = [int(m) for m in args.mib.split(",")]
-        runs = bench_migration([m for m in sizes for _ in range(args.repeat)], exe, work)
+        runs = bench_migration([m for m in sizes for _ in range(args.repeat)], exe, work, args.tree)
         for mib in sizes:
             mine = [r for r in runs if r["mib"] == mib]
-            stream = statistics.median(r["tcp_copy_s"] / r["send_s"] for r in mine)
             whole = statistics.median(r["tcp_copy_s"] / r["migrate_s"] for r in mine)
-            print(f"median of {len(mine)} at {mib} MiB: stream+restore {stream:.2f}x a plain TCP copy's speed, "
-                  f"whole migration incl. dump {whole:.2f}x")
+            print(f"median of {len(mine)} at {mib} MiB: whole migration (dump, stream, restore) "
+                  f"{whole:.2f}x a plain TCP copy's speed (runs: "
+                  f"{', '.join(format(r['tcp_copy_s'] / r['migrate_s'], '.2f') for r in mine)})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -275,15 +275,18 @@ def cmd_verify(args) -> int:
 
 
 def cmd_migrate(args) -> int:
+    if sock := _service(args):        # an ordinary user: hpcckptd migrates the user's own process
+        from .service import viacli
+        return viacli.migrate(args, sock)
     from .service.migrate import MigrationFailed, migrate
     try:
         from .service.viacli import ProgressLine
         resp = migrate(args.pid, args.to, args.munge_socket, show_progress=not args.quiet,
                        action=_action_script(args), on_notify=ProgressLine(not args.quiet),
                        tcp_established=args.tcp_established, netns=args.netns)
-    except MigrationFailed as e:
+    except MigrationFailed as e:       # the process runs on here, as it was
         print(f"hpcckpt migrate: {e}", file=sys.stderr)
-        return wait_as_parent(e.local.pid)
+        return 1
     print(f"hpcckpt migrate: process {args.pid} now runs on {args.to} as PID {resp.pid}", file=sys.stderr)
     return 0
 

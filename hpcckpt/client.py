@@ -117,6 +117,14 @@ class Client:
             r.checkpoint = checkpoint
         return self.call(restore=r)
 
+    def migrate(self, pid: int, to: str, wait_hooks: bool = False, hook_timeout: float = 0) -> spb.Response:
+        """Move our own process `pid` to `to` (HOST:PORT of the destination's hpcckptd
+        --listen), where it is restored as us; the response's pid is its PID there. With
+        `wait_hooks`: "frozen" and "dumped" here, then the destination's "restored"
+        (`node` set); saying no keeps the process here, running on."""
+        return self.call(migrate_out=spb.MigrateOutRequest(pid=pid, to=to, wait_hooks=wait_hooks,
+                                                           hook_timeout=hook_timeout))
+
     def signal(self, request_id: int, signo: int) -> spb.Response:
         """Signal the process of a foreground restore of yours (by request, never by PID)."""
         return self.call(signal=spb.SignalRequest(request_id=request_id, signo=int(signo)))

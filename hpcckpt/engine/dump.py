@@ -27,7 +27,7 @@ from ..kernel.libc import libc
 from ..progress import Progress
 from ..images.chain import load_chain, new_image_id, relative_parent
 from ..tracking.incremental import IncrementalPlan, plan_incremental
-from . import files, listeners, memory, sessions, shared, snapshot, sysvipc, tcp, timers, ttys
+from . import files, listeners, memory, sessions, shared, snapshot, streamdump, sysvipc, tcp, timers, ttys
 from .incremental import Parent, TreeTracker, collect_held, hand_off, save_digests
 from . import tree as ptree
 from .freeze import Frozen
@@ -288,7 +288,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
          tracker: "TreeTracker | None" = None, track_mem: bool = False,
          live: bool = False, pre_dump: bool = False, on_dumped=None,
          shell_job: bool = False, tcp_established: bool = False, on_frozen=None,
-         freeze_cgroup: str | None = "auto", netns: bool = False) -> DumpResult:
+         freeze_cgroup: str | None = "auto", netns: bool = False, stream=None) -> DumpResult:
     """Checkpoint `pid` and (unless `tree=False`) all its descendants into `images`;
     kill them all afterwards unless `leave_running`.
 
@@ -314,8 +314,14 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     `netns`: the tree runs in a network namespace of its own, saved with the image
     (engine/netns.py); a restore makes a new one from it. When the tree is killed, the
     node side of its veths goes too, unless the namespace is bind-mounted (the site's).
+    `stream`: write the pages to a connection as they are read instead of to page files
+    (a migration's; engine/streamdump.py says what it must offer); `images` then gets the
+    rest only. The tree stays frozen until `on_dumped` returns (or raises: thawed).
     """
     t0 = time.monotonic()
+    if stream is not None and (live or pre_dump or parent is not None or tracker is not None or track_mem):
+        raise HpcckptError("a streamed dump (migration) is a full dump of a frozen tree: no --live, "
+                           "--pre-dump, --parent or --track-mem")
     check_owner(pid)
     policies = dataclasses.replace(policies or files.FilePolicies(), shell_job=shell_job)
     terms = None
@@ -396,6 +402,18 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         total = sum(n for plan in plans.values() for _, n in plan.write)
         prog = Progress(f"{'pre-dump' if pre_dump else 'dump'} {pid}", total, enabled=show_progress)
         pagemaps = {h: pb.Pagemap(pages_file=f"pages-{procs[h].pid}.img") for h in ft.order}
+        if stream is not None:   # a migration's: pages to its connection as they are read
+            inv = _tree_inventory(pid, ft, procs, shm, tty_images, ipc, par, used, pre_dump, iset.path, net)
+            pages_bytes = streamdump.send(stream, iset, ft.order, live_procs, procs, plans, pagemaps, inv, prog)
+            t_thawed = _end_streamed(ft, conns, leave_running, on_dumped, iset.path, notes)
+            if net is not None and not leave_running:
+                notes.extend(detach_netns(net, net_ino))
+            terms.close()
+            return DumpResult(pid=pid, images=iset.path, threads=ft.threads,
+                              memory_bytes=sum(v.end - v.start for p in procs.values() for v in p.mm.vmas),
+                              pages_bytes=pages_bytes, frozen_s=t_thawed - t_frozen,
+                              total_s=time.monotonic() - t0, processes=len(ft.order), image_id=inv.image_id,
+                              notes=notes)
         # a dump that lets the tree run on afterwards copies to memory while frozen and
         # writes the image after the thaw (no file write or fsync in the pause), up to a budget
         stage = (leave_running and not (live or pre_dump) and on_dumped is None
@@ -433,27 +451,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             iset.write_message(f"pagemap-{p.pid}.img", "pagemap", pagemaps[h], sync=False)
         _sync_files(iset.path, set(os.listdir(iset.path)) - created)
         prog.finish()
-        root = procs[pid]
-        inv = _inventory(root, pid)
-        inv.pids[:] = [procs[h].pid for h in ft.order]
-        inv.shmem.extend(shm.objects)
-        inv.ttys.extend(tty_images)
-        if ipc is not None:
-            inv.own_ipc_namespace = True
-            inv.ipc.CopyFrom(ipc)
-        if net is not None:
-            inv.netns.CopyFrom(net)
-        for h in ft.order:
-            if h not in ft.zombies and h != pid:
-                inv.files.extend(f for f in _mapped_files(list(procs[h].mm.vmas), procs[h].mm.exe)
-                                 if f.path not in {x.path for x in inv.files})
-        inv.image_id = new_image_id()
-        inv.pre_dump = pre_dump
-        inv.tracking = ",".join(sorted(set(used.values()))) if par else ""
-        if par is not None:
-            inv.parent = relative_parent(iset.path, par.path)
-            inv.parent_id = par.inv.image_id
-            inv.chain_depth = par.inv.chain_depth + 1
+        inv = _tree_inventory(pid, ft, procs, shm, tty_images, ipc, par, used, pre_dump, iset.path, net)
         if t_thawed is not None:
             iset.seal(inv)
             if on_dumped:
@@ -518,6 +516,51 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                       total_s=time.monotonic() - t0, processes=len(ft.order),
                       parent_bytes=parent_bytes, incremental=par is not None,
                       tracking=inv.tracking, image_id=inv.image_id, notes=notes)
+
+
+def _tree_inventory(pid: int, ft: ptree.FrozenTree, procs: dict[int, pb.Process], shm: ShmemTable,
+                    tty_images, ipc, par: "Parent | None", used: dict[int, str], pre_dump: bool,
+                    path: Path, net=None) -> pb.Inventory:
+    """The inventory of the tree's image, but for the files' digests (ImageSet.seal)."""
+    inv = _inventory(procs[pid], pid)
+    inv.pids[:] = [procs[h].pid for h in ft.order]
+    inv.shmem.extend(shm.objects)
+    inv.ttys.extend(tty_images)
+    if ipc is not None:
+        inv.own_ipc_namespace = True
+        inv.ipc.CopyFrom(ipc)
+    if net is not None:
+        inv.netns.CopyFrom(net)
+    for h in ft.order:
+        if h not in ft.zombies and h != pid:
+            inv.files.extend(f for f in _mapped_files(list(procs[h].mm.vmas), procs[h].mm.exe)
+                             if f.path not in {x.path for x in inv.files})
+    inv.image_id = new_image_id()
+    inv.pre_dump = pre_dump
+    inv.tracking = ",".join(sorted(set(used.values()))) if par else ""
+    if par is not None:
+        inv.parent = relative_parent(path, par.path)
+        inv.parent_id = par.inv.image_id
+        inv.chain_depth = par.inv.chain_depth + 1
+    return inv
+
+
+def _end_streamed(ft: ptree.FrozenTree, conns, leave_running: bool, on_dumped, path: Path,
+                  notes: list[str]) -> float:
+    """After a streamed dump's last byte: the caller's `on_dumped` (a migration waits there
+    for the destination to confirm its restore; raising thaws the tree here), then the
+    tree is killed (or thawed). Returns when it stopped being frozen."""
+    if on_dumped:
+        on_dumped(path)
+    t_thawed = time.monotonic()
+    if leave_running:
+        notes.extend(conns.release())
+        ft.thaw()
+        notes.extend(conns.cleanup())
+    else:
+        ft.kill()
+        conns.keep()
+    return t_thawed
 
 
 def _plan(h: int, p: pb.Process, vmas: list, par: "Parent | None", tracker: "TreeTracker | None",

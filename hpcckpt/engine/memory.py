@@ -195,6 +195,7 @@ class PageWriter:
         self.buf = _chunk_buffer()
         self.addr = ctypes.addressof(self.buf)
         self.mem_fd = -1
+        self.hasher = None
 
     def copy(self, addr: int, length: int) -> int:
         """Copy one run; returns its offset in the file."""
@@ -210,10 +211,7 @@ class PageWriter:
                 got = self._read_forced(addr + done, n)
             if got < n:  # process_vm_readv stops at an unreadable page: finish forced
                 got += self._read_forced(addr + done + got, n - got, into=got)
-            view = memoryview(self.buf).cast("B")[:n]
-            w = 0
-            while w < n:
-                w += os.write(self.fd, view[w:])
+            self._emit(memoryview(self.buf).cast("B")[:n])
             done += n
         self.offset += length
         return start
@@ -244,10 +242,7 @@ class PageWriter:
                         skip = max(got - done, 0)
                         self._read_forced(addr + skip, n - skip, into=done + skip)
                     done += n
-            view = memoryview(self.buf).cast("B")[:total]
-            w = 0
-            while w < total:
-                w += os.write(self.fd, view[w:])
+            self._emit(memoryview(self.buf).cast("B")[:total])
             start = self.offset
             for _, n in batch:
                 offsets.append(start)
@@ -255,6 +250,15 @@ class PageWriter:
             self.offset = start
             i = j
         return offsets
+
+    def _emit(self, view: memoryview) -> None:
+        """The bytes just read, to the file (or a migration's connection), hashed on the way
+        when `hasher` is set (a streamed page file's digest: engine/streamdump.py)."""
+        if self.hasher is not None:
+            self.hasher.update(view)
+        w = 0
+        while w < len(view):
+            w += os.write(self.fd, view[w:])
 
     def _read_forced(self, addr: int, n: int, into: int = 0) -> int:
         """/proc/PID/mem ignores protections: PROT_NONE and exec-only pages."""

@@ -18,7 +18,7 @@ from functools import partial
 
 from ..errors import HpcckptError, ImageError, PermissionDeniedError, RestoreError
 from ..images import pb
-from ..images.imageset import ImageSet
+from ..images.imageset import ImageSet, open_image_file
 from ..kernel import elf, proc, ptrace, vdso
 from ..kernel.arch import current as arch
 from ..kernel.inject import Injector, Mem, find_syscall_insn
@@ -346,7 +346,7 @@ def _open_shmem(t: Target, vmas: list[pb.Vma], sh: Shared, iset: ImageSet) -> No
         t.sys("ftruncate", fd, obj.size)
         local = _local_copy(t, fd)
         try:
-            with open(iset.path / obj.data_file, "rb") as src:
+            with _image_file(iset, obj.data_file) as src:
                 off = 0
                 while chunk := src.read(4 << 20):
                     os.pwrite(local, chunk, off)
@@ -432,7 +432,7 @@ def _open_one(t: Target, e: pb.Fd, iset: ImageSet, sh: Shared) -> int:
                    files.O_TMPFILE | os.O_RDWR, e.mode or 0o600)
         local = _local_copy(t, fd)
         try:
-            with open(iset.path / e.data_file, "rb") as src:
+            with _image_file(iset, e.data_file) as src:
                 while chunk := src.read(1 << 20):
                     os.write(local, chunk)
         finally:
@@ -582,10 +582,7 @@ def _fill_memory(t: Target, p: pb.Process, srcs: list[Source], iset: ImageSet, s
     vmas = list(p.mm.vmas)
     written = {v.start for v in vmas for s in srcs for r in s.runs if v.start <= r.vaddr < v.end}
     _clear_stub(t, vmas)
-    # opened before the image owner's file credentials apply: the page files belong
-    # to whoever made the images, and their names were checked against the inventories
-    fds = [t.sys("openat", AT_FDCWD, t.cstr(str(s.pages_file.resolve())), os.O_RDONLY | os.O_CLOEXEC)
-           for s in srcs]
+    fds = [_open_pages(t, s.pages_file, iset, arriving) for s in srcs]
     _open_shmem(t, vmas, sh, iset)
     _set_fs_creds(t, p.creds)
     _set_mm(t, p.mm)
@@ -600,6 +597,48 @@ def _fill_memory(t: Target, p: pb.Process, srcs: list[Source], iset: ImageSet, s
                                f"{e.strerror}") from None
         t.sys("close", fd)
     _finish_vmas(t, vmas, written)
+
+
+def _image_owner(iset: ImageSet) -> int:
+    return os.stat(iset.path / "inventory.img").st_uid
+
+
+def _open_pages(t: Target, path, iset: ImageSet, arriving=None) -> int:
+    """The stub's fd of a page file. The stub opens it before the image owner's file
+    credentials apply (the page files belong to whoever made the images, root too), so a
+    name swapped by the user after the digest check must not lead it anywhere else: we
+    open the file safely ourselves (open_image_file: no symlink, no FIFO, the owner's own
+    regular file), the stub opens the name without following a symlink or blocking, and
+    the two must be the very same file (device and inode), else the restore stops.
+    (Opening our fd through /proc/PID/fd/N instead fails in a rootless run: a process
+    that entered a user namespace is not dumpable for its own stub.)"""
+    if arriving and path.name in arriving.names and path.parent == iset.path:
+        arriving.wait_exists(path)
+    mine = open_image_file(path, _image_owner(iset))
+    try:
+        want = os.fstat(mine)
+        fd = t.sys("openat", AT_FDCWD, t.cstr(os.path.abspath(path)),
+                   os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, check=False)
+        if fd < 0:
+            raise ImageError(f"image file {path} could not be opened again after it was checked "
+                             f"({os.strerror(-fd)}): it was replaced; refused")
+        theirs = _local_copy(t, fd)
+        try:
+            got = os.fstat(theirs)
+        finally:
+            os.close(theirs)
+        if (got.st_dev, got.st_ino) != (want.st_dev, want.st_ino):
+            t.sys("close", fd)
+            raise ImageError(f"image file {path} was replaced after it was checked: refused")
+        return fd
+    finally:
+        os.close(mine)
+
+
+def _image_file(iset: ImageSet, name: str):
+    """A file of the image (shared memory content, a deleted file's data) to read as root:
+    safely opened, as the page files are."""
+    return os.fdopen(open_image_file(iset.path / name, _image_owner(iset)), "rb")
 
 
 def _finish_process(t: Target, p: pb.Process) -> None:

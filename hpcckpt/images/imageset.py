@@ -4,14 +4,16 @@ Every message file carries its own length and CRC, and the inventory (written la
 records the size and xxh3-128 digest of every other file, so damage anywhere is found
 before a restore touches a process, and named by file.
 """
+import errno
 import os
+import stat
 import struct
 import zlib
 from pathlib import Path
 
 import xxhash
 
-from ..errors import ImageError
+from ..errors import ImageError, PermissionDeniedError
 from . import FORMAT_VERSION, READABLE_VERSIONS, pb
 
 MAGIC = b"HPCK"
@@ -24,13 +26,47 @@ INVENTORY = "inventory.img"
 def digest_file(path: Path) -> pb.FileDigest:
     h = xxhash.xxh3_128()
     size = 0
-    with open(path, "rb", buffering=0) as f:
+    with os.fdopen(open_image_file(path, None), "rb", buffering=0) as f:
         buf = bytearray(8 << 20)
         view = memoryview(buf)
         while n := f.readinto(buf):
             h.update(view[:n])
             size += n
     return pb.FileDigest(size=size, xxh3_128=h.hexdigest())
+
+
+def open_image_file(path: Path, owner: int | None) -> int:
+    """An image file opened for reading as a root restore must open a user's files: never
+    through a symlink planted in its place (O_NOFOLLOW, relative to its directory), never
+    blocking on a FIFO, a regular file, and for a user's image (`owner` not root) that
+    user's own file, so a hard link to someone else's file or a directory swapped for
+    another is refused too. Whoever reads the file reads this fd: what was opened is what
+    the checks saw, whatever happens to the names afterwards."""
+    path = Path(path)
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ImageError(f"cannot open image directory {path.parent}: {e.strerror}") from None
+    try:
+        fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageError(f"image file {path} is a symlink: refused (an image holds regular files only)") from None
+        if e.errno == errno.ENOENT:
+            raise ImageError(f"image file {path} is missing") from None
+        raise ImageError(f"cannot open image file {path}: {e.strerror}") from None
+    finally:
+        os.close(dfd)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ImageError(f"image file {path} is not a regular file: refused")
+    if owner and st.st_uid != owner:
+        os.close(fd)
+        raise PermissionDeniedError(f"image file {path} belongs to uid {st.st_uid}, not to the image's owner "
+                                    f"(uid {owner}): refused")
+    os.set_blocking(fd, True)
+    return fd
 
 
 class ImageSet:
@@ -61,10 +97,8 @@ class ImageSet:
 
     def read_message(self, name: str, kind: str):
         path = self.path / name
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise ImageError(f"image file {path} is missing") from None
+        with os.fdopen(open_image_file(path, None), "rb") as f:    # never through a planted symlink
+            data = f.read()
         if len(data) < _HEADER.size:
             raise ImageError(f"image file {path} is truncated ({len(data)} bytes, no header)")
         magic, tag, length, crc = _HEADER.unpack_from(data)

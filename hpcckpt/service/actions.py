@@ -51,5 +51,5 @@ class ActionScript:
 
     def on_hook(self, n) -> bool:
         """hpcckpt.client's on_hook: the daemon's hook notification runs the script here."""
-        self(n.event, n.pid, n.images)
+        self(n.event, n.pid, n.images, **({"node": n.node} if n.node else {}))
         return True

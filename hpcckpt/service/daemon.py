@@ -180,6 +180,9 @@ class Daemon:
                 if req.version != VERSION:
                     raise framing.ProtocolError(f"protocol version {req.version}; this hpcckptd speaks {VERSION}")
                 who = migrate.authenticate(req.migrate, self.munge_socket)
+                if req.migrate.digests_follow:   # a streaming sender waits for this before its bytes
+                    conn.sendall(framing.encode(spb.Response(request_id=rid, notification=spb.Notification(
+                        event="authenticated", detail=f"uid {who.uid}"))))
                 caller = auth.Caller(0, who.uid, who.gid, auth.groups_of(who.uid, who.gid))
                 warm = self.spawn_worker(caller, rid)   # loads the engine while the bytes arrive
                 t0 = time.monotonic()
@@ -282,12 +285,13 @@ class Daemon:
                 yield self.cancel(caller, req.cancel.request_id)
             elif kind == "signal":
                 yield self.signal(caller, req.signal.request_id, req.signal.signo)
-            elif kind in ("dump", "restore"):
+            elif kind in ("dump", "restore", "migrate_out"):
                 yield from self.run_worker(caller, req, rid, kind, conn, worker, relay_after)
             elif kind == "cont":
                 raise framing.ProtocolError("Continue answers a hook, on the connection of the request that sent it")
             else:
-                raise framing.ProtocolError("empty request: say check, dump, restore, status, list, cancel or signal")
+                raise framing.ProtocolError("empty request: say check, dump, restore, migrate_out, status, list, "
+                                            "cancel or signal")
         except HpcckptError as e:
             yield spb.Response(final=True, ok=False, error=str(e), error_kind=type(e).__name__)
 
@@ -340,6 +344,8 @@ class Daemon:
     def authorize(self, caller: auth.Caller, req: spb.Request, kind: str) -> str:
         """Refuse early what the caller may not ask for; the worker then reads and writes
         images, stores and parents with the caller's own file credentials."""
+        if kind == "migrate_out":
+            return self.authorize_migration(caller, req.migrate_out)
         if kind == "dump":
             d = req.dump
             auth.may_dump(caller, d.pid)
@@ -363,6 +369,15 @@ class Daemon:
         auth.may_restore(caller, rq.images)
         return rq.images
 
+    def authorize_migration(self, caller: auth.Caller, m: spb.MigrateOutRequest) -> str:
+        """A user may migrate what it may dump (every member is checked again once frozen);
+        the destination restores it as the user, from the munge credential made as the user."""
+        host, _, port = m.to.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise HpcckptError(f"migrate to {m.to!r}: give HOST:PORT of the destination's hpcckptd --listen")
+        auth.may_dump(caller, m.pid)
+        return f"pid {m.pid} -> {m.to}"
+
     def spawn_worker(self, caller: auth.Caller, rid: int) -> subprocess.Popen:
         """A worker for this request: the spare one, started earlier and already warm
         (Python and the engine loaded: ~0.2-0.5 s saved per request), else a new one; a
@@ -373,7 +388,7 @@ class Daemon:
             w = self.spawn(WORKER)
         threading.Thread(target=self._new_spare, daemon=True).start()
         w.stdin.write(framing.encode(spb.WorkerStart(uid=caller.uid, gid=caller.gid, groups=caller.groups,
-                                                     request_id=rid)))
+                                                     request_id=rid, munge_socket=self.munge_socket or "")))
         w.stdin.flush()
         return w
 
@@ -403,7 +418,7 @@ class Daemon:
                 raise LimitError(f"you already have {mine} requests running (limit {self.per_user}); wait for one")
             if len(self.active) >= self.total:
                 raise LimitError(f"hpcckptd is busy with {len(self.active)} requests (limit {self.total}); retry soon")
-            name = "pre-dump" if kind == "dump" and req.dump.pre_dump else kind
+            name = "pre-dump" if kind == "dump" and req.dump.pre_dump else "migrate" if kind == "migrate_out" else kind
             a = Active(spb.RequestInfo(request_id=rid, uid=caller.uid, kind=name, started=time.time(), target=target))
             self.active[rid] = a
         try:

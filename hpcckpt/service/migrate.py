@@ -1,14 +1,16 @@
 """Moving a process to another node without a shared filesystem.
 
-The source dumps the process (which stops it), streams the image set to the destination
-node's hpcckptd over TCP, authenticated by munge, and the destination restores it as the
-sender's uid. If the destination refuses or fails, the source restores the process
-locally from the same image, so a failed migration never loses the job.
+The source freezes the process and dumps it straight into a TCP connection to the
+destination node's hpcckptd (outgoing.py, engine/streamdump.py), authenticated by munge;
+the destination restores it as the sender's uid while the pages still arrive
+(arrival.py), checks every file against its digest, and only then, once the source has
+killed its frozen copy, lets it run. If the destination refuses or fails, the process is
+thawed on the source and runs on: a failed migration never loses the job, and the job
+never runs in two places.
 
-The bytes go from the source's page cache to the socket by sendfile and from the socket
-into the destination's staging file by splice, never through Python. The destination
-stages in memory (/dev/shm) when the image fits, and starts the restore's worker as soon
-as the sender is authenticated, so its start overlaps the transfer.
+On the destination the bytes go from the socket into the staging file by splice, never
+through Python. It stages in memory (/dev/shm) when the image fits, and starts the
+restore's worker as soon as the sender is authenticated, so its start overlaps the transfer.
 """
 import errno
 import fcntl
@@ -22,9 +24,9 @@ from pathlib import Path
 
 from ..errors import HpcckptError, PermissionDeniedError
 from ..images import service_pb2 as spb
-from ..progress import Progress
 from . import framing, munge
 from .arrival import ARRIVED
+from .outgoing import Outgoing, binding
 
 CHUNK = 1 << 20
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
@@ -43,72 +45,6 @@ def _order(p: Path) -> tuple[int, str]:
 def request_for(images: Path) -> spb.MigrateRequest:
     files = sorted((p for p in images.iterdir() if p.is_file()), key=_order)
     return spb.MigrateRequest(files=[spb.MigrateFile(name=p.name, size=p.stat().st_size) for p in files])
-
-
-def binding(req: spb.MigrateRequest) -> str:
-    """What the munge credential vouches for: this exact list of files and sizes (and hooks)."""
-    bare = spb.MigrateRequest()
-    bare.CopyFrom(req)
-    bare.credential = b""
-    return munge.digest(bare.SerializeToString(deterministic=True))
-
-
-def send(images: Path, host: str, port: int, munge_socket: str | None = None,
-         version: int = framing.VERSION, on_notify=None, on_hook=None, show_progress: bool = False) -> spb.Response:
-    """Stream the image set to HOST:PORT's hpcckptd; return its final answer.
-
-    The request frame lists the files; their bytes follow raw, in that order, sent from
-    the page cache by sendfile (no copy through us). Then the destination's notifications
-    come back: progress of its restore, and hooks (with `on_hook`, the destination waits at
-    "restored" for our Continue)."""
-    req = request_for(images)
-    req.wait_hooks = on_hook is not None
-    req.credential = munge.encode(binding(req), munge_socket)
-    total = sum(f.size for f in req.files)
-    prog = Progress(f"send to {host}", total, enabled=show_progress)
-    with socket.create_connection((host, port), timeout=60) as s:
-        read = framing.sock_reader(s)
-        try:
-            s.sendall(framing.encode(spb.Request(version=version, migrate=req)))
-            for f in req.files:
-                with open(images / f.name, "rb") as src:
-                    sent = 0
-                    while sent < f.size:
-                        n = s.sendfile(src, sent, min(f.size - sent, 64 * CHUNK))
-                        if n == 0:
-                            raise HpcckptError(f"{images / f.name} shrank while it was sent")
-                        sent += n
-                        prog(n)
-        except OSError:           # the destination hung up: its answer says why, if it gave one
-            s.settimeout(5)
-            try:
-                payload = framing.read_frame(read)
-            except (OSError, HpcckptError):
-                payload = None
-            if payload is None:
-                raise
-            return framing.decode(spb.Response, payload)
-        prog.finish()
-        s.settimeout(None)      # the destination's restore (and our hooks) may take a while
-        while True:
-            payload = framing.read_frame(read)
-            if payload is None:
-                raise HpcckptError(f"{host}:{port} closed the connection without an answer")
-            resp = framing.decode(spb.Response, payload)
-            if resp.final:
-                return resp
-            n = resp.notification
-            if on_notify:
-                on_notify(n)
-            if n.wait:
-                s.sendall(framing.encode(spb.Request(version=version, cont=_answer(on_hook, n))))
-
-
-def _answer(on_hook, n: spb.Notification) -> spb.Continue:
-    try:
-        return spb.Continue(ok=bool(on_hook(n)) if on_hook else True, reason="the sender's hook said no")
-    except Exception as e:   # the hook's failure says no, with its reason
-        return spb.Continue(ok=False, reason=str(e))
 
 
 def staging_dir(spool: Path, total: int) -> Path:
@@ -132,6 +68,8 @@ def authenticate(req: spb.MigrateRequest, munge_socket: str | None) -> munge.Ide
     for f in req.files:
         if not NAME_RE.match(f.name):
             raise PermissionDeniedError(f"migration names a file {f.name!r} that is not a plain image file name")
+    if len({f.name for f in req.files}) != len(req.files):
+        raise PermissionDeniedError("migration names a file twice")
     return who
 
 
@@ -142,6 +80,7 @@ class Receiver:
 
     def __init__(self, conn: socket.socket, req: spb.MigrateRequest, who: munge.Identity, spool: Path):
         self.conn, self.files, self.who = conn, list(req.files), who
+        self.digests_follow = req.digests_follow
         total = sum(f.size for f in req.files)
         self.path = Path(tempfile.mkdtemp(prefix=f"hpcckpt-migrate-{who.uid}-", dir=staging_dir(spool, total)))
         os.chown(self.path, who.uid, who.gid)
@@ -165,17 +104,44 @@ class Receiver:
         return late
 
     def rest(self) -> None:
+        """The rest of the files, then (a streamed dump's) the page digests; ARRIVED holds
+        those, written whole before it appears."""
         while self.next < len(self.files):
             self._one(self.files[self.next])
         self.splicer.close()
+        trailer = self._trailer() if self.digests_follow else b""
         self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))
-        fd = os.open(self.path / ARRIVED, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        os.close(fd)
+        tmp = self.path / (ARRIVED + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, trailer)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.path / ARRIVED)
+
+    def _trailer(self) -> bytes:
+        """The MigrateTrailer after the last byte: one digest for every page file, no more."""
+        try:
+            payload = framing.read_frame(framing.sock_reader(self.conn))
+        except BlockingIOError:
+            raise framing.ProtocolError(f"the sender sent no page digests for {IDLE_TIMEOUT} s") from None
+        if payload is None:
+            raise framing.ProtocolError("connection closed before the page files' digests")
+        t = framing.decode(spb.MigrateTrailer, payload)
+        want = {f.name for f in self.files if f.name.startswith("pages-")}
+        names = [d.name for d in t.pages]
+        if sorted(names) != sorted(want) or len(set(names)) != len(names):
+            raise framing.ProtocolError("the page digests after the stream name other files than its page files")
+        return payload
 
     def _one(self, f: spb.MigrateFile) -> None:
-        fd = os.open(self.path / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        """One file, under a temporary name until it is the sender's: a restore reading it
+        as it arrives never sees it owned by anyone else."""
+        tmp = self.path / f".{f.name}.new"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             os.fchown(fd, self.who.uid, self.who.gid)
+            os.rename(tmp, self.path / f.name)
             self.splicer.copy(fd, f.size, f.name)
         finally:
             os.close(fd)
@@ -237,61 +203,81 @@ class _Splicer:
 
 
 def migrate(pid: int, to: str, munge_socket: str | None = None, show_progress: bool = True,
-            action=None, on_notify=None, tcp_established: bool = False, netns: bool = False):
-    """Dump `pid` (stopping it), send it to `to` (HOST:PORT), return the remote answer.
+            action=None, on_notify=None, tcp_established: bool = False, netns: bool = False,
+            as_user: tuple[int, int] | None = None, check_frozen=None):
+    """Move `pid` and its descendants to `to` (HOST:PORT); the destination's final answer.
 
-    `action` (an ActionScript, or any callable(stage, pid, images)) runs at the source's
-    "frozen" and "dumped" and at the destination's "restored" (the remote process built,
-    not yet running); saying no at any of them keeps the process here. `on_notify` sees
-    the destination's notifications (its restore's progress).
-    On failure the process is restored here from the same image and a MigrationFailed
-    carrying the local Restored is raised: the caller stays its parent.
+    The tree is frozen and dumped straight into the connection (engine/streamdump.py): no
+    local copy of its pages. It stays frozen here until the destination has restored it
+    and checked every file against its digest (its "restored": built, not yet running);
+    only then is it killed here, and only then does it run there. Any failure before that
+    (refused, a broken stream, a bad digest there, a hook saying no) thaws it here: it runs
+    on where it was, as it was, and MigrationFailed says why.
+
+    `action` (an ActionScript, or any callable(stage, pid, images, node=...)) runs at the
+    source's "frozen" and "dumped" and at the destination's "restored"; raising keeps the
+    process here. `on_notify` sees the destination's notifications (its restore's
+    progress). `as_user`: the munge credential is made as this (uid, gid), so the
+    destination restores as that user (hpcckptd migrating a user's process);
+    `check_frozen(pids)`: once the tree is frozen, may refuse it (hpcckptd: every member
+    must be the caller's).
     `tcp_established`, `netns`: as for dump. With both, a server in a network namespace of
     its own moves with its address and keeps its connections (docs/architecture.md).
     """
     from ..engine.dump import dump
-    from ..engine.restore import restore
     host, _, port = to.rpartition(":")
     if not host or not port.isdigit():
         raise HpcckptError(f"--to {to!r}: give HOST:PORT of the destination's hpcckptd --listen")
-    base = "/dev/shm" if shutil.disk_usage("/dev/shm").free > (1 << 30) else None
-    work = Path(tempfile.mkdtemp(prefix="hpcckpt-migrate-", dir=base))
-    hooks = {"on_frozen": lambda _pids: action("frozen", pid, str(img)),
-             "on_dumped": lambda p: action("dumped", pid, str(p))} if action else {}
+    out = Outgoing(host, int(port), munge_socket, as_user, on_notify)     # connected before we freeze
+    base = "/dev/shm" if shutil.disk_usage("/dev/shm").free > (64 << 20) else None
+    work = Path(tempfile.mkdtemp(prefix="hpcckpt-migrate-out-", dir=base))     # metadata only
+    img = work / "img"
+
+    def frozen(pids: list[int]) -> None:
+        if check_frozen:
+            check_frozen(pids)
+        if action:
+            action("frozen", pid, str(img))
+
+    def dumped(path) -> None:        # every byte sent; the tree is still frozen here
+        if action:
+            action("dumped", pid, str(path))
+        n = out.restored()
+        if action:
+            action("restored", n.pid, n.images, node=to)
+        out.still_waiting()
+        # returning lets the dump kill the tree here; the destination's copy runs after that
     try:
-        img = work / "img"
-        dump(pid, img, leave_running=False, show_progress=show_progress, tcp_established=tcp_established,
-             netns=netns, **hooks)
-        if netns:
-            _leave_node(img)
-        remote = (lambda n: action(n.event, n.pid, n.images, node=to) or True) if action else None
         try:
-            resp = send(img, host, int(port), munge_socket, on_notify=on_notify, on_hook=remote,
-                        show_progress=show_progress)
-            error = "" if resp.ok else resp.error
-        except (OSError, HpcckptError) as e:
-            resp, error = None, str(e)
-        if error:
-            local = restore(img, show_progress=show_progress)
-            raise MigrationFailed(f"migration to {to} failed: {error}; the process runs here again "
-                                  f"as PID {local.pid}", local)
-        return resp
+            dump(pid, img, leave_running=False, show_progress=show_progress, stream=out,
+                 on_frozen=frozen, on_dumped=dumped, tcp_established=tcp_established, netns=netns)
+        except BaseException as e:
+            out.decline(str(e))
+            if isinstance(e, (HpcckptError, OSError)):
+                raise MigrationFailed(f"migration of process {pid} to {to} failed: {e}; "
+                                      f"the process runs on here") from None
+            raise
+        try:
+            if netns:            # gone here: its address must be nowhere but there before it runs
+                _leave_node(img)
+            return out.go()
+        except HpcckptError as e:
+            raise HpcckptError(f"process {pid} was handed over to {to} (it is gone here), but {e}: "
+                               f"look for it there") from None
     finally:
+        out.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _leave_node(img: Path) -> None:
     """The job leaves with its network namespace: the node side of its veths goes from
     this node even when the site keeps the namespace (bind-mounted), so its address is
-    nowhere but at the destination (a failed migration restores it here again)."""
+    nowhere but at the destination (done once the tree is killed here, before the
+    destination's copy runs)."""
     from ..engine.netns import detach
     from ..images.imageset import ImageSet
     detach(ImageSet(img).inventory().netns)
 
 
 class MigrationFailed(HpcckptError):
-    """The destination did not take the process; it was restored where it was."""
-
-    def __init__(self, message: str, local):
-        super().__init__(message)
-        self.local = local
+    """The destination did not take the process; it runs on where it was."""

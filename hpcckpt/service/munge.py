@@ -25,8 +25,12 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def encode(payload: str, socket_path: str | None = None) -> bytes:
-    res = subprocess.run(["munge", *_sock(socket_path), "--string", payload], capture_output=True, timeout=30)
+def encode(payload: str, socket_path: str | None = None, as_user: tuple[int, int] | None = None) -> bytes:
+    """`as_user` (uid, gid): made by `munge` running as that user (root only): munged vouches
+    for whoever connects to it, so hpcckptd acting for a user gets the user's credential."""
+    who = {"user": as_user[0], "group": as_user[1], "extra_groups": []} if as_user else {}
+    res = subprocess.run(["munge", *_sock(socket_path), "--string", payload], capture_output=True, timeout=30,
+                         **who)
     if res.returncode != 0:
         raise PermissionDeniedError(f"munge could not make a credential: {res.stderr.decode().strip()} "
                                     "(is munged running with the cluster key?)")

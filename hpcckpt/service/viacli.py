@@ -23,7 +23,7 @@ def socket_for(args) -> str | None:
     --service [SOCKET] always; otherwise a non-root caller when a daemon socket exists."""
     if getattr(args, "service", None) is not None:
         return args.service or default_socket()
-    if args.cmd not in ("dump", "pre-dump", "restore", "check"):
+    if args.cmd not in ("dump", "pre-dump", "restore", "check", "migrate"):
         return None
     if os.geteuid() != 0 and os.path.exists(default_socket()):
         return default_socket()
@@ -160,6 +160,26 @@ def restore(args, sock: str) -> int:
         os.kill(os.getpid(), sig)
         return 128 + sig
     return r.exit_status
+
+
+def migrate(args, sock: str) -> int:
+    """`hpcckpt migrate` for a user: hpcckptd dumps the user's own process into the
+    connection to the destination, with a munge credential made as the user, so the
+    destination restores it as the user. On failure it runs on here."""
+    if getattr(args, "munge_socket", None):
+        raise HpcckptError("--munge-socket is hpcckptd's to choose when migrating through it (its --munge-socket)")
+    if getattr(args, "tcp_established", False) or getattr(args, "netns", False):
+        raise HpcckptError("--tcp-established and --netns are not available to migrations through hpcckptd "
+                           "yet: run the migration as root")
+    hook = _on_hook(args)
+    try:
+        r = Client(sock, on_notify=ProgressLine(not args.quiet), on_hook=hook).migrate(
+            args.pid, args.to, wait_hooks=hook is not None)
+    except HpcckptError as e:
+        print(f"hpcckpt migrate: {e}", file=sys.stderr)
+        return 1
+    print(f"hpcckpt migrate: process {args.pid} now runs on {args.to} as PID {r.pid}", file=sys.stderr)
+    return 0
 
 
 def check(args, sock: str) -> int:

@@ -165,10 +165,11 @@ class Session:
         with self.lock:
             self.target = None
 
-    def hook(self, event: str, timeout: float, detail: str = "", pid: int = 0, images: str = "") -> None:
+    def hook(self, event: str, timeout: float, detail: str = "", pid: int = 0, images: str = "",
+             node: str = "") -> None:
         """Tell the caller, then wait for its Continue before the engine goes on."""
         send(spb.Response(request_id=self.rid, notification=spb.Notification(
-            event=event, wait=True, detail=detail, pid=pid, images=images)))
+            event=event, wait=True, detail=detail, pid=pid, images=images, node=node)))
         try:
             ans = self.answers.get(timeout=timeout or DEFAULT_HOOK_TIMEOUT)
         except queue.Empty:
@@ -237,6 +238,32 @@ def do_dump(caller: auth.Caller, s: Session, d: spb.DumpRequest, done: spb.Respo
     _results(done, r)
 
 
+def do_migrate(caller: auth.Caller, s: Session, m: spb.MigrateOutRequest, done: spb.Response,
+               munge_socket: str) -> None:
+    """`hpcckpt migrate` for the caller: its own process, frozen and checked member by
+    member, streamed to the destination with a munge credential made as the caller (so
+    it is restored there as the caller, never as root). Hooks go to the caller's client:
+    "frozen" and "dumped" here, the destination's "restored" with `node`."""
+    from .migrate import migrate
+
+    def frozen(pids: list[int]) -> None:
+        if not caller.root:
+            for p in pids:
+                auth.may_dump(caller, p, root=m.pid)
+
+    def action(stage: str, pid: int, images: str = "", node: str = "") -> None:
+        s.hook(stage, m.hook_timeout, detail=f"{stage}" + (f" on {node}" if node else ""), pid=pid,
+               images="" if stage != "restored" else images, node=node)
+
+    def progress(n: spb.Notification) -> None:      # the destination's restore, to the caller
+        if n.event == "progress":
+            send(spb.Response(request_id=s.rid, notification=n))
+    r = migrate(m.pid, m.to, munge_socket or None, show_progress=False, action=action if m.wait_hooks else None,
+                on_notify=progress, as_user=None if caller.root else (caller.uid, caller.gid),
+                check_frozen=frozen)
+    done.pid, done.where = r.pid, m.to
+
+
 def materialized(caller: auth.Caller, rq: spb.RestoreRequest):
     """The plain image directory of a store's checkpoint, read (and, for a compressed store,
     written to a temporary directory) with the caller's file credentials."""
@@ -256,7 +283,7 @@ def do_restore(caller: auth.Caller, s: Session, rq: spb.RestoreRequest, done: sp
     m = materialized(caller, rq) if rq.store else None
     path = str(m.path) if m else rq.images
 
-    arriving = Arriving(Path(path), frozenset(rq.arriving)) if rq.arriving else None
+    arriving = Arriving(Path(path), tuple(rq.arriving)) if rq.arriving else None
 
     def ready(pid: int) -> None:
         if arriving:        # every page file complete, with its digest, before anything runs
@@ -312,6 +339,7 @@ def main() -> int:
         return 0
     start = framing.decode(spb.WorkerStart, first)
     caller, rid = auth.Caller(0, start.uid, start.gid, tuple(start.groups)), start.request_id
+    munge_socket = start.munge_socket
     req = framing.decode(spb.Request, framing.read_frame(_stdin) or b"")
     s = Session(rid)
     threading.Thread(target=s.read, daemon=True).start()
@@ -321,6 +349,8 @@ def main() -> int:
     try:
         if req.WhichOneof("what") == "dump":
             do_dump(caller, s, req.dump, done)
+        elif req.WhichOneof("what") == "migrate_out":
+            do_migrate(caller, s, req.migrate_out, done, munge_socket)
         else:
             detached = do_restore(caller, s, req.restore, done)
     except (HpcckptError, OSError, ValueError) as e:

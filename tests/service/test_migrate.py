@@ -27,6 +27,16 @@ def sh(*cmd, **kw):
 
 @pytest.fixture(scope="module")
 def munged():
+    yield from _munged_daemon()
+
+
+@pytest.fixture(scope="module")
+def other_munged():
+    """Another cluster's munged: its own key."""
+    yield from _munged_daemon()
+
+
+def _munged_daemon():
     if not shutil.which("munged"):
         sh("apt-get", "install", "-y", "-qq", "--no-install-recommends", "munge")
     d = Path(tempfile.mkdtemp(prefix="hpcckpt-munge-", dir="/tmp"))
@@ -50,6 +60,9 @@ def munged():
     shutil.rmtree(d, ignore_errors=True)
 
 
+DEST: dict = {}    # the running destination hpcckptd (its Popen), for tests that look under it
+
+
 @pytest.fixture
 def dest_daemon(nodes, munged, tmp_path):
     b, addr = nodes.b, nodes.addr_b
@@ -62,6 +75,7 @@ def dest_daemon(nodes, munged, tmp_path):
     while not (run_dir / "d.sock").exists():
         assert p.poll() is None and time.monotonic() < deadline, (tmp_path / "daemon-b.log").read_text()
         time.sleep(0.02)
+    DEST["proc"] = p
     yield addr
     p.terminate()
     p.wait(timeout=10)
@@ -86,18 +100,39 @@ def _descendant(root: int, word: str) -> int:
     raise AssertionError(f"no process running {word} under {root}")
 
 
-def _job_on_node_a(a: str, tmp_path: Path):
+def _descendants(root: int, word: str) -> list[int]:
+    """Processes under `root` whose command line contains `word`."""
+    ppid, found = {}, []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid[int(name)] = int(open(f"/proc/{name}/stat").read().rsplit(")", 1)[1].split()[1])
+            if word in open(f"/proc/{name}/cmdline", "rb").read().decode(errors="replace"):
+                found.append(int(name))
+        except (OSError, IndexError, ValueError):
+            continue
+    out = []
+    for pid in found:
+        p = pid
+        while p in ppid and p > 1:
+            p = ppid[p]
+            if p == root:
+                out.append(pid)
+                break
+    return out
+
+
+def _job_on_node_a(a: str, tmp_path: Path, program: str = "compute.py", *args):
     """compute.py under `hpcckpt run` (own PID namespace) on node a, midway: (monitor, job
     PID, output file, the uninterrupted output)."""
-    cmd = [sys.executable, PROGRAMS / "compute.py", 40, 0.05]
+    cmd = [sys.executable, PROGRAMS / program, *(args or (60, 0.05))]   # long enough for a loaded machine
     ref = reference(cmd, tmp_path / "ref.txt")
     out = tmp_path / "out.txt"
     with open(out, "wb") as o:
         run = subprocess.Popen(["ip", "netns", "exec", a, sys.executable, "-m", "hpcckpt.cli", "run", "--",
                                 *map(str, cmd)], stdout=o, stderr=subprocess.DEVNULL)
-    while out.read_bytes().count(b"\n") < 10:
+    while out.read_bytes().count(b"\n") < 5:
         time.sleep(0.02)
-    return run, _descendant(run.pid, "compute.py"), out, ref     # ours, not another suite copy's
+    return run, _descendant(run.pid, program), out, ref     # ours, not another suite copy's
 
 
 def _finishes(out: Path, ref: bytes) -> None:
@@ -171,10 +206,10 @@ def test_migration_refused_at_restored_comes_back_to_the_source(nodes, munged, d
     res = subprocess.run(["ip", "netns", "exec", a, sys.executable, "-m", "hpcckpt.cli", "migrate",
                           "--pid", str(job), "--to", f"{addr}:{PORT}", "--munge-socket", munged,
                           "--action-script", f"{script} restored"], capture_output=True, text=True, timeout=120)
-    # the CLI restored it here and stayed its parent until it finished
-    assert res.returncode == 0 and "at 'restored'" in res.stderr and "runs here again" in res.stderr, res.stderr
-    run.wait(timeout=30)
+    # it was never killed here: thawed, it runs on under its own monitor
+    assert res.returncode == 1 and "at 'restored'" in res.stderr and "runs on here" in res.stderr, res.stderr
     _finishes(out, ref)
+    assert run.wait(timeout=30) == 0
     assert [x.split()[0] for x in log.read_text().splitlines()] == ["frozen", "dumped", "restored"]
 
 
@@ -238,6 +273,159 @@ def test_a_broken_or_corrupt_stream_leaves_nothing_at_the_destination(nodes, mun
     while pid_alive(hog.pid) or set(Path("/dev/shm").glob("hpcckpt-migrate-0-*")) - staged:
         assert time.monotonic() < deadline, "the half-restored process or its staged files stayed"
         time.sleep(0.05)
+
+
+def test_migrate_a_process_tree(nodes, munged, dest_daemon, tmp_path):
+    """A multiprocessing Pool (parent, workers, pipes and semaphores between them): its page
+    files stream in the order the destination fills them; the result is exact."""
+    a, addr = nodes.a, nodes.addr_b
+    run, job, out, ref = _job_on_node_a(a, tmp_path, "pool.py", 60, 0.05)
+    res = subprocess.run(["ip", "netns", "exec", a, sys.executable, "-m", "hpcckpt.cli", "migrate",
+                          "--pid", str(job), "--to", f"{addr}:{PORT}", "--munge-socket", munged],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    run.wait(timeout=30)
+    _finishes(out, ref)
+
+
+PROXY = r"""
+import socket, struct, sys, threading
+from hpcckpt.images import service_pb2 as spb
+port, dest, dport, mode = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+srv = socket.create_server(("127.0.0.1", port))
+print("ready", flush=True)
+c, _ = srv.accept()
+d = socket.create_connection((dest, dport))
+def back():                       # the destination's answers, to the source
+    try:
+        while data := d.recv(65536):
+            c.sendall(data)
+    except OSError:
+        pass
+    try:
+        c.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+threading.Thread(target=back, daemon=True).start()
+def exact(n):
+    buf = b""
+    while len(buf) < n:
+        buf += c.recv(n - len(buf))
+    return buf
+head = exact(4)
+body = exact(struct.unpack("<I", head)[0])
+files = spb.Request.FromString(body).migrate.files
+meta = sum(f.size for f in files if not f.name.startswith("pages-"))
+pages = sum(f.size for f in files if f.name.startswith("pages-"))
+assert pages > 1 << 20, pages
+d.sendall(head + body)
+at = meta + (pages // 2 if mode == "cut" else pages - 1)    # in the bytes after the request
+seen = 0
+while data := c.recv(1 << 20):
+    if seen <= at < seen + len(data):
+        if mode == "cut":         # both ways, mid-page-file
+            d.sendall(data[:at - seen])
+            d.close()
+            c.close()
+            sys.exit(0)
+        data = bytearray(data)
+        data[at - seen] ^= 1      # the last byte of the last page file
+    d.sendall(data)
+    seen += len(data)
+"""
+
+
+@pytest.mark.parametrize("mode", ["cut", "corrupt"])
+def test_a_broken_or_corrupt_stream_from_a_real_source_keeps_the_process_there(nodes, munged, dest_daemon,
+                                                                              tmp_path, mode):
+    """The source streams while it dumps: the process is frozen, not killed, until the
+    destination has checked every page. A connection cut mid-page, or one flipped bit in
+    the last page, leaves nothing at the destination (no process, no staged file), and the
+    process thaws at the source and finishes exactly under its own monitor."""
+    a, addr = nodes.a, nodes.addr_b
+    run, job, out, ref = _job_on_node_a(a, tmp_path)
+    staged = set(Path("/dev/shm").glob("hpcckpt-migrate-0-*"))
+    proxy = subprocess.Popen(["ip", "netns", "exec", a, sys.executable, "-c", PROXY, str(PORT + 1), addr, str(PORT),
+                              mode], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    assert proxy.stdout.readline() == "ready\n"
+    res = subprocess.run(["ip", "netns", "exec", a, sys.executable, "-m", "hpcckpt.cli", "migrate",
+                          "--pid", str(job), "--to", f"127.0.0.1:{PORT + 1}", "--munge-socket", munged],
+                         capture_output=True, text=True, timeout=120)
+    proxy.wait(timeout=30)
+    assert res.returncode == 1 and "runs on here" in res.stderr, res.stderr
+    if mode == "corrupt":
+        assert "corrupt (xxh3-128 digest differs" in res.stderr, res.stderr
+    else:
+        assert "broke off" in res.stderr or "without an answer" in res.stderr, res.stderr
+    deadline = time.monotonic() + 30
+    while _descendants(DEST["proc"].pid, "compute.py") or set(Path("/dev/shm").glob("hpcckpt-migrate-0-*")) - staged:
+        assert time.monotonic() < deadline, "the half-restored process or its staged files stayed"
+        time.sleep(0.05)
+    _finishes(out, ref)
+    assert run.wait(timeout=30) == 0
+
+
+TWICE = """
+import socket, sys
+from hpcckpt.images import service_pb2 as spb
+from hpcckpt.service import framing, migrate, munge
+req = spb.MigrateRequest(files=[spb.MigrateFile(name="inventory.img", size=4)] * 2)
+req.credential = munge.encode(migrate.binding(req), sys.argv[3])
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+s.sendall(framing.encode(spb.Request(version=framing.VERSION, migrate=req)))
+print(framing.decode(spb.Response, framing.read_frame(framing.sock_reader(s))).error)
+"""
+
+
+def test_a_file_named_twice_is_refused(nodes, munged, dest_daemon):
+    """Each file is made under a temporary name and renamed into place: a second file of
+    the same name must be refused before, not replace the first."""
+    a, addr = nodes.a, nodes.addr_b
+    res = subprocess.run(["ip", "netns", "exec", a, sys.executable, "-c", TWICE, addr, str(PORT), munged],
+                         capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2])
+    assert "migration names a file twice" in res.stdout, res.stdout + res.stderr
+
+
+def test_a_sender_of_another_cluster_is_refused_and_its_process_runs_on(nodes, munged, other_munged, dest_daemon,
+                                                                        tmp_path):
+    """A credential made with another key: the destination refuses it before any byte of
+    the image, the source says why and thaws its process, which ends exactly."""
+    a, addr = nodes.a, nodes.addr_b
+    run, job, out, ref = _job_on_node_a(a, tmp_path)
+    res = subprocess.run(["ip", "netns", "exec", a, sys.executable, "-m", "hpcckpt.cli", "migrate",
+                          "--pid", str(job), "--to", f"{addr}:{PORT}", "--munge-socket", other_munged],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "refused the migration: munge credential refused" in res.stderr, res.stderr
+    assert "runs on here" in res.stderr, res.stderr
+    _finishes(out, ref)
+    assert run.wait(timeout=30) == 0
+
+
+SLOW = """
+import json, sys
+from hpcckpt.service import migrate, outgoing
+outgoing.HOOK_TIMEOUT = 1          # the destination holds its copy 1 s for our answer
+def action(stage, pid, images, **kw):
+    if stage == "restored":
+        import time
+        time.sleep(6)              # ... and our action takes longer: it gives its copy up
+try:
+    migrate.migrate(int(sys.argv[1]), sys.argv[2], sys.argv[3], show_progress=False, action=action)
+except migrate.MigrationFailed as e:
+    print(e)
+"""
+
+
+def test_a_destination_that_gave_up_its_copy_keeps_the_process_here(nodes, munged, dest_daemon, tmp_path):
+    """The destination stops waiting at "restored" (its hook timed out while the source's
+    action ran) and kills its copy: the source must then not kill its own."""
+    a, addr = nodes.a, nodes.addr_b
+    run, job, out, ref = _job_on_node_a(a, tmp_path, "compute.py", 200, 0.05)
+    res = subprocess.run(["ip", "netns", "exec", a, sys.executable, "-c", SLOW, str(job), f"{addr}:{PORT}", munged],
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
+    assert "gave up its copy" in res.stdout and "runs on here" in res.stdout, res.stdout + res.stderr
+    _finishes(out, ref)
+    assert run.wait(timeout=30) == 0
 
 
 def test_migrate_tcp_server_with_its_namespace_client_never_notices(nodes, munged, dest_daemon, tmp_path):
