@@ -56,6 +56,21 @@ class DumpResult:
     tracking: str = ""     # backends that chose the pages to write ("full" where none could)
     image_id: str = ""
     notes: list[str] = field(default_factory=list)   # fallbacks taken, for the caller to show
+    spans: dict[str, float] = field(default_factory=dict)  # seconds per phase (Spans), for benchmarks
+
+
+class Spans:
+    """Wall time per phase of one dump (time.perf_counter), for the benchmarks to print
+    where the frozen window goes; `mark(name)` closes the phase running since the last mark."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.spans: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.spans[name] = self.spans.get(name, 0.0) + now - self.t
+        self.t = now
 
 
 def _creds(st: dict[str, str]) -> pb.Creds:
@@ -333,6 +348,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     if own:
         tracker = TreeTracker()
     par = Parent.open(parent) if parent is not None else None
+    if par is not None:
+        par.preload()                     # before the freeze: nothing of it changes
     fresh_dir = not os.path.exists(images)
     iset = ImageSet(images, create=True)
     created = set(os.listdir(iset.path))
@@ -345,6 +362,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         preload_netlink()          # not while the tree is frozen
     if tcp_established and not leave_running:    # the tree will be killed: hold its listeners' clients off
         conns = listeners.quiesce(conns, pid)
+    sp = Spans()
     try:
         ft = ptree.freeze_tree(pid, tree, freeze_cgroup)
     except BaseException:
@@ -352,6 +370,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         conns.cleanup()
         raise
     t_frozen = time.monotonic()
+    sp.mark("freeze")
     if ft.cgroup is not None:
         notes.append(f"frozen through cgroup {ft.cgroup.path} (cgroup.freeze)")
     t_thawed = None
@@ -365,6 +384,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         descs.cache["runs_on"] = leave_running or live or pre_dump    # sockets.waiting_connections
         shm = ShmemTable(iset.path)
         terms = ttys.DumpTerminals(descs, ns, shell_job)
+        sp.mark("frozen: tree ids, owners, descriptions")
         procs: dict[int, pb.Process] = {}
         vmas: dict[int, list] = {}
         for p_host in ft.order:
@@ -382,6 +402,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                     raise
             _relations(ft, p_host, ns, procs[p_host])
             terms.process(p_host, procs[p_host], ft.table[p_host].sid)
+        sp.mark("frozen: capture")
         ipc, undo = sysvipc.dump(pid, {h: ns[h] for h in ft.order if h not in ft.zombies}, vmas,
                                  iset.path, notes)
         for h, u in undo.items():
@@ -393,12 +414,15 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         if leave_running:
             terms.write_back()
         notes.extend(descs.notes)
+        sp.mark("frozen: ipc, terminals")
         live_procs = [h for h in ft.order if h not in ft.zombies]
         plans, used = {}, {}
         for h in live_procs:
             plans[h], used[h] = _plan(h, procs[h], vmas[h], par, tracker, notes)
+        sp.mark("frozen: collect and plan")
         if tracker is not None:
             _keep_armed(tracker, ft, live_procs, vmas, used, notes)
+            sp.mark("frozen: arm")
         total = sum(n for plan in plans.values() for _, n in plan.write)
         prog = Progress(f"{'pre-dump' if pre_dump else 'dump'} {pid}", total, enabled=show_progress)
         pagemaps = {h: pb.Pagemap(pages_file=f"pages-{procs[h].pid}.img") for h in ft.order}
@@ -424,10 +448,13 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                 keep = _not_forked(procs[h].mm.vmas)
                 writers[h].copy([r for r in plans[h].write if _inside(r, keep)], prog)
                 snaps[h] = snapshot.take(ft.frozen[h])
+            sp.mark("frozen: snapshot")
+        facts = _process_facts(pid)       # what the inventory reads from the root, while frozen
         if live or pre_dump:
             notes.extend(conns.release())
             ft.thaw()
             t_thawed = time.monotonic()
+            sp.mark("thaw")
             notes.extend(conns.cleanup())
         pages_bytes = parent_bytes = 0
         for h in live_procs:
@@ -438,32 +465,41 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                 w.copy([r for r in plans[h].write if not _inside(r, keep)], prog)
             else:
                 w.copy(plans[h].write, prog)
-            w.close(plans[h].in_parent, sync=False)
-            pages_bytes += pagemaps[h].pages_bytes
-            parent_bytes += pagemaps[h].parent_bytes
-        if ipc is not None and ipc.sem:   # last: it unshares the threads' SEM_UNDO list
+        sp.mark("copy pages")
+        if ipc is not None and ipc.sem:   # last of the frozen reads: it unshares the threads' SEM_UNDO list
             for h, u in sysvipc.threaded_undo(pid, {h: ns[h] for h in live_procs}, vmas, notes,
                                               final=not (leave_running or live or pre_dump)).items():
                 procs[h].sem_undo.extend(u)
+        if t_thawed is None and leave_running and on_dumped is None:
+            # the tree's state is all in memory now: it runs on while the page runs are
+            # listed and every file is written and synced
+            notes.extend(conns.release())
+            ft.thaw()
+            t_thawed = time.monotonic()
+            sp.mark("thaw")
+            notes.extend(conns.cleanup())
+        for h in live_procs:
+            writers[h].close(plans[h].in_parent, sync=False)
+            pages_bytes += pagemaps[h].pages_bytes
+            parent_bytes += pagemaps[h].parent_bytes
+        sp.mark("page runs")
         for h in ft.order:
             p = procs[h]
             iset.write_message(f"process-{p.pid}.img", "process", p, sync=False)
             iset.write_message(f"pagemap-{p.pid}.img", "pagemap", pagemaps[h], sync=False)
+        sp.mark("write messages")
+        for w in writers.values():
+            w.flush()                     # staged pages to their files
         _sync_files(iset.path, set(os.listdir(iset.path)) - created)
+        sp.mark("sync")
         prog.finish()
-        inv = _tree_inventory(pid, ft, procs, shm, tty_images, ipc, par, used, pre_dump, iset.path, net)
+        inv = _tree_inventory(pid, ft, procs, shm, tty_images, ipc, par, used, pre_dump, iset.path, net,
+                              facts)
+        sp.mark("inventory")
         if t_thawed is not None:
             iset.seal(inv)
             if on_dumped:
                 on_dumped(iset.path)
-        elif leave_running and on_dumped is None:
-            notes.extend(conns.release())
-            ft.thaw()
-            t_thawed = time.monotonic()
-            for w in writers.values():
-                w.flush()
-            notes.extend(conns.cleanup())
-            iset.seal(inv)
         else:
             iset.seal(inv)
             if on_dumped:
@@ -478,6 +514,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                 conns.keep()
                 if net is not None:
                     notes.extend(detach_netns(net, net_ino))
+        sp.mark("seal, kill or thaw")
         if tracker is not None:
             tracker.base_id = inv.image_id if leave_running else None
         if own:
@@ -488,7 +525,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         if terms is not None:
             terms.write_back()            # before the tree runs: nothing of its terminals lost
             terms.close()
-        ft.thaw()
+        if not ft.thawed:                 # a cgroup-frozen tree thawed twice would stop again
+            ft.thaw()
         for w in writers.values():
             w._abort()
         conns.cleanup()
@@ -515,14 +553,15 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                       pages_bytes=pages_bytes, frozen_s=t_thawed - t_frozen,
                       total_s=time.monotonic() - t0, processes=len(ft.order),
                       parent_bytes=parent_bytes, incremental=par is not None,
-                      tracking=inv.tracking, image_id=inv.image_id, notes=notes)
+                      tracking=inv.tracking, image_id=inv.image_id, notes=notes, spans=sp.spans)
 
 
 def _tree_inventory(pid: int, ft: ptree.FrozenTree, procs: dict[int, pb.Process], shm: ShmemTable,
                     tty_images, ipc, par: "Parent | None", used: dict[int, str], pre_dump: bool,
-                    path: Path, net=None) -> pb.Inventory:
-    """The inventory of the tree's image, but for the files' digests (ImageSet.seal)."""
-    inv = _inventory(procs[pid], pid)
+                    path: Path, net=None, facts: dict | None = None) -> pb.Inventory:
+    """The inventory of the tree's image, but for the files' digests (ImageSet.seal).
+    `facts`: what it reads from the live root, taken while frozen (_process_facts)."""
+    inv = _inventory(procs[pid], pid, facts)
     inv.pids[:] = [procs[h].pid for h in ft.order]
     inv.shmem.extend(shm.objects)
     inv.ttys.extend(tty_images)
@@ -745,16 +784,24 @@ def _sync_files(path: Path, names: set[str]) -> None:
         os.close(dfd)
 
 
-def _inventory(p: pb.Process, pid: int) -> pb.Inventory:
+def _process_facts(pid: int) -> dict:
+    """What the inventory reads from the live root process (taken while it is frozen:
+    the inventory is written after the thaw, when the process may have exited)."""
+    return dict(own_pid_namespace=len(proc.ns_pids(pid)) > len(proc.ns_pids(os.getpid())),
+                vdso_xxh3=vdso.digest(pid))
+
+
+def _inventory(p: pb.Process, pid: int, facts: dict | None = None) -> pb.Inventory:
+    facts = facts or _process_facts(pid)
     sizes = {v.kind: v.end - v.start for v in p.mm.vmas}
     return pb.Inventory(
         hpcckpt_version=__version__, kernel=platform.release(), arch=platform.machine(),
         cpu_flags=_cpu_flags(), xsave_size=len(p.threads[0].xstate), created=time.time(),
         host=socket.gethostname(), root_pid=p.pid, pids=[p.pid],
-        own_pid_namespace=len(proc.ns_pids(pid)) > len(proc.ns_pids(os.getpid())),
+        own_pid_namespace=facts["own_pid_namespace"],
         files=_mapped_files(list(p.mm.vmas), p.mm.exe), uid=p.creds.uid,
         vdso_size=sizes.get(pb.VDSO, 0), vvar_size=sizes.get(pb.VVAR, 0),
-        vvar_vclock_size=sizes.get(pb.VVAR_VCLOCK, 0), vdso_xxh3=vdso.digest(pid))
+        vvar_vclock_size=sizes.get(pb.VVAR_VCLOCK, 0), vdso_xxh3=facts["vdso_xxh3"])
 
 
 def _remove_new(path: Path, before: set[str]) -> None:

@@ -104,6 +104,7 @@ class FrozenTree:
     table: dict[int, Entry] = field(default_factory=dict)
     cgroup: CgroupFreezer | None = None   # frozen through it; thawed through it as one
     rounds: int = 0                       # listings of the tree the freeze took
+    thawed: bool = False                  # thaw() ran: the tree runs again
 
     @property
     def threads(self) -> int:
@@ -113,6 +114,7 @@ class FrozenTree:
         """Let every process run on as before (children first, so no parent sees a
         stopped child); errors are swallowed, since this runs on failure paths. Through a
         cgroup: frozen again first, every task detached, then thawed, so all start at once."""
+        self.thawed = True
         refrozen = False
         if self.cgroup is not None:
             try:

@@ -41,6 +41,49 @@ class IncrementalPlan:
         return sum(n for _, n in self.in_parent)
 
 
+@dataclass
+class PageRanges:
+    """Sorted, disjoint, merged [start, end) address ranges: what a parent chain holds for
+    one process. Its pagemap runs as they are (~1 per 10 pages at a random 10% rewritten),
+    instead of one sorted array entry per page looked up page by page (20 ms per 4 GiB)."""
+    starts: np.ndarray     # int64
+    ends: np.ndarray
+
+    @classmethod
+    def from_runs(cls, runs) -> "PageRanges":
+        """From pagemap runs (pb.PageRun: vaddr, nr_pages), own and "in parent" alike."""
+        starts = np.fromiter((r.vaddr for r in runs), dtype=np.int64, count=len(runs))
+        counts = np.fromiter((r.nr_pages for r in runs), dtype=np.int64, count=len(runs))
+        return cls._merged(starts, starts + counts * PAGE_SIZE)
+
+    @classmethod
+    def from_pages(cls, pages: np.ndarray) -> "PageRanges":
+        pages = np.unique(np.asarray(pages, dtype=np.int64))
+        if not len(pages):
+            return cls(np.zeros(0, np.int64), np.zeros(0, np.int64))
+        cut = np.flatnonzero(np.diff(pages) != PAGE_SIZE) + 1
+        return cls(pages[np.r_[0, cut]], pages[np.r_[cut - 1, len(pages) - 1]] + PAGE_SIZE)
+
+    @classmethod
+    def _merged(cls, starts: np.ndarray, ends: np.ndarray) -> "PageRanges":
+        if len(starts) > 1 and not (starts[1:] >= ends[:-1]).all():   # a pagemap's runs are
+            order = np.argsort(starts, kind="stable")                  # sorted and disjoint;
+            starts, ends = starts[order], ends[order]                  # be safe anyway
+            ends = np.maximum.accumulate(ends)
+        if len(starts) > 1:
+            new = np.r_[True, starts[1:] > ends[:-1]]     # touching or overlapping: one range
+            last = np.r_[np.flatnonzero(new)[1:] - 1, len(starts) - 1]
+            starts, ends = starts[new], ends[last]
+        return cls(starts, ends)
+
+    def mask(self, start: int, n: int) -> np.ndarray:
+        """Per page of [start, start + n pages): held?"""
+        end = start + n * PAGE_SIZE
+        i = int(np.searchsorted(self.ends, start, side="right"))
+        j = int(np.searchsorted(self.starts, end, side="left"))
+        return _mask(n, start, np.clip(self.starts[i:j], start, end), np.clip(self.ends[i:j], start, end))
+
+
 def parent_pages_from_runs(runs) -> np.ndarray:
     """Sorted page addresses of a parent's pagemap runs (pb.PageRun: vaddr, nr_pages),
     its own and those it references in its parents: what the chain can give back."""
@@ -69,10 +112,11 @@ def _to_save(pid: int, v, scanner: Scanner | None = None) -> np.ndarray | None:
 
 def _mask(n: int, base: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Boolean page mask of n pages from sorted, disjoint [start, end) address ranges."""
-    d = np.zeros(n + 1, dtype=np.int32)
-    np.add.at(d, (starts.astype(np.int64) - base) // PAGE_SIZE, 1)
-    np.add.at(d, (ends.astype(np.int64) - base) // PAGE_SIZE, -1)
-    return np.cumsum(d[:n]) > 0
+    if not len(starts):
+        return np.zeros(n, dtype=bool)
+    up = np.bincount((starts.astype(np.int64) - base) // PAGE_SIZE, minlength=n + 1)
+    down = np.bincount((ends.astype(np.int64) - base) // PAGE_SIZE, minlength=n + 1)
+    return np.cumsum(up[:n] - down[:n]) > 0
 
 
 def _to_save_scan(pid: int, v, sc: Scanner) -> np.ndarray:
@@ -99,7 +143,8 @@ def scan_supported() -> bool:
     return supported()
 
 
-def plan_incremental(pid: int, pvmas, dirty: Dirty | None, parent_pages: np.ndarray | None) -> IncrementalPlan:
+def plan_incremental(pid: int, pvmas, dirty: Dirty | None,
+                     parent_pages: "np.ndarray | PageRanges | None") -> IncrementalPlan:
     """Split the pages the dump must hold into those to write and those in the parent.
 
     `pvmas`: the image's pb.Vma list (engine.memory.describe). `dirty`: a tracker's
@@ -109,6 +154,8 @@ def plan_incremental(pid: int, pvmas, dirty: Dirty | None, parent_pages: np.ndar
     chain has it; everything else to be saved is written.
     """
     plan = IncrementalPlan()
+    if parent_pages is not None and not isinstance(parent_pages, PageRanges):
+        parent_pages = PageRanges.from_pages(parent_pages)
     try:
         scanner = Scanner(pid) if scan_supported() else None
     except HpcckptError:
@@ -123,7 +170,7 @@ def plan_incremental(pid: int, pvmas, dirty: Dirty | None, parent_pages: np.ndar
 
 
 def _plan_one(pid: int, v, scanner: Scanner | None, dirty: Dirty | None,
-              parent_pages: np.ndarray | None, plan: IncrementalPlan) -> None:
+              parent_pages: PageRanges | None, plan: IncrementalPlan) -> None:
     save = _to_save(pid, v, scanner)
     if save is None or not save.any():
         return
@@ -134,10 +181,7 @@ def _plan_one(pid: int, v, scanner: Scanner | None, dirty: Dirty | None,
         reuse[:] = False
     else:
         reuse[d[d < n]] = False
-        addrs = v.start + np.arange(n, dtype=np.int64) * PAGE_SIZE
-        i = np.minimum(np.searchsorted(parent_pages, addrs), max(len(parent_pages) - 1, 0))
-        has = parent_pages[i] == addrs if len(parent_pages) else np.zeros(n, bool)
-        reuse &= has
+        reuse &= parent_pages.mask(v.start, n)
     write = save & ~reuse
     plan.write += [(v.start + a * PAGE_SIZE, k * PAGE_SIZE) for a, k in proc.runs(write)]
     plan.in_parent += [(v.start + a * PAGE_SIZE, k * PAGE_SIZE) for a, k in proc.runs(reuse)]

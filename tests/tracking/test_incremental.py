@@ -85,3 +85,22 @@ def test_save_mask_from_pagemap_scan_equals_pagemap(target):
         assert not mask[(buf - next(v for v in vmas if v.start <= buf < v.end).start) // PAGE + 10]
     finally:
         tracker.disarm()
+
+
+def test_page_ranges_mask_matches_pages():
+    """The parent's pages as merged ranges answer exactly as the page list did: runs
+    touching, overlapping, out of order, and windows cutting through them."""
+    from hpcckpt.tracking.incremental import PageRanges, parent_pages_from_runs
+    rng = np.random.default_rng(7)
+    base = 0x7f0000000000
+    runs = [pb.PageRun(vaddr=base + int(a) * PAGE, nr_pages=int(k))
+            for a, k in zip(rng.integers(0, 5000, 400), rng.integers(1, 9, 400))]
+    pages = parent_pages_from_runs(runs)
+    held = set(pages.tolist())
+    for pr in (PageRanges.from_runs(runs), PageRanges.from_pages(pages)):
+        assert (pr.starts[1:] > pr.ends[:-1]).all()          # merged: no two touch
+        for lo, n in ((0, 5100), (17, 1), (100, 333), (4990, 200), (6000, 10)):
+            got = pr.mask(base + lo * PAGE, n)
+            want = np.array([base + (lo + i) * PAGE in held for i in range(n)])
+            assert (got == want).all(), (lo, n)
+    assert not PageRanges.from_pages(np.zeros(0, np.int64)).mask(base, 4).any()
