@@ -88,7 +88,7 @@ class Job:
 def _row(kind: str, backend: str, frac: float | None, r, rewritten: int, limit: float, **kw) -> dict:
     row = {"kind": kind, "backend": backend, "fraction": frac, "rewritten": rewritten,
            "image": r.pages_bytes, "total_s": r.total_s, "frozen_s": r.frozen_s, "limit_s": limit,
-           "tracking": r.tracking, **kw}
+           "tracking": r.tracking, "snapshot": r.snapshot, "spans": r.spans, **kw}
     ratio = r.pages_bytes / rewritten if rewritten else float("nan")
     per100 = r.frozen_s * 1e3 / (rewritten / (100 << 20)) if rewritten else float("nan")
     print(f"{backend:8s} {kind:22s} {('%.1f%%' % (frac * 100)) if frac else '-':>6s} "
@@ -96,7 +96,20 @@ def _row(kind: str, backend: str, frac: float | None, r, rewritten: int, limit: 
           f"time {r.total_s * 1e3:7.0f} ms ({r.total_s / limit:5.2f}x limit {limit * 1e3:.0f} ms) "
           f"paused {r.frozen_s * 1e3:7.1f} ms ({per100:6.1f} ms/100 MiB)"
           + (f" first write +{kw['write_ns']:.0f} ns" if "write_ns" in kw else ""), flush=True)
+    print_spans(r)
     return row
+
+
+def print_spans(r) -> None:
+    """Where the dump's time went (DumpResult.spans), the frozen part first."""
+    frozen, after, seen_thaw = [], [], False
+    for name, s in r.spans.items():
+        seen_thaw |= name == "thaw"
+        if name in ("freeze", "thaw") or s < 0.0005:
+            continue
+        (after if seen_thaw else frozen).append(f"{name.removeprefix('frozen: ')} {s * 1e3:.0f}")
+    print(f"{'':9s} frozen{' (pages from a fork after the thaw)' if r.snapshot else ''}: "
+          + ", ".join(frozen) + " ms | after the thaw: " + ", ".join(after) + " ms", flush=True)
 
 
 def one_backend(name: str, mib: int, where: Path) -> list[dict]:

@@ -145,7 +145,7 @@ def one(exe: Path, work: Path, n: int, kib: int, profile: str | None, cg: Path |
     if len(back) != n:
         raise SystemExit(f"restored tree has {len(back)} processes, not {n}")
     return dict(n=n, base=base, freeze=fr, dump=d.total_s, frozen=d.frozen_s, restore=rt,
-                image=image, prof=prof)
+                image=image, prof=prof, spans=d.spans)
 
 
 def per_extra(rows: dict[int, dict], key: str, n: int) -> float:
@@ -186,6 +186,8 @@ def main() -> None:
             rows[n] = {k: statistics.median(r[k] for r in runs)
                        for k in ("base", "freeze", "dump", "frozen", "restore", "image")}
             rows[n]["prof"] = runs[-1]["prof"]
+            rows[n]["spans"] = {k: statistics.median(r["spans"].get(k, 0.0) for r in runs)
+                                for k in runs[0]["spans"]}
         print(f"{'procs':>5} {'base s':>7} {'freeze s':>8} {'dump s':>7} {'frozen s':>8} "
               f"{'restore s':>9} {'dump/base':>9} {'image MiB':>9} | ms per extra process: "
               f"{'base':>5} {'freeze':>6} {'dump':>6} {'restore':>7} {'dump/base':>9}")
@@ -197,6 +199,12 @@ def main() -> None:
                   f"{'':>22}{pb_:5.2f} {per_extra(rows, 'freeze', n):6.2f} {pd:6.2f} "
                   f"{per_extra(rows, 'restore', n):7.2f} {pd / pb_ if pb_ == pb_ else float('nan'):9.1f}",
                   flush=True)
+        big = max(sizes)
+        if 1 in rows and big > 1:       # where the dump's time per extra process goes
+            parts = {k: (v - rows[1]["spans"].get(k, 0.0)) / (big - 1) * 1e3
+                     for k, v in rows[big]["spans"].items()}
+            print(f"dump, ms per extra process by phase ({big} vs 1, DumpResult.spans): "
+                  + ", ".join(f"{k.removeprefix('frozen: ')} {v:.2f}" for k, v in parts.items() if abs(v) >= 0.01))
         if args.profile:
             print(f"\ncProfile of the {args.profile} of {max(sizes)} processes (last run):")
             pstats.Stats(rows[max(sizes)]["prof"]).sort_stats("tottime").print_stats(args.top)

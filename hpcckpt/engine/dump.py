@@ -16,12 +16,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import xxhash
+
 from .. import __version__
 from ..errors import HpcckptError, KernelError, PermissionDeniedError, ProcessGoneError, UnsupportedError
 from ..images import pb
 from ..images.imageset import ImageSet
 from ..kernel import elf, proc, ptrace, vdso
 from ..kernel.arch import current as arch
+from ..kernel.batch import OUT, Batch, Call
 from ..kernel.inject import Injector, Mem, _alive, find_syscall_insn
 from ..kernel.libc import libc
 from ..progress import Progress
@@ -35,6 +38,8 @@ from .netns import detach as detach_netns, save as save_netns
 from ..kernel.rtnl import preload as preload_netlink
 
 SCRATCH = 1 << 16
+CODE_OFF = 40 << 10     # scratch: call outputs below, a batch's code above
+TIMERS_BATCHED = 256
 MAP_PRIVATE_ANON = 0x22
 PR_GET_TID_ADDRESS = 40
 PR_GET_CHILD_SUBREAPER = 37
@@ -57,6 +62,7 @@ class DumpResult:
     image_id: str = ""
     notes: list[str] = field(default_factory=list)   # fallbacks taken, for the caller to show
     spans: dict[str, float] = field(default_factory=dict)  # seconds per phase (Spans), for benchmarks
+    snapshot: bool = False  # pages read from copy-on-write snapshots after the thaw
 
 
 class Spans:
@@ -97,31 +103,48 @@ def check_owner(pid: int) -> dict[str, str]:
 
 
 class _Scratch:
-    """A private page block mapped into the frozen target for syscall arguments."""
+    """A private page block mapped into the frozen target for syscall arguments, and for
+    the code of a syscall batch (kernel/batch.py) when it may be executable."""
 
     def __init__(self, inj: Injector, mem: Mem):
         self.inj, self.mem = inj, mem
-        self.addr = inj.syscall("mmap", 0, SCRATCH, 3, MAP_PRIVATE_ANON, -1, 0)
+        try:        # W^X policies (PR_SET_MDWE, SELinux execmem) refuse: calls one by one
+            self.addr = inj.syscall("mmap", 0, SCRATCH, 7, MAP_PRIVATE_ANON, -1, 0)
+            self.code_ok = True
+        except KernelError:
+            self.addr = inj.syscall("mmap", 0, SCRATCH, 3, MAP_PRIVATE_ANON, -1, 0)
+            self.code_ok = False
 
-    def read_u64s(self, n: int, off: int = 0) -> tuple[int, ...]:
-        return struct.unpack(f"<{n}Q", self.mem.read(self.addr + off, 8 * n))
+    def batch(self) -> Batch:
+        return Batch(self.addr, CODE_OFF, self.code_ok)
+
+    def run(self, b: Batch, inj: Injector) -> None:
+        b.run(inj, self.mem, self.addr + CODE_OFF, SCRATCH - CODE_OFF)
 
     def unmap(self) -> None:
         self.inj.syscall("munmap", self.addr, SCRATCH)
 
 
-def _thread_state(pid: int, tid: int, inj: Injector, scratch: _Scratch) -> pb.Thread:
+@dataclass
+class _ThreadCalls:
+    altstack: Call
+    tid_address: Call
+
+
+def _thread_calls(b: Batch) -> _ThreadCalls:
+    return _ThreadCalls(altstack=b.add("sigaltstack", 0, OUT, out=24),
+                        tid_address=b.add("prctl", PR_GET_TID_ADDRESS, OUT, out=8))
+
+
+def _thread_state(pid: int, tid: int, inj: Injector, calls: _ThreadCalls) -> pb.Thread:
     t = pb.Thread(tid=proc.ns_pids(pid, tid)[-1], comm=proc.comm(pid, tid))
     t.regs.extend(arch.rewind_interrupted_syscall(inj.saved_regs).to_list())
     t.xstate = ptrace.get_regset(tid, arch.XSTATE_NOTE, arch.XSTATE_MAX)
     t.sigmask = inj.saved_mask
     t.pending.extend(ptrace.peek_siginfo(tid, shared=False))
-    a = scratch.addr
-    inj.syscall("sigaltstack", 0, a)
-    sp, flags, size = struct.unpack("<Qi4xQ", scratch.mem.read(a, 24))  # stack_t
+    sp, flags, size = struct.unpack("<Qi4xQ", calls.altstack.data)  # stack_t
     t.altstack.CopyFrom(pb.SigAltStack(sp=sp, flags=flags & 0xFFFFFFFF, size=size))
-    inj.syscall("prctl", PR_GET_TID_ADDRESS, a)
-    t.clear_child_tid = scratch.read_u64s(1)[0]
+    t.clear_child_tid = calls.tid_address.u64s(1)[0]
     t.robust_list, t.robust_list_len = proc.robust_list(tid)
     cfg = ptrace.get_rseq(tid)
     if cfg.rseq_abi_pointer:
@@ -130,24 +153,37 @@ def _thread_state(pid: int, tid: int, inj: Injector, scratch: _Scratch) -> pb.Th
     return t
 
 
-def _process_state(pid: int, st: dict[str, str], inj: Injector, scratch: _Scratch) -> pb.Process:
+@dataclass
+class _ProcessCalls:
+    sigactions: list[tuple[int, Call]]
+    itimers: list[Call]
+    brk: Call
+    subreaper: Call
+
+
+def _process_calls(st: dict[str, str], b: Batch) -> _ProcessCalls:
+    # Only signals not at SIG_DFL can have an action worth saving (status says which),
+    # and SIGCHLD, whose SA_NOCLDWAIT/SA_NOCLDSTOP matter even at SIG_DFL.
+    acted = proc.signal_set(st, "SigCgt") | proc.signal_set(st, "SigIgn") | {signal.SIGCHLD}
+    return _ProcessCalls(
+        sigactions=[(sig, b.add("rt_sigaction", sig, 0, OUT, 8, out=32)) for sig in SIG_NUMBERS if sig in acted],
+        itimers=[b.add("getitimer", which, OUT, out=32) for which in range(3)],
+        brk=b.add("brk", 0),
+        subreaper=b.add("prctl", PR_GET_CHILD_SUBREAPER, OUT, out=8))
+
+
+def _process_state(pid: int, st: dict[str, str], calls: _ProcessCalls) -> pb.Process:
     f = proc.stat_fields(pid)
     p = pb.Process(pid=proc.ns_pids(pid)[-1], creds=_creds(st), comm=proc.comm(pid), personality=proc.personality(pid),
                    umask=int(st.get("Umask", "0022"), 8), cwd=proc.link(pid, "cwd"),
                    root=proc.link(pid, "root"))
-    a = scratch.addr
-    # Only signals not at SIG_DFL can have an action worth saving (status says which),
-    # and SIGCHLD, whose SA_NOCLDWAIT/SA_NOCLDSTOP matter even at SIG_DFL.
-    acted = proc.signal_set(st, "SigCgt") | proc.signal_set(st, "SigIgn") | {signal.SIGCHLD}
-    for sig in (s for s in SIG_NUMBERS if s in acted):
-        inj.syscall("rt_sigaction", sig, 0, a, 8)
-        handler, flags, restorer, mask = scratch.read_u64s(4)
+    for sig, c in calls.sigactions:
+        handler, flags, restorer, mask = c.u64s(4)
         if handler or flags or mask:
             p.sigactions.append(pb.SigAction(signo=sig, handler=handler, flags=flags,
                                              restorer=restorer, mask=mask))
-    for which in range(3):
-        inj.syscall("getitimer", which, a)
-        isec, iusec, vsec, vusec = scratch.read_u64s(4)
+    for which, c in enumerate(calls.itimers):
+        isec, iusec, vsec, vusec = c.u64s(4)
         # a periodic ITIMER_REAL whose SIGALRM is still pending shows 0 left: the kernel
         # re-arms it only when the signal is taken. Keep it (restore arms it a period on).
         if vsec or vusec or isec or iusec:
@@ -158,13 +194,12 @@ def _process_state(pid: int, st: dict[str, str], inj: Injector, scratch: _Scratc
     for r, (cur, mx) in enumerate(proc.limits(pid)):
         p.rlimits.append(pb.Rlimit(resource=r, cur=cur, max=mx))
     p.shared_pending.extend(ptrace.peek_siginfo(pid, shared=True))
-    brk = inj.syscall("brk", 0)
-    inj.syscall("prctl", PR_GET_CHILD_SUBREAPER, a)
-    p.subreaper = struct.unpack("<i", scratch.mem.read(a, 4))[0] != 0
+    p.subreaper = struct.unpack_from("<i", calls.subreaper.data)[0] != 0
     p.mm.CopyFrom(pb.Mm(start_code=int(f[23]), end_code=int(f[24]), start_stack=int(f[25]),
                         start_data=int(f[42]), end_data=int(f[43]), start_brk=int(f[44]),
                         arg_start=int(f[45]), arg_end=int(f[46]), env_start=int(f[47]),
-                        env_end=int(f[48]), brk=brk, auxv=proc.auxv(pid), exe=proc.link(pid, "exe")))
+                        env_end=int(f[48]), brk=calls.brk.result, auxv=proc.auxv(pid),
+                        exe=proc.link(pid, "exe")))
     return p
 
 
@@ -207,10 +242,27 @@ def _capture(fr: Frozen, iset: ImageSet, policies: files.FilePolicies, st: dict,
         for tid in fr.tids:
             injectors[tid] = Injector(tid, ip)
         scratch = _Scratch(injectors[pid], mem)
-        p = _process_state(pid, st, injectors[pid], scratch)
-        p.posix_timers.extend(timers.dump(pid, injectors[pid], scratch,
-                                          {tid: proc.ns_pids(pid, tid)[-1] for tid in fr.tids}))
-        p.threads.extend(_thread_state(pid, tid, injectors[tid], scratch) for tid in fr.tids)
+        # every read-only syscall of a thread in one batch: one stop each, not one per call
+        tms = timers.listed(pid, {tid: proc.ns_pids(pid, tid)[-1] for tid in fr.tids})
+        b = scratch.batch()
+        pcalls = _process_calls(st, b)
+        tcalls = {pid: _thread_calls(b)}
+        timer_calls = timers.calls(tms, b) if len(tms) <= TIMERS_BATCHED else None
+        scratch.run(b, injectors[pid])
+        p = _process_state(pid, st, pcalls)
+        for tid in fr.tids[1:]:
+            b = scratch.batch()
+            tcalls[tid] = _thread_calls(b)
+            scratch.run(b, injectors[tid])
+        if timer_calls is None:   # hundreds of timers: in batches of their own
+            timer_calls = []
+            for k in range(0, len(tms), TIMERS_BATCHED):
+                b = scratch.batch()
+                part = timers.calls(tms[k:k + TIMERS_BATCHED], b)
+                scratch.run(b, injectors[pid])
+                timer_calls += part
+        p.posix_timers.extend(timers.from_calls(tms, timer_calls))
+        p.threads.extend(_thread_state(pid, tid, injectors[tid], tcalls[tid]) for tid in fr.tids)
         scratch.unmap()
         scratch = None
     finally:
@@ -303,7 +355,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
          tracker: "TreeTracker | None" = None, track_mem: bool = False,
          live: bool = False, pre_dump: bool = False, on_dumped=None,
          shell_job: bool = False, tcp_established: bool = False, on_frozen=None,
-         freeze_cgroup: str | None = "auto", netns: bool = False, stream=None) -> DumpResult:
+         freeze_cgroup: str | None = "auto", netns: bool = False, stream=None,
+         cow: bool | None = None) -> DumpResult:
     """Checkpoint `pid` and (unless `tree=False`) all its descendants into `images`;
     kill them all afterwards unless `leave_running`.
 
@@ -332,6 +385,9 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     `stream`: write the pages to a connection as they are read instead of to page files
     (a migration's; engine/streamdump.py says what it must offer); `images` then gets the
     rest only. The tree stays frozen until `on_dumped` returns (or raises: thawed).
+    `cow`: a dump that lets the tree run on reads its pages from a copy-on-write fork of
+    each process after the thaw (as `live` does) when that is cheaper than copying them
+    while frozen (None: decided by `_snapshot_pays`); True: always; False: never.
     """
     t0 = time.monotonic()
     if stream is not None and (live or pre_dump or parent is not None or tracker is not None or track_mem):
@@ -440,17 +496,27 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                               notes=notes)
         # a dump that lets the tree run on afterwards copies to memory while frozen and
         # writes the image after the thaw (no file write or fsync in the pause), up to a budget
-        stage = (leave_running and not (live or pre_dump) and on_dumped is None
+        forked = live or _snapshot_pays(plans, leave_running and not pre_dump and on_dumped is None, cow)
+        stage = (leave_running and not (forked or pre_dump) and on_dumped is None
                  and total <= memory.stage_budget())
         writers = {h: _PageFile(h, iset, pagemaps[h], stage) for h in live_procs}
-        if live:
+        copied = set()                    # processes whose pages were all copied while frozen
+        if forked:
             for h in live_procs:
                 keep = _not_forked(procs[h].mm.vmas)
                 writers[h].copy([r for r in plans[h].write if _inside(r, keep)], prog)
-                snaps[h] = snapshot.take(ft.frozen[h])
+                try:
+                    snaps[h] = snapshot.take(ft.frozen[h])
+                except KernelError as e:
+                    if live or not _alive(h):
+                        raise
+                    notes.append(f"process {procs[h].pid}: no copy-on-write snapshot ({e}); its "
+                                 "pages were copied while it was frozen")
+                    writers[h].copy([r for r in plans[h].write if not _inside(r, keep)], prog)
+                    copied.add(h)
             sp.mark("frozen: snapshot")
         facts = _process_facts(pid)       # what the inventory reads from the root, while frozen
-        if live or pre_dump:
+        if forked or pre_dump:
             notes.extend(conns.release())
             ft.thaw()
             t_thawed = time.monotonic()
@@ -459,17 +525,20 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         pages_bytes = parent_bytes = 0
         for h in live_procs:
             w = writers[h]
-            if live:
+            if h in snaps:
                 keep = _not_forked(procs[h].mm.vmas)
                 w.source = snaps[h].child
                 w.copy([r for r in plans[h].write if not _inside(r, keep)], prog)
-            else:
+            elif h not in copied:
                 w.copy(plans[h].write, prog)
         sp.mark("copy pages")
         if ipc is not None and ipc.sem:   # last of the frozen reads: it unshares the threads' SEM_UNDO list
             for h, u in sysvipc.threaded_undo(pid, {h: ns[h] for h in live_procs}, vmas, notes,
                                               final=not (leave_running or live or pre_dump)).items():
                 procs[h].sem_undo.extend(u)
+        for h in list(snaps):             # done with the copies: the job's writes copy nothing now
+            snapshot.release(snaps.pop(h))
+        sp.mark("release snapshots")
         if t_thawed is None and leave_running and on_dumped is None:
             # the tree's state is all in memory now: it runs on while the page runs are
             # listed and every file is written and synced
@@ -553,7 +622,30 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                       pages_bytes=pages_bytes, frozen_s=t_thawed - t_frozen,
                       total_s=time.monotonic() - t0, processes=len(ft.order),
                       parent_bytes=parent_bytes, incremental=par is not None,
-                      tracking=inv.tracking, image_id=inv.image_id, notes=notes, spans=sp.spans)
+                      tracking=inv.tracking, image_id=inv.image_id, notes=notes, spans=sp.spans,
+                      snapshot=forked and len(copied) < len(live_procs))
+
+
+COW_SHARE = 16            # fork once the pages to copy are 1/16 of those the image holds
+COW_MIN_BYTES = 16 << 20  # below this, copying costs about what the fork's own stops do
+
+
+def _snapshot_pays(plans: dict[int, IncrementalPlan], may: bool, cow: bool | None) -> bool:
+    """Copy from a fork after the thaw rather than while frozen? A fork copies page
+    tables (31 ms per GiB of 4 KiB pages held, ~2 ms with huge pages); copying scattered
+    pages costs ~3.4 us each (~830 ms per GiB), so the fork wins once the pages to write
+    are beyond ~1/27 of those held; COW_SHARE keeps a margin. Until the copy is done, each
+    page the job writes is duplicated: refused when the pages held exceed half of
+    MemAvailable."""
+    if cow is not None:
+        return cow and may
+    if not may:
+        return False
+    write = sum(p.write_bytes for p in plans.values())
+    held = write + sum(p.parent_bytes for p in plans.values())
+    if write < COW_MIN_BYTES or write * COW_SHARE < held:
+        return False
+    return held <= memory.mem_available() // 2
 
 
 def _tree_inventory(pid: int, ft: ptree.FrozenTree, procs: dict[int, pb.Process], shm: ShmemTable,
@@ -605,8 +697,8 @@ def _end_streamed(ft: ptree.FrozenTree, conns, leave_running: bool, on_dumped, p
 def _plan(h: int, p: pb.Process, vmas: list, par: "Parent | None", tracker: "TreeTracker | None",
           notes: list[str]) -> tuple[IncrementalPlan, str]:
     """What to write and what the parent holds for one frozen process, and how we knew."""
-    if par is None:
-        return IncrementalPlan(write=[r for v in p.mm.vmas for r in memory.pages_to_save(h, v)]), "full"
+    if par is None:   # one PAGEMAP_SCAN walk per mapping (pagemap read where it is missing)
+        return plan_incremental(h, list(p.mm.vmas), None, None), "full"
     ppages = par.pages(p.pid)
     dirty, how = None, "full"
     if ppages is None:
@@ -686,7 +778,8 @@ class _PageFile:
         self.final_fd = -1
         if stage:   # pages go to memory while frozen, to the image file after the thaw (flush)
             self.final_fd, self.fd = self.fd, os.memfd_create("hpcckpt-stage", os.MFD_CLOEXEC)
-        self.writer = memory.PageWriter(pid, self.fd)
+        # hashed as written, unless staged (then seal reads the file back, after the thaw)
+        self.writer = memory.PageWriter(pid, self.fd, hasher=None if stage else xxhash.xxh3_128())
         self.written: list[tuple[int, int, int]] = []     # (address, bytes, file offset)
 
     @property
@@ -721,6 +814,9 @@ class _PageFile:
                     os.fsync(self.fd)
             finally:
                 self._abort()
+            if self.writer.hasher is not None:
+                self.iset.written[self.pages.pages_file] = pb.FileDigest(
+                    size=self.writer.offset, xxh3_128=self.writer.hasher.hexdigest())
         # one sorted pass over plain tuples: sorting the protobuf list costs 10x more
         for addr, n, off in sorted(self.written + [(a, n, -1) for a, n in in_parent]):
             if off < 0:

@@ -33,15 +33,19 @@ PTE_MARKER_TYPE = 0x1F     # x86_64: the swap type pagemap gives a pte marker (n
 SPARSE_MIN = 1 << 30       # mappings larger than this are saved by their populated ranges (_sparse_runs)
 
 
+def mem_available() -> int:
+    """MemAvailable in bytes (0 if unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
 def stage_budget() -> int:
     """Bytes of pages a dump may hold in memory while the process is frozen, written to
     the image after the thaw: 1 GiB, or a quarter of the available memory if less."""
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return 0
-    return min(STAGE_MAX, avail // 4)
+    return min(STAGE_MAX, mem_available() // 4)
 
 
 def vm_readv(pid: int, local: int, length: int, remote_iov: int, count: int) -> int:
@@ -190,12 +194,12 @@ class PageWriter:
     pid: int
     fd: int
     offset: int = 0
+    hasher: object = None    # an xxhash object fed every byte written (the inventory's digest)
 
     def __post_init__(self):
         self.buf = _chunk_buffer()
         self.addr = ctypes.addressof(self.buf)
         self.mem_fd = -1
-        self.hasher = None
 
     def copy(self, addr: int, length: int) -> int:
         """Copy one run; returns its offset in the file."""

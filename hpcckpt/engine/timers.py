@@ -51,9 +51,9 @@ def parse(text: str) -> list[TimerInfo]:
     return sorted(out, key=lambda t: t.id)
 
 
-def dump(pid: int, inj, scratch, tids: dict[int, int]) -> list[pb.PosixTimer]:
-    """Every POSIX timer of `pid` (frozen, `inj` its main thread's injector).
-    `tids`: host TID -> TID as the process sees it. Refuses what cannot be recreated."""
+def listed(pid: int, tids: dict[int, int]) -> list[tuple[TimerInfo, int]]:
+    """Every POSIX timer of `pid` with the TID (as the process sees it) it signals, 0 for
+    none. `tids`: host TID -> TID as the process sees it. Refuses what cannot be recreated."""
     out = []
     for t in parse(proc.posix_timers(pid)):
         if not 0 <= t.clockid <= MAX_CLOCK:
@@ -66,8 +66,20 @@ def dump(pid: int, inj, scratch, tids: dict[int, int]) -> list[pb.PosixTimer]:
                 raise UnsupportedError(f"process {pid}: POSIX timer {t.id} signals thread {t.target}, "
                                        "which is not one of the process's threads")
             tid = tids[t.target]
-        inj.syscall("timer_gettime", t.id, scratch.addr)
-        isec, insec, vsec, vnsec = scratch.read_u64s(4)
+        out.append((t, tid))
+    return out
+
+
+def calls(timers, batch) -> list:
+    """A timer_gettime per timer, queued in a syscall batch (kernel/batch.py)."""
+    from ..kernel.batch import OUT
+    return [batch.add("timer_gettime", t.id, OUT, out=32) for t, _ in timers]
+
+
+def from_calls(timers, done) -> list[pb.PosixTimer]:
+    out = []
+    for (t, tid), c in zip(timers, done):
+        isec, insec, vsec, vnsec = c.u64s(4)
         out.append(pb.PosixTimer(id=t.id, clockid=t.clockid, notify=t.notify, signo=t.signo,
                                  sigval=t.sigval, tid=tid, value_sec=vsec, value_nsec=vnsec,
                                  interval_sec=isec, interval_nsec=insec))

@@ -74,6 +74,9 @@ class ImageSet:
 
     def __init__(self, path: str | os.PathLike, create: bool = False):
         self.path = Path(path)
+        # digests of files this process wrote whole, taken from the bytes as they were
+        # written: seal() need not read them back (a tree's dump wrote hundreds)
+        self.written: dict[str, pb.FileDigest] = {}
         if create:
             self.path.mkdir(parents=True, exist_ok=True)
             if (self.path / INVENTORY).exists():
@@ -88,12 +91,14 @@ class ImageSet:
         payload = msg.SerializeToString()
         header = _HEADER.pack(MAGIC, KINDS[kind], len(payload), zlib.crc32(payload))
         tmp = self.path / (name + ".tmp")
+        data = header + payload
         with open(tmp, "wb") as f:
-            f.write(header + payload)
+            f.write(data)
             if sync:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, self.path / name)
+        self.written[name] = pb.FileDigest(size=len(data), xxh3_128=xxhash.xxh3_128_hexdigest(data))
 
     def read_message(self, name: str, kind: str):
         path = self.path / name
@@ -123,7 +128,10 @@ class ImageSet:
         """Record every file's digest and write the inventory last: the set is complete."""
         for p in sorted(self.path.iterdir()):  # ours only: a store may keep files beside them
             if p.name != INVENTORY and p.is_file() and p.suffix in (".img", ".data"):
-                inv.digests[p.name].CopyFrom(digest_file(p))
+                known = self.written.get(p.name)
+                if known is None or known.size != p.stat().st_size:
+                    known = digest_file(p)
+                inv.digests[p.name].CopyFrom(known)
         inv.format_version = FORMAT_VERSION
         self.write_message(INVENTORY, "inventory", inv)
 

@@ -20,7 +20,7 @@ import numpy as np
 from ..images import pb
 from ..kernel import proc
 from ..kernel.libc import PAGE_SIZE
-from ..errors import HpcckptError
+from ..errors import HpcckptError, KernelError
 from .base import Dirty
 from .scan import MAX_END, PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, Scanner, supported
 from .reader import pagemap, saved_mask
@@ -97,7 +97,13 @@ def parent_pages_from_runs(runs) -> np.ndarray:
     return pages
 
 
-def _to_save(pid: int, v, scanner: Scanner | None = None) -> np.ndarray | None:
+def _scanned(v) -> bool:
+    """Does the image hold some pages of this mapping, page by page (decided by a scan)?"""
+    return not (v.kind in (pb.VDSO, pb.VVAR, pb.VVAR_VCLOCK, pb.VSYSCALL, pb.FILE_SHARED, pb.SYSV_SHM,
+                           pb.ANON_SHARED) or v.shmid)
+
+
+def _to_save(pid: int, v, scanner: "Scanner | _Scan | None" = None) -> np.ndarray | None:
     """engine.memory.pages_to_save's rule as a mask, but with uffd-wp pte markers (absent
     pages that pagemap shows as swapped) left out."""
     if v.kind in (pb.VDSO, pb.VVAR, pb.VVAR_VCLOCK, pb.VSYSCALL, pb.FILE_SHARED, pb.SYSV_SHM) or v.shmid:
@@ -105,9 +111,53 @@ def _to_save(pid: int, v, scanner: Scanner | None = None) -> np.ndarray | None:
     n = (v.end - v.start) // PAGE_SIZE
     if v.kind == pb.ANON_SHARED:
         return np.ones(n, dtype=bool)
-    if scanner is not None and v.end <= MAX_END:
+    if isinstance(scanner, _Scan) and scanner.covers(v):
+        return scanner.to_save(pid, v)
+    if isinstance(scanner, Scanner) and v.end <= MAX_END:
         return _to_save_scan(pid, v, scanner)
     return saved_mask(pagemap(pid, v.start, v.end), v.kind == pb.FILE_PRIVATE)
+
+
+@dataclass
+class _Scan:
+    """One PAGEMAP_SCAN of all the mappings a plan looks at (present or swapped pages,
+    with their file bit), cut per mapping afterwards: a process of 21 mappings took 42
+    ioctls (and as many vector copies) before, ~1 ms per process of a tree."""
+    lo: int
+    hi: int
+    starts: np.ndarray
+    ends: np.ndarray
+    cats: np.ndarray
+
+    @classmethod
+    def of(cls, sc: Scanner, pvmas) -> "_Scan | None":
+        vs = [v for v in pvmas if _scanned(v) and v.end <= MAX_END]
+        if not vs:
+            return None
+        lo, hi = min(v.start for v in vs), max(v.end for v in vs)
+        s, e, c = sc.scan(lo, hi, 0, PAGE_IS_PRESENT | PAGE_IS_FILE | PAGE_IS_SWAPPED,
+                          anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED)
+        return cls(lo, hi, s.astype(np.int64), e.astype(np.int64), c)
+
+    def covers(self, v) -> bool:
+        return self.lo <= v.start and v.end <= self.hi
+
+    def to_save(self, pid: int, v) -> np.ndarray:
+        n = (v.end - v.start) // PAGE_SIZE
+        i = int(np.searchsorted(self.ends, v.start, side="right"))
+        j = int(np.searchsorted(self.starts, v.end, side="left"))
+        s = np.clip(self.starts[i:j], v.start, v.end)
+        e = np.clip(self.ends[i:j], v.start, v.end)
+        c = self.cats[i:j]
+        present = (c & np.uint64(PAGE_IS_PRESENT)) != 0
+        if v.kind == pb.FILE_PRIVATE:     # present and anonymous: the process's own copies
+            present &= (c & np.uint64(PAGE_IS_FILE)) == 0
+        mask = _mask(n, v.start, s[present], e[present])
+        swapped = (c & np.uint64(PAGE_IS_SWAPPED)) != 0
+        for a, b in zip(s[swapped].tolist(), e[swapped].tolist()):
+            mask[(a - v.start) // PAGE_SIZE:(b - v.start) // PAGE_SIZE] |= saved_mask(
+                pagemap(pid, a, b), False)     # swapped, not a uffd-wp marker
+        return mask
 
 
 def _mask(n: int, base: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -161,15 +211,21 @@ def plan_incremental(pid: int, pvmas, dirty: Dirty | None,
     except HpcckptError:
         scanner = None
     try:
+        source = scanner
+        if scanner is not None:
+            try:
+                source = _Scan.of(scanner, pvmas) or scanner
+            except KernelError:
+                source = scanner      # scanned mapping by mapping instead
         for v in pvmas:
-            _plan_one(pid, v, scanner, dirty, parent_pages, plan)
+            _plan_one(pid, v, source, dirty, parent_pages, plan)
     finally:
         if scanner is not None:
             scanner.close()
     return plan
 
 
-def _plan_one(pid: int, v, scanner: Scanner | None, dirty: Dirty | None,
+def _plan_one(pid: int, v, scanner: "Scanner | _Scan | None", dirty: Dirty | None,
               parent_pages: PageRanges | None, plan: IncrementalPlan) -> None:
     save = _to_save(pid, v, scanner)
     if save is None or not save.any():

@@ -533,3 +533,34 @@ def test_run_incremental_killed_and_resumed(tmp_path):
     assert inv.parent == f"../{resumed_from}" and inv.tracking == "uffd-wp"
     assert run.wait(timeout=120) == 0, log.read_text()
     assert out.read_bytes() == ref
+
+
+def test_dump_left_running_copies_from_a_snapshot_after_the_thaw(tmp_path):
+    """A dump that lets the job run on reads its pages from a copy-on-write fork after the
+    thaw when that is cheaper than copying while frozen (a full dump always is): the
+    image is still the frozen instant, and tracking stays exact across such dumps (the
+    job's writes between the thaw and the copy land in the next incremental image)."""
+    cmd = CHAIN + [100, 0.05, 24]
+    ref = reference(cmd, tmp_path / "ref.txt")
+    job = Job.start(cmd, tmp_path / "out.txt")
+    job.wait_lines(4)
+    tt = TreeTracker()
+    try:
+        full = dump(job.pid, tmp_path / "full", leave_running=True, tracker=tt, show_progress=False)
+        assert full.snapshot and full.frozen_s < full.total_s, full.spans
+        assert _children(job.pid) == []          # the snapshot copy is gone, reaped
+        job.wait_lines(6)
+        forked = dump(job.pid, tmp_path / "inc1", leave_running=True, tracker=tt, parent=tmp_path / "full",
+                      cow=True, show_progress=False)
+        assert forked.snapshot and forked.incremental and forked.tracking == "uffd-wp"
+        job.wait_lines(8)
+        frozen = dump(job.pid, tmp_path / "inc2", leave_running=True, tracker=tt, parent=tmp_path / "inc1",
+                      cow=False, show_progress=False)
+        assert not frozen.snapshot and frozen.incremental and frozen.tracking == "uffd-wp"
+    finally:
+        tt.close()
+    assert job.proc.wait(timeout=60) == 0
+    assert job.out.read_bytes() == ref
+    for name in ("full", "inc1", "inc2"):
+        assert restore_fg(tmp_path / name).returncode == 0, name
+        assert job.out.read_bytes() == ref, name

@@ -7,7 +7,7 @@ from hpcckpt.engine.freeze import freeze
 from hpcckpt.kernel import proc
 from hpcckpt.tracking import HashingTracker, UffdWpTracker
 from hpcckpt.images import pb
-from hpcckpt.tracking.incremental import _to_save, plan_incremental, scan_supported
+from hpcckpt.tracking.incremental import _Scan, _to_save, plan_incremental, scan_supported
 from hpcckpt.tracking.scan import Scanner
 from hpcckpt.tracking.select import available_backends
 
@@ -70,11 +70,14 @@ def test_save_mask_from_pagemap_scan_equals_pagemap(target):
             sc = Scanner(target.pid)
             try:
                 kinds = set()
+                whole = _Scan.of(sc, vmas)      # one scan of the whole layout, cut per mapping
                 for v in vmas:
                     slow, fast = _to_save(target.pid, v, None), _to_save(target.pid, v, sc)
                     assert (slow is None) == (fast is None), v
                     if slow is not None:
+                        assert whole.covers(v)
                         assert np.array_equal(slow, fast), (hex(v.start), v.path)
+                        assert np.array_equal(slow, _to_save(target.pid, v, whole)), (hex(v.start), v.path)
                         kinds.add(v.kind)
             finally:
                 sc.close()

@@ -1,5 +1,6 @@
 """x86_64: the ptrace register block, the syscall ABI and the syscall numbers we inject."""
 import ctypes
+import struct
 
 _REG_NAMES = (
     "r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax "
@@ -73,7 +74,11 @@ def prepare_syscall(regs: Regs, nr: int, args: tuple[int, ...], ip: int) -> Regs
 
 def syscall_return(regs: Regs) -> int:
     """The signed return value of the syscall just executed."""
-    v = regs.rax
+    return signed(regs.rax)
+
+
+def signed(v: int) -> int:
+    """A 64-bit register value as a signed number."""
     return v - (1 << 64) if v >= (1 << 63) else v
 
 
@@ -138,3 +143,21 @@ SYSCALLS.update({"socket": 41, "connect": 42, "sendto": 44, "accept4": 288, "shu
 SYSCALLS.update({"capset": 126})
 # named listening unix sockets: a stale socket file replaced, its mode given back
 SYSCALLS.update({"unlinkat": 263, "fchmodat": 268})
+
+
+TRAP_INSN = b"\xcc"    # int3: ends a batch of syscalls (kernel/batch.py)
+_ARG_MOVS = (b"\x48\xbf", b"\x48\xbe", b"\x48\xba", b"\x49\xba", b"\x49\xb8", b"\x49\xb9")  # movabs rdi,rsi,rdx,r10,r8,r9
+
+
+def syscall_batch_code(calls: list[tuple[int, tuple[int, ...], int]]) -> bytes:
+    """Machine code running each (nr, args, result address) syscall in turn, storing rax
+    at its result address, then stopping on int3. Position independent (absolute
+    operands only); uses no stack and no memory beyond the result addresses."""
+    out = bytearray()
+    for nr, args, result in calls:
+        out += b"\x48\xb8" + struct.pack("<Q", nr)                      # movabs rax, nr
+        for mov, value in zip(_ARG_MOVS, args):
+            out += mov + struct.pack("<Q", value & 0xFFFFFFFFFFFFFFFF)
+        out += SYSCALL_INSN
+        out += b"\x48\xa3" + struct.pack("<Q", result)                  # movabs [result], rax
+    return bytes(out + TRAP_INSN)
