@@ -472,17 +472,18 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         notes.extend(descs.notes)
         sp.mark("frozen: ipc, terminals")
         live_procs = [h for h in ft.order if h not in ft.zombies]
-        plans, used = {}, {}
+        changes, used = {}, {}
         for h in live_procs:
-            plans[h], used[h] = _plan(h, procs[h], vmas[h], par, tracker, notes)
-        sp.mark("frozen: collect and plan")
+            changes[h], used[h] = _changes_of(h, procs[h], vmas[h], par, tracker, notes)
+        sp.mark("frozen: collect")
         if tracker is not None:
             _keep_armed(tracker, ft, live_procs, vmas, used, notes)
             sp.mark("frozen: arm")
-        total = sum(n for plan in plans.values() for _, n in plan.write)
-        prog = Progress(f"{'pre-dump' if pre_dump else 'dump'} {pid}", total, enabled=show_progress)
         pagemaps = {h: pb.Pagemap(pages_file=f"pages-{procs[h].pid}.img") for h in ft.order}
         if stream is not None:   # a migration's: pages to its connection as they are read
+            plans = {h: plan_incremental(h, list(procs[h].mm.vmas), *changes[h]) for h in live_procs}
+            total = sum(p.write_bytes for p in plans.values())
+            prog = Progress(f"dump {pid}", total, enabled=show_progress)
             inv = _tree_inventory(pid, ft, procs, shm, tty_images, ipc, par, used, pre_dump, iset.path, net)
             pages_bytes = streamdump.send(stream, iset, ft.order, live_procs, procs, plans, pagemaps, inv, prog)
             t_thawed = _end_streamed(ft, conns, leave_running, on_dumped, iset.path, notes)
@@ -494,17 +495,21 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                               pages_bytes=pages_bytes, frozen_s=t_thawed - t_frozen,
                               total_s=time.monotonic() - t0, processes=len(ft.order), image_id=inv.image_id,
                               notes=notes)
-        # a dump that lets the tree run on afterwards copies to memory while frozen and
-        # writes the image after the thaw (no file write or fsync in the pause), up to a budget
-        forked = live or _snapshot_pays(plans, leave_running and not pre_dump and on_dumped is None, cow)
-        stage = (leave_running and not (forked or pre_dump) and on_dumped is None
-                 and total <= memory.stage_budget())
-        writers = {h: _PageFile(h, iset, pagemaps[h], stage) for h in live_procs}
-        copied = set()                    # processes whose pages were all copied while frozen
+        estimate = [_estimate(vmas[h], changes[h][0]) for h in live_procs]
+        forked = live or _snapshot_pays(sum(w for w, _ in estimate), sum(h for _, h in estimate),
+                                        leave_running and not pre_dump and on_dumped is None, cow)
+        plans: dict[int, IncrementalPlan] = {}
+        rest: dict[int, list] = {}        # mappings planned and copied from the snapshot copy
         if forked:
+            # while frozen: only what a fork does not copy (read from the target now) and the
+            # fork itself; which pages to write is decided from the copy after the thaw
             for h in live_procs:
                 keep = _not_forked(procs[h].mm.vmas)
-                writers[h].copy([r for r in plans[h].write if _inside(r, keep)], prog)
+                kept = [v for v in procs[h].mm.vmas if _inside((v.start, 0), keep)]
+                rest[h] = [v for v in procs[h].mm.vmas if not _inside((v.start, 0), keep)]
+                plans[h] = plan_incremental(h, kept, *changes[h])
+                writers[h] = _PageFile(h, iset, pagemaps[h])
+                writers[h].copy(plans[h].write, _no_progress)
                 try:
                     snaps[h] = snapshot.take(ft.frozen[h])
                 except KernelError as e:
@@ -512,9 +517,14 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                         raise
                     notes.append(f"process {procs[h].pid}: no copy-on-write snapshot ({e}); its "
                                  "pages were copied while it was frozen")
-                    writers[h].copy([r for r in plans[h].write if not _inside(r, keep)], prog)
-                    copied.add(h)
+                    more = plan_incremental(h, rest.pop(h), *changes[h])
+                    writers[h].copy(more.write, _no_progress)
+                    plans[h] = _joined(plans[h], more)
             sp.mark("frozen: snapshot")
+        else:
+            for h in live_procs:
+                plans[h] = plan_incremental(h, list(procs[h].mm.vmas), *changes[h])
+            sp.mark("frozen: plan")
         facts = _process_facts(pid)       # what the inventory reads from the root, while frozen
         if forked or pre_dump:
             notes.extend(conns.release())
@@ -522,14 +532,26 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             t_thawed = time.monotonic()
             sp.mark("thaw")
             notes.extend(conns.cleanup())
+        from_copy = {h: plan_incremental(snaps[h].child, rest[h], *changes[h]) for h in snaps}
+        if from_copy:
+            sp.mark("plan from the snapshot copies")
+        total = sum(p.write_bytes for p in plans.values()) + sum(p.write_bytes for p in from_copy.values())
+        prog = Progress(f"{'pre-dump' if pre_dump else 'dump'} {pid}", total, enabled=show_progress)
+        # a dump that lets the tree run on afterwards copies to memory while frozen and
+        # writes the image after the thaw (no file write or fsync in the pause), up to a budget
+        stage = (leave_running and not (forked or pre_dump) and on_dumped is None
+                 and total <= memory.stage_budget())
+        for h in live_procs:
+            if h not in writers:
+                writers[h] = _PageFile(h, iset, pagemaps[h], stage)
         pages_bytes = parent_bytes = 0
         for h in live_procs:
             w = writers[h]
-            if h in snaps:
-                keep = _not_forked(procs[h].mm.vmas)
+            if h in from_copy:
                 w.source = snaps[h].child
-                w.copy([r for r in plans[h].write if not _inside(r, keep)], prog)
-            elif h not in copied:
+                w.copy(from_copy[h].write, prog)
+                plans[h] = _joined(plans[h], from_copy[h])
+            elif not forked:              # forked without a copy: all copied while frozen
                 w.copy(plans[h].write, prog)
         sp.mark("copy pages")
         if ipc is not None and ipc.sem:   # last of the frozen reads: it unshares the threads' SEM_UNDO list
@@ -623,27 +645,23 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                       total_s=time.monotonic() - t0, processes=len(ft.order),
                       parent_bytes=parent_bytes, incremental=par is not None,
                       tracking=inv.tracking, image_id=inv.image_id, notes=notes, spans=sp.spans,
-                      snapshot=forked and len(copied) < len(live_procs))
+                      snapshot=bool(from_copy))
 
 
 COW_SHARE = 16            # fork once the pages to copy are 1/16 of those the image holds
 COW_MIN_BYTES = 16 << 20  # below this, copying costs about what the fork's own stops do
 
 
-def _snapshot_pays(plans: dict[int, IncrementalPlan], may: bool, cow: bool | None) -> bool:
+def _snapshot_pays(write: int, held: int, may: bool, cow: bool | None) -> bool:
     """Copy from a fork after the thaw rather than while frozen? A fork copies page
     tables (31 ms per GiB of 4 KiB pages held, ~2 ms with huge pages); copying scattered
     pages costs ~3.4 us each (~830 ms per GiB), so the fork wins once the pages to write
-    are beyond ~1/27 of those held; COW_SHARE keeps a margin. Until the copy is done, each
-    page the job writes is duplicated: refused when the pages held exceed half of
-    MemAvailable."""
+    are beyond ~1/27 of those held; COW_SHARE keeps a margin. `write`, `held`: estimates
+    (_estimate). Until the copy is done, each page the job writes is duplicated: refused
+    when the pages held exceed half of MemAvailable."""
     if cow is not None:
         return cow and may
-    if not may:
-        return False
-    write = sum(p.write_bytes for p in plans.values())
-    held = write + sum(p.parent_bytes for p in plans.values())
-    if write < COW_MIN_BYTES or write * COW_SHARE < held:
+    if not may or write < COW_MIN_BYTES or write * COW_SHARE < held:
         return False
     return held <= memory.mem_available() // 2
 
@@ -694,18 +712,40 @@ def _end_streamed(ft: ptree.FrozenTree, conns, leave_running: bool, on_dumped, p
     return t_thawed
 
 
-def _plan(h: int, p: pb.Process, vmas: list, par: "Parent | None", tracker: "TreeTracker | None",
-          notes: list[str]) -> tuple[IncrementalPlan, str]:
-    """What to write and what the parent holds for one frozen process, and how we knew."""
-    if par is None:   # one PAGEMAP_SCAN walk per mapping (pagemap read where it is missing)
-        return plan_incremental(h, list(p.mm.vmas), None, None), "full"
+def _estimate(vmas: list, dirty) -> tuple[int, int]:
+    """(bytes to write, bytes the image holds), from smaps' Anonymous and Swap counts
+    (read anyway) and the changes reported: known before any page is scanned."""
+    write = held = 0
+    for v in vmas:
+        if v.shared or v.special:
+            continue
+        n = (v.anon_kb + v.swap_kb) * 1024
+        held += n
+        write += n if dirty is None else min(n, len(dirty.get(v.start, ())) * memory.PAGE_SIZE)
+    return write, held
+
+
+def _joined(a: IncrementalPlan, b: IncrementalPlan) -> IncrementalPlan:
+    return IncrementalPlan(write=a.write + b.write, in_parent=a.in_parent + b.in_parent)
+
+
+def _no_progress(n: int) -> None:
+    pass
+
+
+def _changes_of(h: int, p: pb.Process, vmas: list, par: "Parent | None", tracker: "TreeTracker | None",
+                notes: list[str]) -> tuple[tuple, str]:
+    """((changed pages, the parent's pages), how they are known) for one frozen process:
+    (None, None) for a full dump. Collecting re-arms live trackers, so it is done once,
+    while frozen."""
+    if par is None:
+        return (None, None), "full"
     ppages = par.pages(p.pid)
-    dirty, how = None, "full"
     if ppages is None:
         notes.append(f"process {p.pid} is not in parent {par.path}: dumped whole")
-    else:
-        dirty, how = _changes(h, p.pid, vmas, par, tracker, notes)
-    return plan_incremental(h, list(p.mm.vmas), dirty, ppages if dirty is not None else None), how
+        return (None, None), "full"
+    dirty, how = _changes(h, p.pid, vmas, par, tracker, notes)
+    return (dirty, ppages if dirty is not None else None), how
 
 
 def _changes(h: int, ns_pid: int, vmas: list, par: "Parent", tracker: "TreeTracker | None",

@@ -23,6 +23,7 @@ from ..errors import HpcckptError, ProcessGoneError
 from ..images import pb
 from ..images.chain import Link, load_chain, sources
 from ..kernel.libc import PAGE_SIZE
+from ..tracking.incremental import PageRanges
 from ..tracking import holder
 from ..tracking.base import Dirty, Tracker, start_time
 from ..tracking.hashing import NOT_SAVED, HashingTracker
@@ -111,7 +112,6 @@ class Parent:
             pm = self.chain[0].iset.pagemap(ns_pid)
         except HpcckptError:
             return None
-        from ..tracking.incremental import PageRanges
         return PageRanges.from_runs(pm.runs)
 
     def process(self, ns_pid: int) -> pb.Process | None:

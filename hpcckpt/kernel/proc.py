@@ -36,6 +36,8 @@ class Vma:
     inode: int
     path: str            # "" for anonymous, "[heap]", "/lib/...", "/dev/zero (deleted)"
     vmflags: list[str] = field(default_factory=list)
+    anon_kb: int = 0     # smaps "Anonymous:" and "Swap:" (0 when read from maps)
+    swap_kb: int = 0
 
     @property
     def size(self) -> int:
@@ -67,6 +69,10 @@ def maps(pid: int, with_flags: bool = True) -> list[Vma]:
             vmas.append(Vma(int(m[1], 16), int(m[2], 16), m[3], int(m[4], 16), m[5], int(m[6]), m[7]))
         elif line.startswith("VmFlags:") and vmas:
             vmas[-1].vmflags = line.split()[1:]
+        elif line.startswith("Anonymous:") and vmas:
+            vmas[-1].anon_kb = int(line.split()[1])
+        elif line.startswith("Swap:") and vmas:
+            vmas[-1].swap_kb = int(line.split()[1])
     return vmas
 
 
