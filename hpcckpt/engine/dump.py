@@ -523,7 +523,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             sp.mark("frozen: snapshot")
         else:
             for h in live_procs:
-                plans[h] = plan_incremental(h, list(procs[h].mm.vmas), *changes[h])
+                plans[h] = plan_incremental(h, list(procs[h].mm.vmas), *changes[h], full=_populated(vmas[h]))
             sp.mark("frozen: plan")
         facts = _process_facts(pid)       # what the inventory reads from the root, while frozen
         if forked or pre_dump:
@@ -723,6 +723,13 @@ def _estimate(vmas: list, dirty) -> tuple[int, int]:
         held += n
         write += n if dirty is None else min(n, len(dirty.get(v.start, ())) * memory.PAGE_SIZE)
     return write, held
+
+
+def _populated(vmas: list) -> frozenset:
+    """Private mappings every page of which is an anonymous page (smaps, read while
+    frozen): their pages are all saved, no page walk needed to know it (~20 ms per GiB)."""
+    return frozenset(v.start for v in vmas if not v.shared and not v.special and v.swap_kb == 0
+                     and v.anon_kb * 1024 == v.end - v.start)
 
 
 def _joined(a: IncrementalPlan, b: IncrementalPlan) -> IncrementalPlan:

@@ -103,13 +103,16 @@ def _scanned(v) -> bool:
                            pb.ANON_SHARED) or v.shmid)
 
 
-def _to_save(pid: int, v, scanner: "Scanner | _Scan | None" = None) -> np.ndarray | None:
+def _to_save(pid: int, v, scanner: "Scanner | _Scan | None" = None,
+             full: frozenset = frozenset()) -> np.ndarray | None:
     """engine.memory.pages_to_save's rule as a mask, but with uffd-wp pte markers (absent
-    pages that pagemap shows as swapped) left out."""
+    pages that pagemap shows as swapped) left out. `full`: starts of private mappings
+    whose every page is an anonymous page (smaps: Anonymous = size, Swap = 0, read while
+    frozen), saved whole without a page walk."""
     if v.kind in (pb.VDSO, pb.VVAR, pb.VVAR_VCLOCK, pb.VSYSCALL, pb.FILE_SHARED, pb.SYSV_SHM) or v.shmid:
         return None     # shared memory objects are saved whole, once per tree (shmem-ID.img)
     n = (v.end - v.start) // PAGE_SIZE
-    if v.kind == pb.ANON_SHARED:
+    if v.kind == pb.ANON_SHARED or v.start in full:
         return np.ones(n, dtype=bool)
     if isinstance(scanner, _Scan) and scanner.covers(v):
         return scanner.to_save(pid, v)
@@ -129,18 +132,31 @@ class _Scan:
     ends: np.ndarray
     cats: np.ndarray
 
+    spans: list = field(default_factory=list)   # [lo, hi) address ranges scanned
+
     @classmethod
-    def of(cls, sc: Scanner, pvmas) -> "_Scan | None":
-        vs = [v for v in pvmas if _scanned(v) and v.end <= MAX_END]
+    def of(cls, sc: Scanner, pvmas, full: frozenset = frozenset()) -> "_Scan | None":
+        """`full`: starts of mappings known to be wholly populated with anonymous pages
+        (smaps), which need no page walk: consecutive others are scanned together."""
+        vs = sorted((v for v in pvmas if _scanned(v) and v.end <= MAX_END and v.start not in full),
+                    key=lambda v: v.start)
         if not vs:
             return None
-        lo, hi = min(v.start for v in vs), max(v.end for v in vs)
-        s, e, c = sc.scan(lo, hi, 0, PAGE_IS_PRESENT | PAGE_IS_FILE | PAGE_IS_SWAPPED,
-                          anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED)
-        return cls(lo, hi, s.astype(np.int64), e.astype(np.int64), c)
+        spans: list[list[int]] = []
+        others = sorted(v.start for v in pvmas if v.start in full)
+        for v in vs:    # a range may not reach over a mapping we skip
+            if spans and not any(spans[-1][1] <= o < v.start for o in others):
+                spans[-1][1] = v.end
+            else:
+                spans.append([v.start, v.end])
+        parts = [sc.scan(lo, hi, 0, PAGE_IS_PRESENT | PAGE_IS_FILE | PAGE_IS_SWAPPED,
+                         anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED) for lo, hi in spans]
+        s, e, c = (np.concatenate([p[k] for p in parts]) for k in range(3))
+        return cls(spans[0][0], spans[-1][1], s.astype(np.int64), e.astype(np.int64), c,
+                   [tuple(x) for x in spans])
 
     def covers(self, v) -> bool:
-        return self.lo <= v.start and v.end <= self.hi
+        return any(lo <= v.start and v.end <= hi for lo, hi in self.spans)
 
     def to_save(self, pid: int, v) -> np.ndarray:
         n = (v.end - v.start) // PAGE_SIZE
@@ -162,8 +178,12 @@ class _Scan:
 
 def _mask(n: int, base: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Boolean page mask of n pages from sorted, disjoint [start, end) address ranges."""
-    if not len(starts):
-        return np.zeros(n, dtype=bool)
+    if len(starts) <= 64:     # few ranges (a populated mapping, its parent's run): slices
+        mask = np.zeros(n, dtype=bool)
+        for a, b in zip(((starts.astype(np.int64) - base) // PAGE_SIZE).tolist(),
+                        ((ends.astype(np.int64) - base) // PAGE_SIZE).tolist()):
+            mask[a:b] = True
+        return mask
     up = np.bincount((starts.astype(np.int64) - base) // PAGE_SIZE, minlength=n + 1)
     down = np.bincount((ends.astype(np.int64) - base) // PAGE_SIZE, minlength=n + 1)
     return np.cumsum(up[:n] - down[:n]) > 0
@@ -194,14 +214,15 @@ def scan_supported() -> bool:
 
 
 def plan_incremental(pid: int, pvmas, dirty: Dirty | None,
-                     parent_pages: "np.ndarray | PageRanges | None") -> IncrementalPlan:
+                     parent_pages: "np.ndarray | PageRanges | None",
+                     full: frozenset = frozenset()) -> IncrementalPlan:
     """Split the pages the dump must hold into those to write and those in the parent.
 
     `pvmas`: the image's pb.Vma list (engine.memory.describe). `dirty`: a tracker's
     collect() result, None for a full dump. `parent_pages`: sorted page addresses the
     parent chain holds (parent_pages_from_runs), None for a full dump. A page goes to
     the parent only when it is to be saved now, was not reported dirty, and the parent
-    chain has it; everything else to be saved is written.
+    chain has it; everything else to be saved is written. `full`: see _to_save.
     """
     plan = IncrementalPlan()
     if parent_pages is not None and not isinstance(parent_pages, PageRanges):
@@ -214,11 +235,11 @@ def plan_incremental(pid: int, pvmas, dirty: Dirty | None,
         source = scanner
         if scanner is not None:
             try:
-                source = _Scan.of(scanner, pvmas) or scanner
+                source = _Scan.of(scanner, pvmas, full) or scanner
             except KernelError:
                 source = scanner      # scanned mapping by mapping instead
         for v in pvmas:
-            _plan_one(pid, v, source, dirty, parent_pages, plan)
+            _plan_one(pid, v, source, dirty, parent_pages, plan, full)
     finally:
         if scanner is not None:
             scanner.close()
@@ -226,8 +247,8 @@ def plan_incremental(pid: int, pvmas, dirty: Dirty | None,
 
 
 def _plan_one(pid: int, v, scanner: "Scanner | _Scan | None", dirty: Dirty | None,
-              parent_pages: PageRanges | None, plan: IncrementalPlan) -> None:
-    save = _to_save(pid, v, scanner)
+              parent_pages: PageRanges | None, plan: IncrementalPlan, full: frozenset = frozenset()) -> None:
+    save = _to_save(pid, v, scanner, full)
     if save is None or not save.any():
         return
     n = len(save)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from hpcckpt.engine import memory
+from hpcckpt.engine.dump import _populated
 from hpcckpt.engine.freeze import freeze
 from hpcckpt.kernel import proc
 from hpcckpt.tracking import HashingTracker, UffdWpTracker
@@ -56,6 +57,9 @@ def test_save_mask_from_pagemap_scan_equals_pagemap(target):
         pytest.skip("no PAGEMAP_SCAN on this kernel")
     buf = target.alloc(128)
     huge = target.alloc(1024, huge=True)
+    whole = target.alloc(32)
+    target.write(whole, 32)
+    assert target.cmd(f"m {whole:x} 32 16") == "ok"      # MADV_DONTDUMP: a mapping of its own
     tracker = UffdWpTracker() if "uffd-wp" in available_backends() else HashingTracker()
     arm(tracker, target)
     try:
@@ -66,18 +70,25 @@ def test_save_mask_from_pagemap_scan_equals_pagemap(target):
         target.cmd("b 40000")
         fr = freeze(target.pid)
         try:
-            vmas = [memory.describe(target.pid, v) for v in proc.maps(target.pid)]
+            smaps = proc.maps(target.pid)
+            vmas = [memory.describe(target.pid, v) for v in smaps]
+            full = _populated(smaps)            # wholly anonymous: no page walk needed
+            assert any(v.start <= whole < v.end for v in smaps if v.start in full)
+            assert not any(v.start <= buf < v.end for v in smaps if v.start in full)
             sc = Scanner(target.pid)
             try:
                 kinds = set()
-                whole = _Scan.of(sc, vmas)      # one scan of the whole layout, cut per mapping
+                once = _Scan.of(sc, vmas)      # one scan of the whole layout, cut per mapping
+                skipping = _Scan.of(sc, vmas, full)
                 for v in vmas:
                     slow, fast = _to_save(target.pid, v, None), _to_save(target.pid, v, sc)
                     assert (slow is None) == (fast is None), v
                     if slow is not None:
-                        assert whole.covers(v)
+                        assert once.covers(v)
                         assert np.array_equal(slow, fast), (hex(v.start), v.path)
-                        assert np.array_equal(slow, _to_save(target.pid, v, whole)), (hex(v.start), v.path)
+                        assert np.array_equal(slow, _to_save(target.pid, v, once)), (hex(v.start), v.path)
+                        assert np.array_equal(slow, _to_save(target.pid, v, skipping, full)), hex(v.start)
+                        assert skipping.covers(v) != (v.start in full)
                         kinds.add(v.kind)
             finally:
                 sc.close()
