@@ -564,3 +564,43 @@ def test_dump_left_running_copies_from_a_snapshot_after_the_thaw(tmp_path):
     for name in ("full", "inc1", "inc2"):
         assert restore_fg(tmp_path / name).returncode == 0, name
         assert job.out.read_bytes() == ref, name
+
+
+def test_dump_left_running_copies_while_frozen_when_the_fork_fails(tmp_path):
+    """A process that may not fork (a pids cgroup at its limit): the copy-on-write route
+    fails, the dump says so and copies the pages while the process is frozen instead;
+    the image holds exactly its memory and the process runs on."""
+    pids = Path("/sys/fs/cgroup/pids")
+    if not (pids / "cgroup.procs").exists():
+        pytest.skip("no cgroup v1 pids controller at /sys/fs/cgroup/pids")
+    cg = pids / f"speed-{os.getpid()}-nofork"
+    cg.mkdir()
+    t = Target()
+    try:
+        buf = t.alloc(64)
+        t.write(buf, 64)
+        (cg / "pids.max").write_text("1")
+        (cg / "cgroup.procs").write_text(str(t.pid))
+        r = dump(t.pid, tmp_path / "img", leave_running=True, cow=True, show_progress=False)
+        assert not r.snapshot
+        assert any("no copy-on-write snapshot" in n for n in r.notes), r.notes
+        iset = ImageSet(tmp_path / "img")
+        data = (tmp_path / "img" / iset.pagemap(t.pid).pages_file).read_bytes()
+        with open(f"/proc/{t.pid}/mem", "rb", buffering=0) as mem:
+            want = os.pread(mem.fileno(), 64 * PAGE, buf)
+        got = bytearray(64 * PAGE)
+        for run in iset.pagemap(t.pid).runs:
+            lo, hi = max(run.vaddr, buf), min(run.vaddr + run.nr_pages * PAGE, buf + 64 * PAGE)
+            if lo < hi:
+                got[lo - buf:hi - buf] = data[run.offset + lo - run.vaddr:run.offset + hi - run.vaddr]
+        assert bytes(got) == want
+        assert proc_state(t.pid) != "t"
+        t.write(buf, 1)                                   # it runs on, answering
+    finally:
+        t.close()
+        for _ in range(200):
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                time.sleep(0.01)
