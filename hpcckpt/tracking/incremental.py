@@ -22,6 +22,7 @@ from ..kernel import proc
 from ..kernel.libc import PAGE_SIZE
 from ..errors import HpcckptError, KernelError
 from .base import Dirty
+from ..engine.memory import SPARSE_MIN, pages_to_save
 from .scan import MAX_END, PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, Scanner, supported
 from .reader import pagemap, saved_mask
 from .regions import pages_from_ranges
@@ -114,8 +115,10 @@ def _to_save(pid: int, v, scanner: "Scanner | _Scan | None" = None,
     n = (v.end - v.start) // PAGE_SIZE
     if v.kind == pb.ANON_SHARED or v.start in full:
         return np.ones(n, dtype=bool)
-    if isinstance(scanner, _Scan) and scanner.covers(v):
-        return scanner.to_save(pid, v)
+    if isinstance(scanner, _Scan):
+        if scanner.covers(v):
+            return scanner.to_save(pid, v)
+        scanner = scanner.scanner
     if isinstance(scanner, Scanner) and v.end <= MAX_END:
         return _to_save_scan(pid, v, scanner)
     return saved_mask(pagemap(pid, v.start, v.end), v.kind == pb.FILE_PRIVATE)
@@ -133,17 +136,18 @@ class _Scan:
     cats: np.ndarray
 
     spans: list = field(default_factory=list)   # [lo, hi) address ranges scanned
+    scanner: Scanner | None = None               # for the mappings left out
 
     @classmethod
     def of(cls, sc: Scanner, pvmas, full: frozenset = frozenset()) -> "_Scan | None":
         """`full`: starts of mappings known to be wholly populated with anonymous pages
         (smaps), which need no page walk: consecutive others are scanned together."""
-        vs = sorted((v for v in pvmas if _scanned(v) and v.end <= MAX_END and v.start not in full),
-                    key=lambda v: v.start)
+        vs = sorted((v for v in pvmas if _scanned(v) and v.end <= MAX_END and v.start not in full
+                     and v.end - v.start <= SPARSE_MIN), key=lambda v: v.start)
         if not vs:
             return None
         spans: list[list[int]] = []
-        others = sorted(v.start for v in pvmas if v.start in full)
+        others = sorted(v.start for v in pvmas if v.start in full or v.end - v.start > SPARSE_MIN)
         for v in vs:    # a range may not reach over a mapping we skip
             if spans and not any(spans[-1][1] <= o < v.start for o in others):
                 spans[-1][1] = v.end
@@ -153,7 +157,7 @@ class _Scan:
                          anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED) for lo, hi in spans]
         s, e, c = (np.concatenate([p[k] for p in parts]) for k in range(3))
         return cls(spans[0][0], spans[-1][1], s.astype(np.int64), e.astype(np.int64), c,
-                   [tuple(x) for x in spans])
+                   [tuple(x) for x in spans], sc)
 
     def covers(self, v) -> bool:
         return any(lo <= v.start and v.end <= hi for lo, hi in self.spans)
@@ -248,12 +252,17 @@ def plan_incremental(pid: int, pvmas, dirty: Dirty | None,
 
 def _plan_one(pid: int, v, scanner: "Scanner | _Scan | None", dirty: Dirty | None,
               parent_pages: PageRanges | None, plan: IncrementalPlan, full: frozenset = frozenset()) -> None:
+    d = None if dirty is None else dirty.get(v.start)
+    if (d is None or parent_pages is None) and _scanned(v) and v.end - v.start > SPARSE_MIN:
+        # all to write, of a mapping maybe terabytes large and mostly empty (a server's
+        # reservation): its populated ranges, never a mask of all its pages
+        plan.write += pages_to_save(pid, v)
+        return
     save = _to_save(pid, v, scanner, full)
     if save is None or not save.any():
         return
     n = len(save)
     reuse = save.copy()
-    d = None if dirty is None else dirty.get(v.start)
     if d is None or parent_pages is None:
         reuse[:] = False
     else:
