@@ -481,7 +481,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             sp.mark("frozen: arm")
         pagemaps = {h: pb.Pagemap(pages_file=f"pages-{procs[h].pid}.img") for h in ft.order}
         if stream is not None:   # a migration's: pages to its connection as they are read
-            plans = {h: plan_incremental(h, list(procs[h].mm.vmas), *changes[h]) for h in live_procs}
+            plans = {h: plan_incremental(h, list(procs[h].mm.vmas), *changes[h],
+                                        full=_populated(vmas[h])) for h in live_procs}
             total = sum(p.write_bytes for p in plans.values())
             prog = Progress(f"dump {pid}", total, enabled=show_progress)
             inv = _tree_inventory(pid, ft, procs, shm, tty_images, ipc, par, used, pre_dump, iset.path, net)
