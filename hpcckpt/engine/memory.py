@@ -133,15 +133,24 @@ def _sparse_runs(pid: int, vma: pb.Vma) -> list[tuple[int, int]]:
 
 
 def huge_private(vmas) -> list[str]:
-    """Private mappings larger than SPARSE_MIN (proc.Vma or pb.Vma), described: dirty-page
-    tracking is not bounded for them yet (uffd-wp arms every page of the range, and the
-    trackers report a changed mapping as an array of all its pages), so `hpcckpt run`
-    takes full checkpoints of a job holding one."""
-    out = []
-    for v in vmas:
-        if not v.shared and v.end - v.start > SPARSE_MIN:
-            out.append(f"{v.start:#x}-{v.end:#x} ({(v.end - v.start) >> 30} GiB)")
-    return out
+    """Private mappings larger than this node's memory (proc.Vma or pb.Vma), described.
+
+    Such a mapping is a reservation that can never be populated (mariadbd's 8 TiB buffer
+    pool range): arming uffd-wp on it makes the kernel build page tables for all of it, and
+    the trackers report a changed mapping as an array of all its pages, so `hpcckpt run`
+    takes full checkpoints of a job holding one. Arrays that fit in memory, however large,
+    are tracked as usual."""
+    limit = _mem_total()
+    return [f"{v.start:#x}-{v.end:#x} ({(v.end - v.start) >> 30} GiB)"
+            for v in vmas if not v.shared and v.end - v.start > limit]
+
+
+def _mem_total() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) << 10
+    raise KernelError("/proc/meminfo has no MemTotal line")
 
 
 def _runs_in(pid: int, vma: pb.Vma, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

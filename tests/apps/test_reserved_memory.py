@@ -97,3 +97,23 @@ def test_run_takes_full_checkpoints_of_a_job_with_a_reservation(tmp_path):
     assert not blown, "memory grew past the watchdog's limit: " + said
     assert "full checkpoints only" in said and "resumed from" in said, said
     assert out.read_bytes() == want
+
+
+def test_only_reservations_larger_than_memory_switch_tracking_off(tmp_path):
+    """A job's large array (here 3 GiB mapped, a little written) is tracked as usual: only
+    a private mapping larger than the node's memory counts as a reservation."""
+    from hpcckpt.engine import memory
+    from hpcckpt.kernel import proc
+    code = ("import mmap,sys; a=mmap.mmap(-1, 3<<30); a[:4096]=b'x'*4096; "
+            "b=mmap.mmap(-1, 2<<40, flags=mmap.MAP_PRIVATE|mmap.MAP_ANONYMOUS|0x4000); "  # 0x4000: MAP_NORESERVE
+            "print('ready', flush=True); sys.stdin.read()")
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"ready\n"
+        sizes = [v.end - v.start for v in proc.maps(p.pid, with_flags=False)]
+        assert 3 << 30 in sizes and 2 << 40 in sizes
+        huge = memory.huge_private(proc.maps(p.pid, with_flags=False))
+        assert huge == [h for h in huge if h.endswith("(2048 GiB)")] and len(huge) == 1, huge
+    finally:
+        p.kill()
+        p.wait()
