@@ -487,7 +487,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             prog = Progress(f"dump {pid}", total, enabled=show_progress)
             inv = _tree_inventory(pid, ft, procs, shm, tty_images, ipc, par, used, pre_dump, iset.path, net)
             pages_bytes = streamdump.send(stream, iset, ft.order, live_procs, procs, plans, pagemaps, inv, prog)
-            t_thawed = _end_streamed(ft, conns, leave_running, on_dumped, iset.path, notes)
+            t_thawed = _end_frozen(ft, conns, leave_running, on_dumped, iset.path, notes)
             if net is not None and not leave_running:
                 notes.extend(detach_netns(net, net_ino))
             terms.close()
@@ -594,18 +594,9 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                 on_dumped(iset.path)
         else:
             iset.seal(inv)
-            if on_dumped:
-                on_dumped(iset.path)
-            t_thawed = time.monotonic()
-            if leave_running:
-                notes.extend(conns.release())
-                ft.thaw()
-                notes.extend(conns.cleanup())
-            else:
-                ft.kill()
-                conns.keep()
-                if net is not None:
-                    notes.extend(detach_netns(net, net_ino))
+            t_thawed = _end_frozen(ft, conns, leave_running, on_dumped, iset.path, notes)
+            if not leave_running and net is not None:
+                notes.extend(detach_netns(net, net_ino))
         sp.mark("seal, kill or thaw")
         if tracker is not None:
             tracker.base_id = inv.image_id if leave_running else None
@@ -695,11 +686,11 @@ def _tree_inventory(pid: int, ft: ptree.FrozenTree, procs: dict[int, pb.Process]
     return inv
 
 
-def _end_streamed(ft: ptree.FrozenTree, conns, leave_running: bool, on_dumped, path: Path,
-                  notes: list[str]) -> float:
-    """After a streamed dump's last byte: the caller's `on_dumped` (a migration waits there
-    for the destination to confirm its restore; raising thaws the tree here), then the
-    tree is killed (or thawed). Returns when it stopped being frozen."""
+def _end_frozen(ft: ptree.FrozenTree, conns, leave_running: bool, on_dumped, path: Path,
+                notes: list[str]) -> float:
+    """After the image is complete: the caller's `on_dumped` (a migration waits there for
+    the destination to confirm its restore; raising thaws the tree here), then the tree is
+    killed (or thawed). Returns when it stopped being frozen."""
     if on_dumped:
         on_dumped(path)
     t_thawed = time.monotonic()

@@ -221,12 +221,26 @@ def detach(net: pb.NetNamespace, ino: int | None = None) -> list[str]:
             try:
                 idx = ipr.link_lookup(ifname=ln.peer_name)
                 if idx:
+                    master = ipr.get_links(idx[0])[0].get_attr("IFLA_MASTER")
+                    if master:
+                        pin_bridge_mac(ipr, master)
                     ipr.link("del", index=idx[0])
             except rtnl.errors() as e:
                 notes.append(f"the job's veth {ln.peer_name} could not be removed from this node: {e}")
     finally:
         ipr.close()
     return notes
+
+
+def pin_bridge_mac(ipr, bridge: int) -> None:
+    """Set a bridge's MAC to the one it has. A bridge whose MAC was never set takes the
+    lowest of its ports': adding the job's veth (a random MAC) or deleting it could change
+    the MAC of the node's own address on that bridge, and every neighbour's cache of it goes
+    stale: the node's connections (a migration's own) stall until ARP finds it again. Once
+    set, it stays."""
+    mac = ipr.get_links(bridge)[0].get_attr("IFLA_ADDRESS")
+    if mac:
+        ipr.link("set", index=bridge, address=mac)
 
 
 # -- restore ----------------------------------------------------------------------------
@@ -327,11 +341,16 @@ class Restoring:
                          peer={"ifname": out, "net_ns_fd": self.home})
                 self.made.append(out)
                 idx = self.node.link_lookup(ifname=out)[0]
-                kw = {"address": rtnl.mac_text(ln.peer_mac)} if len(ln.peer_mac) == 6 else {}
+                # the node side gets a MAC of its own, not the image's: while the source
+                # node still holds the old pair (a migration), the same MAC on both ends of
+                # one segment (perhaps also the source bridge's own, a bridge taking its
+                # lowest port's) makes each bridge keep the other's frames as local
+                kw = {}
                 if ln.peer_mtu:
                     kw["mtu"] = ln.peer_mtu
                 if bridge:
                     kw["master"] = self.node.link_lookup(ifname=bridge)[0]
+                    pin_bridge_mac(self.node, kw["master"])
                 if kw:
                     self.node.link("set", index=idx, **kw)
             idx = ins.link_lookup(ifname=ln.name)[0]
