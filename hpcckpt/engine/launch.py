@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import struct
+import time
 
 from ..errors import RestoreError
 from ..kernel import proc, ptrace
@@ -28,8 +29,47 @@ def _who(pid: int) -> str:
         return "another process"
 
 
+#: Seconds a stub may take to reach its exec (it takes about a millisecond).
+STUB_START = 5.0
+ATTEMPTS = 3
+
+
 def launch_stub(pid: int) -> int:
-    """A stopped, traced child whose PID is `pid` (in our PID namespace)."""
+    """A stopped, traced child whose PID is `pid` (in our PID namespace).
+
+    The child of a raw clone3 runs a few lines of Python before its exec, with none of the
+    interpreter's after-fork repairs: when another of our threads had asked for the GIL at
+    the clone, the child waits for that thread, which it does not have, forever. Such a
+    child is killed (it is ours and not traced yet) and made again."""
+    for _ in range(ATTEMPTS):
+        child = _clone_stub(pid)
+        st = _started(child)
+        if st is not None:
+            break
+        os.kill(child, signal.SIGKILL)
+        ptrace.wait(child)
+    else:
+        raise RestoreError(f"the restore stub for PID {pid} did not reach its exec in {STUB_START:g} s, "
+                           f"{ATTEMPTS} times (a machine this loaded cannot restore now: retry later)")
+    if st.exited or st.sig != signal.SIGTRAP:
+        raise RestoreError(f"the restore stub {STUB} did not start under trace ({st})")
+    ptrace.set_options(child, ptrace.O_EXITKILL | ptrace.O_TRACECLONE)
+    return child
+
+
+def _started(child: int) -> ptrace.Stop | None:
+    """The child's first stop (or end), or None if it hung before its exec."""
+    deadline = time.monotonic() + STUB_START
+    pause = 0.0002
+    while (st := ptrace.wait(child, nohang=True)) is None:
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(pause)
+        pause = min(pause * 2, 0.01)
+    return st
+
+
+def _clone_stub(pid: int) -> int:
     set_tid = (ctypes.c_int * 1)(pid)
     args = ctypes.create_string_buffer(CLONE_ARGS.pack(
         0, 0, 0, 0, signal.SIGCHLD, 0, 0, 0, ctypes.addressof(set_tid), 1, 0))
@@ -52,8 +92,4 @@ def launch_stub(pid: int) -> int:
             raise RestoreError(f"not allowed to create PID {pid}: restoring needs root (CAP_SYS_ADMIN "
                                "or CAP_CHECKPOINT_RESTORE)")
         raise RestoreError(f"clone3 for PID {pid} failed: {os.strerror(e)}")
-    st = ptrace.wait(res)
-    if st.exited or st.sig != signal.SIGTRAP:
-        raise RestoreError(f"the restore stub {STUB} did not start under trace ({st})")
-    ptrace.set_options(res, ptrace.O_EXITKILL | ptrace.O_TRACECLONE)
     return res

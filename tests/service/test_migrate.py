@@ -252,14 +252,6 @@ while True:
 """
 
 
-def _is(pid: int, comm: str) -> bool:
-    """PID is alive and runs `comm` (with pid_max 32768 a busy machine soon reuses a PID)."""
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip() == comm
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("mode", ["cut", "corrupt"])
 def test_a_broken_or_corrupt_stream_leaves_nothing_at_the_destination(nodes, munged, dest_daemon, tmp_path,
                                                                        memhog, mode):
@@ -278,7 +270,7 @@ def test_a_broken_or_corrupt_stream_leaves_nothing_at_the_destination(nodes, mun
     if mode == "corrupt":
         assert "corrupt (xxh3-128 digest differs" in res.stdout, res.stdout
     deadline = time.monotonic() + 30
-    while _is(hog.pid, "memhog") or set(Path("/dev/shm").glob("hpcckpt-migrate-0-*")) - staged:
+    while pid_alive(hog.pid) or set(Path("/dev/shm").glob("hpcckpt-migrate-0-*")) - staged:
         assert time.monotonic() < deadline, "the half-restored process or its staged files stayed"
         time.sleep(0.05)
 
