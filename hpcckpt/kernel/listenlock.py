@@ -17,7 +17,6 @@ neither changes the other's rules.
 import ipaddress
 import json
 import os
-import re
 import socket
 from dataclasses import dataclass, field
 
@@ -25,15 +24,14 @@ from ..errors import KernelError
 from . import netlock
 
 PREFIX = "hpcckptl_"
-NAME = re.compile(r"^hpcckptl_[0-9]{1,10}_[0-9]{1,10}$")
 
 
 def table_name(root_pid: int) -> str:
-    return f"{PREFIX}{os.getpid()}_{root_pid}"
+    return netlock.table_name(root_pid, PREFIX)
 
 
 def valid_name(name: str) -> bool:
-    return bool(NAME.match(name))
+    return netlock.valid_name(name, PREFIX)
 
 
 def _create(table: str) -> str:

@@ -37,15 +37,16 @@ from ..errors import KernelError
 
 SIOCGSKNS = 0x894C
 PREFIX = "hpcckpt_"
-NAME = re.compile(r"^hpcckpt_[0-9]{1,10}_[0-9]{1,10}$")
 
 
-def table_name(root_pid: int) -> str:
-    return f"{PREFIX}{os.getpid()}_{root_pid}"
+def table_name(root_pid: int, prefix: str = PREFIX) -> str:
+    """PREFIX<dumping pid>_<tree root pid>: unique per dump (the listener lock has its own
+    prefix)."""
+    return f"{prefix}{os.getpid()}_{root_pid}"
 
 
-def valid_name(name: str) -> bool:
-    return bool(NAME.match(name))
+def valid_name(name: str, prefix: str = PREFIX) -> bool:
+    return re.fullmatch(re.escape(prefix) + r"[0-9]{1,10}_[0-9]{1,10}", name) is not None
 
 
 def _nft_binary() -> str:
