@@ -90,6 +90,7 @@ def cmd_dump(args) -> int:
                     shell_job=getattr(args, "shell_job", False),
                     tcp_established=getattr(args, "tcp_established", False),
                     netns=getattr(args, "netns", False),
+                    live_route=getattr(args, "live_route", "auto"),
                     freeze_cgroup=getattr(args, "freeze_cgroup", None) or "auto", **hooks)
     if args.images and not args.store:  # the image set itself, as CRIU's -D
         where, r = args.images, do_dump(args.images)
@@ -314,7 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what a restore does with files open for writing under PATH (default rollback)")
     _incremental(d)
     d.add_argument("--live", action="store_true",
-                   help="the process runs on while its memory is written (a copy-on-write snapshot)")
+                   help="the process runs on while its memory is written (a snapshot of one instant)")
+    d.add_argument("--live-route", choices=("auto", "uffd", "fork"), default="auto",
+                   help="with --live: keep the instant's pages by write-protect (userfaultfd: the "
+                        "job pauses for no page-table copy) or a copy-on-write fork; auto: uffd "
+                        "where the kernel allows it")
     d.add_argument("--shell-job", "-j", action="store_true",
                    help="the tree runs in a terminal held outside it (a shell job); see docs/ttys.md")
     d.add_argument("--tcp-established", action="store_true", help=TCP_HELP)

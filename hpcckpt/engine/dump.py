@@ -31,6 +31,7 @@ from ..progress import Progress
 from ..images.chain import load_chain, new_image_id, relative_parent
 from ..tracking.incremental import IncrementalPlan, plan_incremental
 from . import files, listeners, memory, sessions, shared, snapshot, streamdump, sysvipc, tcp, timers, ttys
+from .wpsnapshot import WpSnapshot
 from .incremental import Parent, TreeTracker, collect_held, hand_off, save_digests
 from . import tree as ptree
 from .freeze import Frozen
@@ -63,6 +64,7 @@ class DumpResult:
     notes: list[str] = field(default_factory=list)   # fallbacks taken, for the caller to show
     spans: dict[str, float] = field(default_factory=dict)  # seconds per phase (Spans), for benchmarks
     snapshot: bool = False  # pages read from copy-on-write snapshots after the thaw
+    live_route: str = ""    # live snapshots: "uffd", "fork", or "uffd,fork" (per process)
 
 
 class Spans:
@@ -356,7 +358,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
          live: bool = False, pre_dump: bool = False, on_dumped=None,
          shell_job: bool = False, tcp_established: bool = False, on_frozen=None,
          freeze_cgroup: str | None = "auto", netns: bool = False, stream=None,
-         cow: bool | None = None) -> DumpResult:
+         cow: bool | None = None, live_route: str = "auto") -> DumpResult:
     """Checkpoint `pid` and (unless `tree=False`) all its descendants into `images`;
     kill them all afterwards unless `leave_running`.
 
@@ -388,6 +390,9 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     `cow`: a dump that lets the tree run on reads its pages from a copy-on-write fork of
     each process after the thaw (as `live` does) when that is cheaper than copying them
     while frozen (None: decided by `_snapshot_pays`); True: always; False: never.
+    `live_route`: how `live` keeps the instant's pages while the tree runs: "uffd"
+    (write-protect, engine/wpsnapshot.py; a process it can't serve is forked, with a
+    note), "fork" (engine/snapshot.py), "auto" (uffd where it can, else fork).
     """
     t0 = time.monotonic()
     if stream is not None and (live or pre_dump or parent is not None or tracker is not None or track_mem):
@@ -411,6 +416,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     created = set(os.listdir(iset.path))
     notes: list[str] = []
     snaps: dict[int, "snapshot.Snapshot"] = {}
+    wps: dict[int, WpSnapshot] = {}
     writers: dict[int, _PageFile] = {}
     # a pre-dump's fds are never restored: its connections are read (and let go) rather than refused
     conns = tcp.DumpConnections(tcp_established or pre_dump, pid)
@@ -501,10 +507,17 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                                         leave_running and not pre_dump and on_dumped is None, cow)
         plans: dict[int, IncrementalPlan] = {}
         rest: dict[int, list] = {}        # mappings planned and copied from the snapshot copy
+        if live and live_route != "fork":
+            for h in live_procs:
+                _wp_arm(h, ft.frozen[h], procs[h], vmas[h], changes[h], wps, plans, writers, iset,
+                        pagemaps[h], notes)
+            sp.mark("frozen: write-protect")
         if forked:
             # while frozen: only what a fork does not copy (read from the target now) and the
             # fork itself; which pages to write is decided from the copy after the thaw
             for h in live_procs:
+                if h in wps:
+                    continue
                 keep = _not_forked(procs[h].mm.vmas)
                 kept = [v for v in procs[h].mm.vmas if _inside((v.start, 0), keep)]
                 rest[h] = [v for v in procs[h].mm.vmas if not _inside((v.start, 0), keep)]
@@ -533,6 +546,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             t_thawed = time.monotonic()
             sp.mark("thaw")
             notes.extend(conns.cleanup())
+        for s in wps.values():
+            s.serve()
         from_copy = {h: plan_incremental(snaps[h].child, rest[h], *changes[h]) for h in snaps}
         if from_copy:
             sp.mark("plan from the snapshot copies")
@@ -554,6 +569,9 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                 plans[h] = _joined(plans[h], from_copy[h])
             elif not forked:              # forked without a copy: all copied while frozen
                 w.copy(plans[h].write, prog)
+        for h, s in wps.items():
+            s.copy(writers[h], prog)
+            s.close()
         sp.mark("copy pages")
         if ipc is not None and ipc.sem:   # last of the frozen reads: it unshares the threads' SEM_UNDO list
             for h, u in sysvipc.threaded_undo(pid, {h: ns[h] for h in live_procs}, vmas, notes,
@@ -617,6 +635,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             tracker.close() if own else tracker.invalidate()   # collected changes went nowhere
         for s in snaps.values():
             snapshot.release(s)
+        for s in wps.values():
+            s.close()
         _remove_new(iset.path, created)
         if fresh_dir:
             shutil.rmtree(iset.path, ignore_errors=True)
@@ -637,7 +657,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                       total_s=time.monotonic() - t0, processes=len(ft.order),
                       parent_bytes=parent_bytes, incremental=par is not None,
                       tracking=inv.tracking, image_id=inv.image_id, notes=notes, spans=sp.spans,
-                      snapshot=bool(from_copy))
+                      snapshot=bool(from_copy),
+                      live_route=",".join(r for r, on in (("uffd", wps), ("fork", from_copy)) if on))
 
 
 COW_SHARE = 16            # fork once the pages to copy are 1/16 of those the image holds
@@ -798,6 +819,42 @@ def _keep_armed(tracker: "TreeTracker", ft: ptree.FrozenTree, live_procs: list[i
         except HpcckptError as e:
             tracker.forget(h)
             notes.append(f"process {h}: cannot track its memory ({e}); its next dump compares digests")
+
+
+WP_REFUSED_MAX = 16 << 20   # pages in mappings uffd refused, copied while frozen, beyond which: fork
+
+
+def _wp_arm(h: int, fr: Frozen, p: pb.Process, vmas: list, changes: tuple, wps: dict, plans: dict,
+            writers: dict, iset: ImageSet, pagemap: pb.Pagemap, notes: list[str]) -> None:
+    """A live snapshot of one frozen process by write-protect (wpsnapshot.py): armed, its
+    pages planned now (the target's page tables change once it runs), those outside the
+    protected mappings copied now. Left to the fork route (not in `wps`) when the kernel
+    refuses, or refuses mappings holding more than WP_REFUSED_MAX to copy while frozen
+    (e.g. those the job's async tracker holds)."""
+    from ..tracking.target import injector
+    try:
+        with injector(h, fr) as inj:
+            s = WpSnapshot.arm(h, inj, p.mm.vmas)
+    except ProcessGoneError:
+        raise
+    except HpcckptError as e:
+        notes.append(f"process {p.pid}: no write-protect live snapshot ({e}); forked instead")
+        return
+    try:
+        plan = plan_incremental(h, list(p.mm.vmas), *changes, full=_populated(vmas))
+        now = s.split(plan.write)
+        if sum(n for _, n in now) > WP_REFUSED_MAX and s.refused:
+            why = "; ".join(f"{a:#x}-{b:#x}: {e}" for a, b, e in s.refused[:3])
+            notes.append(f"process {p.pid}: write-protect refused on mappings holding "
+                         f"{sum(n for _, n in now) >> 20} MiB ({why}); forked instead")
+            s.close()
+            return
+        writers[h] = _PageFile(h, iset, pagemap)
+        writers[h].copy(now, _no_progress)
+    except BaseException:
+        s.close()
+        raise
+    wps[h], plans[h] = s, plan
 
 
 def _not_forked(vmas) -> list[tuple[int, int]]:
