@@ -1,0 +1,104 @@
+"""Live snapshots by write-protect (engine/wpsnapshot.py) and by fork, of threads writing
+without pause: the image is one instant (the restored program checks every page against
+its own sweep counters and finishes with the uninterrupted run's digest), the job runs on
+unharmed, and a dumping process killed mid-copy leaves it running, not hung."""
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hpcckpt.engine.dump import dump
+from hpcckpt.engine.incremental import TreeTracker
+from tests.tracking.helpers import build
+
+from .helpers import Job, reference, restore_fg
+
+
+@pytest.fixture(scope="module")
+def writer():
+    return build("livewriter")
+
+
+def _job(writer, tmp_path, threads=4, pages=2048, sweeps=12000):
+    cmd = [writer, threads, pages, sweeps]
+    ref = reference(cmd, tmp_path / "ref.txt")
+    job = Job.start(cmd, tmp_path / "out.txt")
+    job.wait_lines(1)
+    time.sleep(0.2)             # the writers are sweeping
+    return job, ref
+
+
+def _finishes_exactly(job, ref, images):
+    assert job.proc.wait(timeout=120) == 0          # the job ran on, unharmed
+    assert job.out.read_bytes() == ref
+    res = restore_fg(images, check=False)
+    assert res.returncode == 0, (res.stderr, job.out.read_bytes())
+    assert job.out.read_bytes() == ref
+
+
+@pytest.mark.parametrize("route", ["uffd", "fork"])
+def test_live_snapshot_of_writing_threads_is_one_instant(tmp_path, writer, route):
+    job, ref = _job(writer, tmp_path)
+    try:
+        r = dump(job.pid, tmp_path / "live", live=True, show_progress=False, live_route=route)
+        assert r.live_route == route, r.notes
+        _finishes_exactly(job, ref, tmp_path / "live")
+    finally:
+        job.kill()
+
+
+def test_live_incremental_chain_restores_exactly(tmp_path, writer):
+    """Full dump (tracking armed), then live incremental dumps against it: with the
+    caller's tracker (its async uffd holds the mappings) and by digests (a fresh caller:
+    write-protect route); each restores to the uninterrupted output."""
+    job, ref = _job(writer, tmp_path, sweeps=30000)
+    try:
+        tt = TreeTracker()
+        dump(job.pid, tmp_path / "full", leave_running=True, tracker=tt, track_mem=True, show_progress=False)
+        a = dump(job.pid, tmp_path / "inc1", live=True, parent=tmp_path / "full", tracker=tt,
+                 show_progress=False)
+        assert a.incremental and a.tracking == "uffd-wp", a.notes
+        tt.close()                                  # its async uffd held every mapping
+        b = dump(job.pid, tmp_path / "inc2", live=True, parent=tmp_path / "full", live_route="uffd",
+                 show_progress=False)
+        assert b.incremental and b.live_route == "uffd", b.notes
+        assert job.proc.wait(timeout=120) == 0
+        assert job.out.read_bytes() == ref
+        for img in ("inc1", "inc2"):
+            res = restore_fg(tmp_path / img, check=False)
+            assert res.returncode == 0, (img, res.stderr, job.out.read_bytes())
+            assert job.out.read_bytes() == ref, img
+    finally:
+        job.kill()
+
+
+KILLED_MID_COPY = """
+import os, signal, sys
+from hpcckpt.engine import wpsnapshot
+from hpcckpt.engine.dump import dump
+slices = wpsnapshot._slices
+def dying(runs):
+    for i, piece in enumerate(slices(runs)):
+        if i == 3:
+            print("killing", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield piece
+wpsnapshot._slices = dying
+dump(int(sys.argv[1]), sys.argv[2], live=True, live_route="uffd", show_progress=False)
+"""
+
+
+def test_dumping_process_killed_mid_copy_leaves_the_job_running(tmp_path, writer):
+    """The dumping process dies while pages are protected and writers wait on it: its
+    userfaultfd closes, the kernel wakes them and drops the protection."""
+    job, ref = _job(writer, tmp_path)
+    try:
+        res = subprocess.run([sys.executable, "-c", KILLED_MID_COPY, str(job.pid), str(tmp_path / "img")],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == -signal.SIGKILL and "killing" in res.stdout, res.stderr
+        assert job.proc.wait(timeout=120) == 0
+        assert job.out.read_bytes() == ref
+    finally:
+        job.kill()
