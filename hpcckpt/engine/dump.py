@@ -30,9 +30,11 @@ from ..kernel.libc import libc
 from ..progress import Progress
 from ..images.chain import load_chain, new_image_id, relative_parent
 from ..tracking.incremental import IncrementalPlan, plan_incremental
+from ..tracking.uffd_wp import UffdWpTracker
 from . import files, listeners, memory, sessions, shared, snapshot, streamdump, sysvipc, tcp, timers, ttys
+from .precopy import PreCopy
 from .wpsnapshot import WpSnapshot
-from .incremental import Parent, TreeTracker, collect_held, hand_off, save_digests
+from .incremental import Parent, TreeTracker, _Held, collect_held, hand_off, save_digests
 from . import tree as ptree
 from .freeze import Frozen
 from .netns import detach as detach_netns, save as save_netns
@@ -358,7 +360,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
          live: bool = False, pre_dump: bool = False, on_dumped=None,
          shell_job: bool = False, tcp_established: bool = False, on_frozen=None,
          freeze_cgroup: str | None = "auto", netns: bool = False, stream=None,
-         cow: bool | None = None, live_route: str = "auto") -> DumpResult:
+         cow: bool | None = None, live_route: str = "auto", precopy: bool = True) -> DumpResult:
     """Checkpoint `pid` and (unless `tree=False`) all its descendants into `images`;
     kill them all afterwards unless `leave_running`.
 
@@ -393,6 +395,9 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     `live_route`: how `live` keeps the instant's pages while the tree runs: "uffd"
     (write-protect, engine/wpsnapshot.py; a process it can't serve is forked, with a
     note), "fork" (engine/snapshot.py), "auto" (uffd where it can, else fork).
+    `precopy`: an incremental dump with uffd-wp tracking since `parent` (the caller's, or
+    a pre-dump's holder) first copies the changes in rounds while the tree runs
+    (engine/precopy.py) and freezes only for the last round's.
     """
     t0 = time.monotonic()
     if stream is not None and (live or pre_dump or parent is not None or tracker is not None or track_mem):
@@ -411,10 +416,16 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     par = Parent.open(parent) if parent is not None else None
     if par is not None:
         par.preload()                     # before the freeze: nothing of it changes
+    notes: list[str] = []
+    pc, adopted = None, False
+    if precopy and par is not None and not (live or pre_dump) and stream is None:
+        tracker, adopted = _precopy_trackers(par, tracker, own)
+        if tracker is not None and tracker.valid_for(par.inv.image_id):
+            pc = PreCopy.run({h: t for h, t in tracker.trackers.items() if isinstance(t, UffdWpTracker)},
+                             notes)
     fresh_dir = not os.path.exists(images)
     iset = ImageSet(images, create=True)
     created = set(os.listdir(iset.path))
-    notes: list[str] = []
     snaps: dict[int, "snapshot.Snapshot"] = {}
     wps: dict[int, WpSnapshot] = {}
     writers: dict[int, _PageFile] = {}
@@ -430,6 +441,10 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     except BaseException:
         conns.release()                          # nothing locked but the listeners: let them go
         conns.cleanup()
+        if pc is not None:
+            pc.close()
+        if adopted:
+            tracker.close()
         raise
     t_frozen = time.monotonic()
     sp.mark("freeze")
@@ -481,6 +496,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         changes, used = {}, {}
         for h in live_procs:
             changes[h], used[h] = _changes_of(h, procs[h], vmas[h], par, tracker, notes)
+            if pc is not None:
+                changes[h] = (pc.changes(h, changes[h][0], procs[h].mm.vmas), changes[h][1])
         sp.mark("frozen: collect")
         if tracker is not None:
             _keep_armed(tracker, ft, live_procs, vmas, used, notes)
@@ -503,10 +520,11 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                               total_s=time.monotonic() - t0, processes=len(ft.order), image_id=inv.image_id,
                               notes=notes)
         estimate = [_estimate(vmas[h], changes[h][0]) for h in live_procs]
-        forked = live or _snapshot_pays(sum(w for w, _ in estimate), sum(h for _, h in estimate),
+        forked = live or pc is None and _snapshot_pays(sum(w for w, _ in estimate), sum(h for _, h in estimate),
                                         leave_running and not pre_dump and on_dumped is None, cow)
         plans: dict[int, IncrementalPlan] = {}
         rest: dict[int, list] = {}        # mappings planned and copied from the snapshot copy
+        held: dict[int, list] = {}        # pages taken from the pre-copy rounds' copies
         if live and live_route != "fork":
             for h in live_procs:
                 _wp_arm(h, ft.frozen[h], procs[h], vmas[h], changes[h], wps, plans, writers, iset,
@@ -538,6 +556,9 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         else:
             for h in live_procs:
                 plans[h] = plan_incremental(h, list(procs[h].mm.vmas), *changes[h], full=_populated(vmas[h]))
+                if pc is not None:      # pages a round copied after their last change: from its copy
+                    now, held[h] = pc.split(h, plans[h].write)
+                    plans[h] = IncrementalPlan(write=now, in_parent=plans[h].in_parent)
             sp.mark("frozen: plan")
         facts = _process_facts(pid)       # what the inventory reads from the root, while frozen
         if forked or pre_dump:
@@ -589,6 +610,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             sp.mark("thaw")
             notes.extend(conns.cleanup())
         for h in live_procs:
+            if held.get(h):
+                pc.emit(h, held[h], writers[h])
             writers[h].close(plans[h].in_parent, sync=False)
             pages_bytes += pagemaps[h].pages_bytes
             parent_bytes += pagemaps[h].parent_bytes
@@ -621,6 +644,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         if own:
             notes.extend(hand_off(tracker, iset.path, inv.image_id, {h: procs[h].pid for h in live_procs}))
             tracker.close()
+        elif adopted:
+            tracker.close()
     except BaseException:
         conns.release()
         if terms is not None:
@@ -632,11 +657,13 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             w._abort()
         conns.cleanup()
         if tracker is not None:
-            tracker.close() if own else tracker.invalidate()   # collected changes went nowhere
+            tracker.close() if own or adopted else tracker.invalidate()   # collected changes went nowhere
         for s in snaps.values():
             snapshot.release(s)
         for s in wps.values():
             s.close()
+        if pc is not None:
+            pc.close()
         _remove_new(iset.path, created)
         if fresh_dir:
             shutil.rmtree(iset.path, ignore_errors=True)
@@ -644,6 +671,10 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     terms.close()
     for s in snaps.values():
         snapshot.release(s)
+    if pc is not None:
+        pc.close()
+        notes.append(f"pre-copy: {len(pc.rounds)} rounds while running "
+                     f"({', '.join(f'{n >> 10} KiB' for n in pc.rounds)}), then the last changes while frozen")
     if track_mem and (tracker is None or own or "hashing" in tracker.name):
         try:
             chain = load_chain(iset.path, verify=False)
@@ -855,6 +886,32 @@ def _wp_arm(h: int, fr: Frozen, p: pb.Process, vmas: list, changes: tuple, wps: 
         s.close()
         raise
     wps[h], plans[h] = s, plan
+
+
+def _precopy_trackers(par: Parent, tracker: "TreeTracker | None", own: bool):
+    """(tracker, adopted): the caller's tracker; or, when it has none of its own state for
+    `par` (a one-shot dump after a pre-dump), the uffd-wp trackers a holder keeps since
+    `par`, taken over now (before the freeze), so the rounds can collect them."""
+    if tracker is not None and (tracker.valid_for(par.inv.image_id) or not own):
+        return tracker, False
+    notes: list[str] = []
+    par.held = _Held.take(par.path, par.inv.image_id, notes)
+    got = {}
+    for ns_pid, (p, fd) in list(par.held.fds.items()):
+        if fd < 0:
+            continue
+        del par.held.fds[ns_pid]
+        try:
+            got[p.host_pid] = UffdWpTracker.adopt(p.host_pid, fd, {int(k[0]): tuple(k) for k in p.layout})
+        except HpcckptError:
+            continue             # fd closed by adopt; the dump compares digests for it
+    if not got:
+        return tracker, False
+    adopted = tracker is None
+    tracker = tracker or TreeTracker()
+    tracker.trackers.update(got)
+    tracker.base_id = par.inv.image_id
+    return tracker, adopted
 
 
 def _not_forked(vmas) -> list[tuple[int, int]]:

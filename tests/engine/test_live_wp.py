@@ -13,7 +13,7 @@ from hpcckpt.engine.dump import dump
 from hpcckpt.engine.incremental import TreeTracker
 from tests.tracking.helpers import build
 
-from .helpers import Job, reference, restore_fg
+from .helpers import Job, cli, reference, restore_fg
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,23 @@ def test_dumping_process_killed_mid_copy_leaves_the_job_running(tmp_path, writer
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == -signal.SIGKILL and "killing" in res.stdout, res.stderr
         assert job.proc.wait(timeout=120) == 0
+        assert job.out.read_bytes() == ref
+    finally:
+        job.kill()
+
+
+def test_final_dump_after_pre_dump_with_writing_threads_restores_exactly(tmp_path, writer):
+    """pre-dump (tracking handed to a holder), then the final dump: copy rounds while the
+    threads write, the last changes while frozen; the image is the state at that freeze."""
+    job, ref = _job(writer, tmp_path, sweeps=30000)
+    try:
+        cli("-q", "pre-dump", "--pid", job.pid, "--images", tmp_path / "pre")
+        r = dump(job.pid, tmp_path / "fin", parent=tmp_path / "pre", show_progress=False)
+        assert r.incremental and r.tracking == "uffd-wp", r.notes
+        assert any(n.startswith("pre-copy:") for n in r.notes), r.notes
+        job.proc.wait(timeout=60)                  # killed by the dump
+        res = restore_fg(tmp_path / "fin", check=False)
+        assert res.returncode == 0, (res.stderr, job.out.read_bytes())
         assert job.out.read_bytes() == ref
     finally:
         job.kill()

@@ -1,0 +1,173 @@
+"""Pre-copy rounds before an incremental dump freezes the job (as live migration does).
+
+With uffd-wp tracking armed since the parent image, the pages written since can be
+copied while the job runs: collect (report and re-protect in one PAGEMAP_SCAN), copy
+what it reported, and again, until what a round finds is small or stops shrinking
+(bounded). The dump then freezes, collects once more and copies only what was written
+since the last round; every other changed page is taken from the rounds' copies, each
+made after its page's last report, so it is the content at the freeze (a write after a
+report is itself reported at the next collect, and its page copied again or re-read
+while frozen). Pages written in any round count as changed for the plan, so the parent
+is never asked for a page the job changed.
+
+The rounds' copies go to a memfd; the dump appends the valid ones to the page file after
+the thaw.
+"""
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import HpcckptError
+from ..kernel import proc
+from ..kernel.libc import PAGE_SIZE
+from ..tracking.base import Dirty
+from ..tracking.regions import regions
+from ..tracking.scan import MAX_END, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, Scanner
+from ..tracking.uffd_wp import UffdWpTracker
+from . import memory
+
+MAX_ROUNDS = 5
+SMALL = 1 << 20          # a round that finds this little is the last
+SHRINK = 0.7             # ... and so is one that did not shrink below this share of the one before
+
+
+@dataclass
+class _Proc:
+    tracker: UffdWpTracker
+    fd: int
+    writer: memory.PageWriter
+    held: dict[int, int] = field(default_factory=dict)      # page -> offset in the memfd
+    changed: set[int] = field(default_factory=set)         # pages reported in any round
+
+
+@dataclass
+class PreCopy:
+    procs: dict[int, _Proc] = field(default_factory=dict)
+    rounds: list[int] = field(default_factory=list)        # bytes copied per round
+
+    @classmethod
+    def run(cls, trackers: dict[int, UffdWpTracker], notes: list[str]) -> "PreCopy":
+        """Copy rounds for the (running) processes whose uffd-wp tracker is given."""
+        pc = cls()
+        for h, t in trackers.items():
+            fd = os.memfd_create("hpcckpt-precopy", os.MFD_CLOEXEC)
+            pc.procs[h] = _Proc(t, fd, memory.PageWriter(h, fd))
+        try:
+            for _ in range(MAX_ROUNDS):
+                n = sum(pc._round(h, p) for h, p in list(pc.procs.items()))
+                pc.rounds.append(n)
+                if n <= SMALL or (len(pc.rounds) > 1 and n > pc.rounds[-2] * SHRINK):
+                    break
+        except HpcckptError as e:      # the frozen collect finds everything again
+            notes.append(f"pre-copy rounds stopped ({e}); the dump copies the rest while frozen")
+        return pc
+
+    def _round(self, h: int, p: _Proc) -> int:
+        vmas = proc.maps(h, with_flags=False)
+        regs = [r for r in regions(vmas) if r.trackable]
+        dirty = p.tracker.collect(h, vmas)
+        pages = _addresses(dirty, {r.start for r in regs})
+        for a in pages:
+            p.held.pop(a, None)
+        p.changed.update(pages)
+        runs = _present_runs(h, np.array(sorted(pages), dtype=np.int64))
+        offs = p.writer.copy_runs(runs)
+        for (addr, n), off in zip(runs, offs):
+            for k in range(0, n, PAGE_SIZE):
+                p.held[addr + k] = off + k
+        return sum(n for _, n in runs)
+
+    def changes(self, h: int, dirty: Dirty | None, vmas) -> Dirty | None:
+        """The frozen collect's report widened by every page the rounds saw changed;
+        the pages it reported lose their round copies."""
+        p = self.procs.get(h)
+        if p is None or dirty is None:
+            return dirty
+        final = _addresses(dirty, None)
+        for a in final:
+            p.held.pop(a, None)
+        out = dict(dirty)
+        ch = np.array(sorted(p.changed), dtype=np.int64)
+        for v in regions(vmas):
+            if v.start >= MAX_END:
+                continue
+            lo, hi = np.searchsorted(ch, v.start), np.searchsorted(ch, v.end)
+            if hi > lo:
+                idx = (ch[lo:hi] - v.start) // PAGE_SIZE
+                out[v.start] = np.union1d(out.get(v.start, np.zeros(0, dtype=np.int64)), idx)
+        return out
+
+    def split(self, h: int, runs: list[tuple[int, int]]) -> tuple[list, list]:
+        """(runs to copy now, (page, memfd offset) of the pages a round copy holds)."""
+        p = self.procs.get(h)
+        if p is None:
+            return runs, []
+        now, held = [], []
+        for addr, n in runs:
+            start = addr
+            for a in range(addr, addr + n, PAGE_SIZE):
+                off = p.held.get(a)
+                if off is None:
+                    continue
+                if a > start:
+                    now.append((start, a - start))
+                held.append((a, off))
+                start = a + PAGE_SIZE
+            if start < addr + n:
+                now.append((start, addr + n - start))
+        return now, held
+
+    def emit(self, h: int, held: list[tuple[int, int]], page_file) -> None:
+        """The round copies of `held` appended to `page_file` (engine.dump._PageFile)."""
+        if not held:
+            return
+        src = self.procs[h].fd
+        w = page_file.writer
+        for k in range(0, len(held), 1024):
+            part = held[k:k + 1024]
+            for a, off in part:
+                page_file.written.append((a, PAGE_SIZE, w.offset))
+                w._emit(memoryview(os.pread(src, PAGE_SIZE, off)))
+                w.offset += PAGE_SIZE
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.rounds)
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.fd >= 0:
+                os.close(p.fd)
+                p.fd = -1
+        self.procs = {}
+
+
+def _addresses(dirty: Dirty, starts: set[int] | None) -> set[int]:
+    out: set[int] = set()
+    for s, idx in dirty.items():
+        if (starts is None or s in starts) and s < MAX_END and len(idx):
+            out.update((np.asarray(idx, dtype=np.int64) * PAGE_SIZE + s).tolist())
+    return out
+
+
+def _present_runs(pid: int, pages: np.ndarray) -> list[tuple[int, int]]:
+    """Runs of `pages` (sorted addresses) that are present or swapped out now."""
+    if len(pages) == 0:
+        return []
+    sc = Scanner(pid)
+    try:
+        s, e, _ = sc.scan(int(pages[0]), int(pages[-1]) + PAGE_SIZE, 0, PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                          anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED)
+    finally:
+        sc.close()
+    idx = np.searchsorted(s.astype(np.int64), pages, side="right") - 1
+    ok = (idx >= 0) & (pages < e.astype(np.int64)[np.maximum(idx, 0)])
+    keep = pages[ok]
+    runs: list[tuple[int, int]] = []
+    for a in keep.tolist():
+        if runs and runs[-1][0] + runs[-1][1] == a:
+            runs[-1] = (runs[-1][0], runs[-1][1] + PAGE_SIZE)
+        else:
+            runs.append((a, PAGE_SIZE))
+    return runs
