@@ -67,6 +67,7 @@ class DumpResult:
     spans: dict[str, float] = field(default_factory=dict)  # seconds per phase (Spans), for benchmarks
     snapshot: bool = False  # pages read from copy-on-write snapshots after the thaw
     live_route: str = ""    # live snapshots: "uffd", "fork", or "uffd,fork" (per process)
+    stops_before_s: float = 0.0   # short stops before the freeze (live by uffd: making the userfaultfd)
 
 
 class Spans:
@@ -417,17 +418,29 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     if par is not None:
         par.preload()                     # before the freeze: nothing of it changes
     notes: list[str] = []
+    sp = Spans()
     pc, adopted = None, False
     if precopy and par is not None and not (live or pre_dump) and stream is None:
         tracker, adopted = _precopy_trackers(par, tracker, own)
         if tracker is not None and tracker.valid_for(par.inv.image_id):
             pc = PreCopy.run({h: t for h, t in tracker.trackers.items() if isinstance(t, UffdWpTracker)},
                              notes)
+            sp.mark("pre-copy rounds (running)")
+    wps: dict[int, WpSnapshot] = {}
+    # a VMA takes one userfaultfd: where the caller keeps async uffd-wp tracking (armed on
+    # every process by this dump), handing it over costs more than a fork (docs/tracking.md)
+    wp_live = live and live_route != "fork" and tracker is None
+    if live and live_route == "uffd" and not wp_live:
+        notes.append("live snapshot forked: write-protect is not used while uffd-wp tracking is kept")
+    stops_before = 0.0
+    if wp_live:                         # arm write-protect while the tree still runs
+        wps = _wp_prearm(pid, tree, notes)
+        stops_before = sum(s.pause_s for s in wps.values())
+        sp.mark("prearm write-protect (running)")
     fresh_dir = not os.path.exists(images)
     iset = ImageSet(images, create=True)
     created = set(os.listdir(iset.path))
     snaps: dict[int, "snapshot.Snapshot"] = {}
-    wps: dict[int, WpSnapshot] = {}
     writers: dict[int, _PageFile] = {}
     # a pre-dump's fds are never restored: its connections are read (and let go) rather than refused
     conns = tcp.DumpConnections(tcp_established or pre_dump, pid)
@@ -435,7 +448,6 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         preload_netlink()          # not while the tree is frozen
     if tcp_established and not leave_running:    # the tree will be killed: hold its listeners' clients off
         conns = listeners.quiesce(conns, pid)
-    sp = Spans()
     try:
         ft = ptree.freeze_tree(pid, tree, freeze_cgroup)
     except BaseException:
@@ -445,6 +457,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             pc.close()
         if adopted:
             tracker.close()
+        for s in wps.values():
+            s.close()
         raise
     t_frozen = time.monotonic()
     sp.mark("freeze")
@@ -525,10 +539,14 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         plans: dict[int, IncrementalPlan] = {}
         rest: dict[int, list] = {}        # mappings planned and copied from the snapshot copy
         held: dict[int, list] = {}        # pages taken from the pre-copy rounds' copies
-        if live and live_route != "fork":
+        if wp_live:
+            armed: dict[int, WpSnapshot] = {}
             for h in live_procs:
-                _wp_arm(h, ft.frozen[h], procs[h], vmas[h], changes[h], wps, plans, writers, iset,
-                        pagemaps[h], notes)
+                _wp_arm(h, ft.frozen[h], procs[h], vmas[h], changes[h], wps, armed, plans, writers,
+                        iset, pagemaps[h], notes)
+            for s in wps.values():    # prearmed, not in the tree any more
+                s.close()
+            wps = armed
             sp.mark("frozen: write-protect")
         if forked:
             # while frozen: only what a fork does not copy (read from the target now) and the
@@ -689,7 +707,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                       parent_bytes=parent_bytes, incremental=par is not None,
                       tracking=inv.tracking, image_id=inv.image_id, notes=notes, spans=sp.spans,
                       snapshot=bool(from_copy),
-                      live_route=",".join(r for r, on in (("uffd", wps), ("fork", from_copy)) if on))
+                      live_route=",".join(r for r, on in (("uffd", wps), ("fork", from_copy)) if on),
+                      stops_before_s=stops_before)
 
 
 COW_SHARE = 16            # fork once the pages to copy are 1/16 of those the image holds
@@ -855,20 +874,26 @@ def _keep_armed(tracker: "TreeTracker", ft: ptree.FrozenTree, live_procs: list[i
 WP_REFUSED_MAX = 16 << 20   # pages in mappings uffd refused, copied while frozen, beyond which: fork
 
 
-def _wp_arm(h: int, fr: Frozen, p: pb.Process, vmas: list, changes: tuple, wps: dict, plans: dict,
-            writers: dict, iset: ImageSet, pagemap: pb.Pagemap, notes: list[str]) -> None:
+def _wp_arm(h: int, fr: Frozen, p: pb.Process, vmas: list, changes: tuple, wps: dict, armed: dict,
+            plans: dict, writers: dict, iset: ImageSet, pagemap: pb.Pagemap, notes: list[str]) -> None:
     """A live snapshot of one frozen process by write-protect (wpsnapshot.py): armed, its
     pages planned now (the target's page tables change once it runs), those outside the
     protected mappings copied now. Left to the fork route (not in `wps`) when the kernel
     refuses, or refuses mappings holding more than WP_REFUSED_MAX to copy while frozen
     (e.g. those the job's async tracker holds)."""
     from ..tracking.target import injector
+    s = wps.pop(h, None)
     try:
-        with injector(h, fr) as inj:
-            s = WpSnapshot.arm(h, inj, p.mm.vmas)
+        if s is not None:
+            s.protect(vmas)
+        else:
+            with injector(h, fr) as inj:
+                s = WpSnapshot.arm(h, inj, vmas)
     except ProcessGoneError:
         raise
     except HpcckptError as e:
+        if s is not None:
+            s.close()
         notes.append(f"process {p.pid}: no write-protect live snapshot ({e}); forked instead")
         return
     try:
@@ -885,7 +910,7 @@ def _wp_arm(h: int, fr: Frozen, p: pb.Process, vmas: list, changes: tuple, wps: 
     except BaseException:
         s.close()
         raise
-    wps[h], plans[h] = s, plan
+    armed[h], plans[h] = s, plan
 
 
 def _precopy_trackers(par: Parent, tracker: "TreeTracker | None", own: bool):
@@ -912,6 +937,33 @@ def _precopy_trackers(par: Parent, tracker: "TreeTracker | None", own: bool):
     tracker.trackers.update(got)
     tracker.base_id = par.inv.image_id
     return tracker, adopted
+
+
+def _wp_prearm(pid: int, tree: bool, notes: list[str]) -> dict:
+    """Write-protect armed before the freeze (wpsnapshot.prearm) on the root and, for a
+    tree, its descendants as they are now (one found later is armed while frozen)."""
+    pids, k = [pid], 0
+    while tree and k < len(pids):
+        pids += _children_of(pids[k])
+        k += 1
+    out = {}
+    for h in pids:
+        try:
+            out[h] = WpSnapshot.prearm(h)
+        except HpcckptError as e:
+            notes.append(f"process {h}: write-protect not armed before the freeze ({e})")
+    return out
+
+
+def _children_of(pid: int) -> list[int]:
+    out = []
+    try:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{t}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out
 
 
 def _not_forked(vmas) -> list[tuple[int, int]]:

@@ -23,7 +23,7 @@ from ..kernel import proc
 from ..kernel.libc import PAGE_SIZE
 from ..tracking.base import Dirty
 from ..tracking.regions import regions
-from ..tracking.scan import MAX_END, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, Scanner
+from ..tracking.scan import MAX_END, PAGE_IS_PRESENT, Scanner
 from ..tracking.uffd_wp import UffdWpTracker
 from . import memory
 
@@ -152,13 +152,14 @@ def _addresses(dirty: Dirty, starts: set[int] | None) -> set[int]:
 
 
 def _present_runs(pid: int, pages: np.ndarray) -> list[tuple[int, int]]:
-    """Runs of `pages` (sorted addresses) that are present or swapped out now."""
+    """Runs of `pages` (sorted addresses) that are present now. Not swapped ones: the scan
+    shows a uffd-wp marker (a dropped page) as swapped too, and reading it would map a
+    zero page there; the dump reads swapped pages while frozen."""
     if len(pages) == 0:
         return []
     sc = Scanner(pid)
     try:
-        s, e, _ = sc.scan(int(pages[0]), int(pages[-1]) + PAGE_SIZE, 0, PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-                          anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED)
+        s, e, _ = sc.scan(int(pages[0]), int(pages[-1]) + PAGE_SIZE, PAGE_IS_PRESENT, PAGE_IS_PRESENT)
     finally:
         sc.close()
     idx = np.searchsorted(s.astype(np.int64), pages, side="right") - 1

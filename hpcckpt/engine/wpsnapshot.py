@@ -10,6 +10,16 @@ protection and so wakes the thread. The copier then takes the saved page instead
 reading the changed one. So the image is the state at the freeze, as with a fork, but
 the pause holds no page-table copy (fork: 10-31 ms per GiB of 4 KiB pages).
 
+Arming walks every page table entry of the protected memory (~10 ms per GiB of 4 KiB
+pages, as much as a fork), so it is done before the freeze (`prearm`): a stop of about
+a millisecond to make the userfaultfd, then the mappings whose every page is present
+(smaps) are registered and protected while the job runs; a write meanwhile is let
+through at once and its page noted, and so are pages an munmap/MADV_DONTNEED/mremap
+touches. At the freeze only those pages and the mappings not armed before (new, changed,
+sparse ones) are protected: the pause no longer grows with the memory. (A mapping with
+never-touched pages is not armed early: a first write there would not fault without
+WP_UNPOPULATED, whose markers would fill the page tables of a sparse reservation.)
+
 What the kernel refuses to register in synchronous mode (file-backed private mappings,
 shared memory, a mapping another userfaultfd holds, e.g. the async tracker's) is left to
 the caller (copied while frozen, or from a fork). If this process dies, its copy of the
@@ -28,13 +38,17 @@ import os
 import select
 import struct
 import threading
+import time
 from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from ..errors import HpcckptError, KernelError
+from ..kernel import proc
 from ..kernel.libc import PAGE_SIZE, vm_read
 from ..tracking import userfaultfd as uf
 from ..tracking.regions import region
+from ..tracking.target import injector
+from .freeze import freeze
 
 UFFDIO_WRITEPROTECT = 0xC018AA06
 WP_PROTECT = 1
@@ -71,41 +85,113 @@ class WpSnapshot:
     _lost: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: bool = False
+    _copying: bool = False           # False: before the freeze (prearm), faults only noted
+    _pre: set[tuple[int, int]] = field(default_factory=set)        # mappings armed before the freeze
+    _touched: list[tuple[int, int]] = field(default_factory=list)  # ranges unprotected since
+    pause_s: float = 0.0             # the stop `prearm` made to create the userfaultfd
     _thread: threading.Thread | None = None
     _buf: object = None
 
-    # -- while frozen ------------------------------------------------------------------
+    # -- before and while frozen -------------------------------------------------------
     @classmethod
-    def arm(cls, pid: int, inj, vmas) -> "WpSnapshot":
-        """Make the userfaultfd (`inj`: an Injector in the frozen process), register and
-        protect every writable private anonymous mapping of `vmas` (pb.Vma) the kernel
-        accepts. KernelError if the kernel has no synchronous write-protect."""
+    def _open(cls, pid: int, inj) -> "WpSnapshot":
         fd = uf.open_in_target(inj, pid)
-        s = cls(pid, fd)
         try:
             buf = bytearray(struct.pack("<3Q", uf.UFFD_API, FEATURES, 0))
-            try:
-                fcntl.ioctl(fd, uf.UFFDIO_API, buf)
-            except OSError as e:
-                raise KernelError(f"process {pid}: userfaultfd without write-protect events "
-                                  f"({e.strerror})") from None
-            for v in map(region, vmas):
-                if v.shared or v.special or not v.prot & 2:
-                    continue
-                try:
-                    uf.register_wp(fd, v.start, v.end - v.start)
-                except OSError as e:
-                    if e.errno not in (errno.EINVAL, errno.EBUSY, errno.EPERM):
-                        raise KernelError(f"UFFDIO_REGISTER for process {pid}: {e.strerror}") from None
-                    s.refused.append((v.start, v.end, e.strerror))
-                    continue
-                writeprotect(fd, v.start, v.end - v.start, True)
-                s.spans.append((v.start, v.end))
-        except BaseException:
+            fcntl.ioctl(fd, uf.UFFDIO_API, buf)
+        except OSError as e:
             os.close(fd)
-            raise
+            raise KernelError(f"process {pid}: userfaultfd without write-protect events "
+                              f"({e.strerror})") from None
+        s = cls(pid, fd)
         s._buf = ctypes.create_string_buffer(SLICE)
         return s
+
+    @classmethod
+    def prearm(cls, pid: int) -> "WpSnapshot":
+        """Before the freeze: the userfaultfd (one short stop), and the fully populated
+        writable private mappings protected while the process runs (see the module)."""
+        t0 = time.monotonic()
+        fr = freeze(pid)
+        try:
+            with injector(pid, fr) as inj:
+                s = cls._open(pid, inj)
+        finally:
+            fr.thaw()
+        s.pause_s = time.monotonic() - t0
+        try:
+            s._thread = threading.Thread(target=s._loop, name=f"wp-snapshot-{pid}", daemon=True)
+            s._thread.start()
+            for v in proc.maps(pid):
+                r = region(v)
+                if _protectable(r) and v.swap_kb == 0 and v.anon_kb * 1024 == r.end - r.start \
+                        and s._register(r):
+                    writeprotect(s.fd, r.start, r.end - r.start, True)
+                    s._pre.add((r.start, r.end))
+        except BaseException:
+            s.close()
+            raise
+        return s
+
+    @classmethod
+    def arm(cls, pid: int, inj, vmas) -> "WpSnapshot":
+        """While frozen: make the userfaultfd (`inj`: an Injector in the process) and
+        protect every writable private anonymous mapping of `vmas` the kernel accepts.
+        KernelError if the kernel has no synchronous write-protect."""
+        s = cls._open(pid, inj)
+        try:
+            s.protect(vmas)
+        except BaseException:
+            s.close()
+            raise
+        return s
+
+    def protect(self, vmas) -> None:
+        """While frozen: protect what is not (any more): pages written or touched since
+        `prearm`, and whole every mapping it did not arm (`vmas`: proc.Vma with smaps
+        flags, whose "uw" says the mapping is still registered, or pb.Vma)."""
+        with self._lock:
+            self._drain()
+            touched = sorted(self._touched)
+            self._touched = []
+        self.spans = []
+        for v in vmas:
+            r = region(v)
+            if not _protectable(r):
+                continue
+            if (r.start, r.end) in self._pre and "uw" in r.vmflags:
+                i = max(bisect_right(touched, (r.start, 0)) - 1, 0)
+                for a, b in touched[i:]:
+                    lo, hi = max(a, r.start), min(b, r.end)
+                    if a >= r.end:
+                        break
+                    if lo < hi:
+                        writeprotect(self.fd, lo, hi - lo, True)
+            elif self._register(r):
+                writeprotect(self.fd, r.start, r.end - r.start, True)
+            else:
+                continue
+            self.spans.append((r.start, r.end))
+
+    def _register(self, r) -> bool:
+        try:
+            uf.register_wp(self.fd, r.start, r.end - r.start)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EBUSY, errno.EPERM):
+                raise KernelError(f"UFFDIO_REGISTER for process {self.pid}: {e.strerror}") from None
+            self.refused.append((r.start, r.end, e.strerror))
+            return False
+
+    def _drain(self) -> None:
+        """Messages already queued, handled now (lock held; the process is frozen)."""
+        while True:
+            try:
+                data = os.read(self.fd, MSG_SIZE * 64)
+            except (BlockingIOError, OSError):
+                return
+            for k in range(0, len(data), MSG_SIZE):
+                self._message(data[k:k + MSG_SIZE])
 
     def covers(self, addr: int) -> bool:
         i = bisect_right(self.spans, (addr, 1 << 64)) - 1
@@ -117,14 +203,18 @@ class WpSnapshot:
         later, now = [], []
         for r in runs:
             (later if self.covers(r[0]) else now).append(r)
-        self._runs = sorted(later)
+        with self._lock:
+            self._runs = sorted(later)
+            self._starts = [a for a, _ in self._runs]
+            self._cursor = self._runs[0][0] if self._runs else 1 << 64
+            self._copying = True
         return now
 
     # -- after the thaw ----------------------------------------------------------------
     def serve(self) -> None:
         """Start answering write faults (the thread that saves pages before they change)."""
-        self._starts = [a for a, _ in self._runs]
-        self._cursor = self._runs[0][0] if self._runs else 1 << 64
+        if self._thread is not None:
+            return        # started by prearm
         self._thread = threading.Thread(target=self._loop, name=f"wp-snapshot-{self.pid}", daemon=True)
         self._thread.start()
 
@@ -141,25 +231,37 @@ class WpSnapshot:
         while not self._stop:
             if not poll.poll(50):
                 continue
-            try:
-                data = os.read(self.fd, MSG_SIZE * 64)
-            except BlockingIOError:
-                continue
-            except OSError:
-                return
-            for k in range(0, len(data), MSG_SIZE):
-                self._message(data[k:k + MSG_SIZE])
+            with self._lock:      # read and handled as one step: see protect()
+                try:
+                    data = os.read(self.fd, MSG_SIZE * 64)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return
+                for k in range(0, len(data), MSG_SIZE):
+                    self._message(data[k:k + MSG_SIZE])
 
     def _message(self, msg: bytes) -> None:
+        """One message from the userfaultfd (lock held)."""
         event = msg[0]
         a, b, c = struct.unpack_from("<3Q", msg, 8)
+        if not self._copying:
+            # before the freeze: let the write through, note the page (protected again then)
+            page = b & ~(PAGE_SIZE - 1)
+            rng = {EVENT_PAGEFAULT: (page, page + PAGE_SIZE), EVENT_REMAP: (b, b + c)}.get(event, (a, b))
+            self._touched.append(rng)
+            if event == EVENT_PAGEFAULT:
+                try:
+                    writeprotect(self.fd, page, PAGE_SIZE, False)
+                except OSError:
+                    pass
+            return
         if event == EVENT_PAGEFAULT:
             page = b & ~(PAGE_SIZE - 1)
-            with self._lock:
-                if self._pending(page) and page not in self._saved:
-                    self._saved[page] = self._read(page)
-                    self.saved_early += 1
-                self.faults += 1
+            if self._pending(page) and page not in self._saved:
+                self._saved[page] = self._read(page)
+                self.saved_early += 1
+            self.faults += 1
             try:
                 writeprotect(self.fd, page, PAGE_SIZE, False)    # wakes the writer
             except OSError:
@@ -170,15 +272,14 @@ class WpSnapshot:
             self._check_gone(a, a + c, f"moved by mremap to {b:#x}")
 
     def _check_gone(self, start: int, end: int, what: str) -> None:
-        with self._lock:
-            i = max(bisect_right(self._starts, start) - 1, 0)
-            for addr, n in self._runs[i:]:
-                if addr >= end:
-                    break
-                lo, hi = max(addr, start, self._cursor), min(addr + n, end)
-                if any(p not in self._saved for p in range(lo, hi, PAGE_SIZE)):
-                    self._lost.append(f"{lo:#x}-{hi:#x} {what}")
-                    return
+        i = max(bisect_right(self._starts, start) - 1, 0)
+        for addr, n in self._runs[i:]:
+            if addr >= end:
+                break
+            lo, hi = max(addr, start, self._cursor), min(addr + n, end)
+            if any(p not in self._saved for p in range(lo, hi, PAGE_SIZE)):
+                self._lost.append(f"{lo:#x}-{hi:#x} {what}")
+                return
 
     def _read(self, page: int) -> bytes:
         got = vm_read(self.pid, ctypes.addressof(self._buf), page, PAGE_SIZE)
@@ -237,6 +338,10 @@ class WpSnapshot:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _protectable(r) -> bool:
+    return not r.shared and not r.special and bool(r.prot & 2)
 
 
 def _quiet(n: int) -> None:
