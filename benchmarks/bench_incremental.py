@@ -9,6 +9,11 @@ independently: scattered single pages, the hard case) and it is checkpointed:
 * pre-copy: an incremental pre-dump (copies while the job runs), the same fraction
   rewritten, then the final dump: the job is paused only for the last changes;
 * live snapshot (fork route, engine/snapshot.py): full, and incremental at 1%;
+* `--pause-aims`: only what the job is paused for, old route against new in the same
+  run, alternating, `--reps` times: live full snapshots by fork vs by write-protect
+  (engine/wpsnapshot.py), and final dumps after a pre-dump without vs with pre-copy
+  rounds (engine/precopy.py), per 100 MiB changed; `--busy` keeps the job writing
+  (0.1% of its pages per command, back to back) during the final dumps;
 * tracking slowdown: ns per first write to a page after a checkpoint re-armed tracking,
   minus a second write to the same pages right after (same process, same loop).
 
@@ -18,6 +23,7 @@ meaningless. Also measured: the scattered-run copy per process_vm_readv call vs 
 
     .venv/bin/python benchmarks/bench_incremental.py [--mib 4096] [--dir DIR] [--png docs/x.png]
     .venv/bin/python benchmarks/bench_incremental.py --replot out/bench_incremental.json [--write-cost] --png P
+    .venv/bin/python benchmarks/bench_incremental.py --pause-aims [--reps 3] [--busy] [--png docs/pause-aims.png]
 """
 import argparse
 import json
@@ -27,6 +33,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -161,6 +168,140 @@ def one_backend(name: str, mib: int, where: Path) -> list[dict]:
     return rows
 
 
+class Busy:
+    """Keeps the job writing (0.1% of its pages per command, back to back) while on."""
+
+    def __init__(self, job: Job):
+        self.job, self.on, self.pages = job, True, 0
+        self.th = threading.Thread(target=self._run, daemon=True)
+        self.th.start()
+
+    def _run(self) -> None:
+        while self.on:
+            self.pages += self.job._z(1)[0]
+
+    def stop(self) -> int:
+        self.on = False
+        self.th.join()
+        return self.pages
+
+
+def _pause_row(kind: str, route: str, frac, r, rewritten: int, busy: int = 0) -> dict:
+    per100 = r.frozen_s * 1e3 / (rewritten / (100 << 20)) if rewritten else float("nan")
+    print(f"{kind:22s} {route:12s} {('%.1f%%' % (frac * 100)) if frac else '-':>6s} paused "
+          f"{r.frozen_s * 1e3:7.1f} ms (+{r.stops_before_s * 1e3:.1f} ms before the freeze)"
+          + (f" = {per100:6.1f} ms/100 MiB changed" if rewritten else "")
+          + f", image {r.pages_bytes / 2**20:.1f} MiB, time {r.total_s:.2f} s"
+          + (f", job wrote {busy} pages meanwhile" if busy else "") + f"; load {os.getloadavg()[0]:.1f}",
+          flush=True)
+    print_spans(r)
+    return {"kind": kind, "route": route, "fraction": frac, "rewritten": rewritten, "frozen_s": r.frozen_s,
+            "before_s": r.stops_before_s, "image": r.pages_bytes, "total_s": r.total_s, "busy": busy,
+            "notes": r.notes, "spans": r.spans, "load": os.getloadavg()[0]}
+
+
+def pause_aims(mib: int, where: Path, reps: int, busy: bool) -> list[dict]:
+    """Live snapshot pause (fork vs uffd write-protect) and pre-copy final pause (no
+    rounds vs rounds), alternating in one run on one job."""
+    job = Job(mib * 256)
+    rows: list[dict] = []
+    try:
+        for _ in range(reps):
+            for route in ("fork", "uffd"):
+                img = where / f"live-{route}"
+                r = dump(job.t.pid, img, live=True, live_route=route, show_progress=False)
+                assert r.live_route == route, (r.live_route, r.notes)
+                rows.append(_pause_row("live full", route, None, r, 0))
+                shutil.rmtree(img, ignore_errors=True)
+        tt = TreeTracker(backend="uffd-wp")
+        prev = where / "base"
+        dump(job.t.pid, prev, leave_running=True, tracker=tt, show_progress=False)
+        k = 0
+        for f in FRACTIONS:
+            for _ in range(reps):
+                for rounds in (False, True):
+                    k += 1
+                    pre = where / f"pre-{k}"
+                    dump(job.t.pid, pre, pre_dump=True, tracker=tt, parent=prev, show_progress=False)
+                    count, _ = job.rewrite(f)
+                    b = Busy(job) if busy else None
+                    fin = where / f"fin-{k}"
+                    try:
+                        r = dump(job.t.pid, fin, leave_running=True, tracker=tt, parent=pre,
+                                 precopy=rounds, show_progress=False)
+                    finally:
+                        wrote = b.stop() if b else 0
+                    rows.append(_pause_row("final after pre-dump", "rounds" if rounds else "no rounds",
+                                           f, r, count * PAGE, wrote))
+                    prev = fin
+        tt.close()
+    finally:
+        job.close()
+        for p in where.iterdir():
+            shutil.rmtree(p, ignore_errors=True)
+    _summary(rows)
+    return rows
+
+
+def _summary(rows: list[dict]) -> None:
+    def med(sel, key="frozen_s"):
+        v = [r[key] for r in rows if sel(r)]
+        return statistics.median(v) if v else float("nan")
+    for route in ("fork", "uffd"):
+        m = med(lambda r: r["kind"] == "live full" and r["route"] == route)
+        mb = med(lambda r: r["kind"] == "live full" and r["route"] == route, "before_s")
+        print(f"live full, {route}: median paused {m * 1e3:.1f} ms (+{mb * 1e3:.1f} ms before)")
+    for f in FRACTIONS:
+        out = []
+        for route in ("no rounds", "rounds"):
+            sel = lambda r: r["kind"] == "final after pre-dump" and r["route"] == route and r["fraction"] == f  # noqa: E731
+            m = med(sel)
+            mb = med(sel, "rewritten")
+            out.append(m)
+            print(f"final after pre-dump {f * 100:g}%, {route}: median paused {m * 1e3:.1f} ms = "
+                  f"{m * 1e3 / (mb / (100 << 20)):.1f} ms per 100 MiB changed")
+        print(f"  rounds / no rounds: {out[1] / out[0]:.2f}")
+
+
+def plot_pauses(rows: list[dict], mib: int, png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, route in enumerate(("fork", "uffd")):
+        v = [r["frozen_s"] * 1e3 for r in rows if r["kind"] == "live full" and r["route"] == route]
+        vb = [(r["frozen_s"] + r["before_s"]) * 1e3 for r in rows if r["kind"] == "live full" and r["route"] == route]
+        ax[0].scatter([i] * len(v), v, marker="o", label=f"{route}: frozen" if i == 0 or True else None)
+        if any(r["before_s"] for r in rows if r["route"] == route):
+            ax[0].scatter([i + 0.1] * len(vb), vb, marker="x", label=f"{route}: frozen + stop before")
+    ax[0].axhline(20, color="red", ls=":", label="aim: 20 ms")
+    ax[0].set_xticks([0, 1], ["fork (old)", "uffd write-protect"])
+    ax[0].set_ylabel("job paused (ms)")
+    ax[0].set_title(f"live full snapshot of {mib} MiB")
+    pct = [f * 100 for f in FRACTIONS]
+    for route, mark in (("no rounds", "o"), ("rounds", "s")):
+        med = []
+        for f in FRACTIONS:
+            v = [r["frozen_s"] * 1e3 / (r["rewritten"] / (100 << 20)) for r in rows
+                 if r["kind"] == "final after pre-dump" and r["route"] == route and r["fraction"] == f]
+            ax[1].scatter([f * 100] * len(v), v, marker=mark, alpha=0.5)
+            med.append(statistics.median(v) if v else float("nan"))
+        ax[1].plot(pct, med, marker=mark, label=f"{route}{' (old)' if route == 'no rounds' else ''}: median")
+    ax[1].axhline(10, color="red", ls=":", label="aim: 10 ms per 100 MiB")
+    ax[1].set_xscale("log")
+    ax[1].set_yscale("log")
+    ax[1].set_xticks(pct, [f"{p:g}%" for p in pct])
+    ax[1].set_xlabel("pages rewritten after the pre-dump")
+    ax[1].set_ylabel("paused per 100 MiB changed (ms)")
+    ax[1].set_title("final dump after a pre-dump")
+    for a in ax:
+        a.legend(fontsize=7)
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    print(f"plot {png}")
+
+
 def batching(where: Path, mib: int = 1024, fraction: float = 0.10, reps: int = 3) -> dict:
     """Scattered single-page runs (a random 10% of 1 GiB) copied to a file: one
     process_vm_readv + write per run (before) vs many runs per call (now)."""
@@ -277,6 +418,9 @@ def main() -> None:
     ap.add_argument("--json", default=str(Path(__file__).parent / "out" / "bench_incremental.json"))
     ap.add_argument("--png", default=None, help="plot here (docs/incremental-bench.png for the docs)")
     ap.add_argument("--replot", metavar="JSON", help="only plot the results saved in JSON")
+    ap.add_argument("--pause-aims", action="store_true", help="only the pauses, old route vs new (see above)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--busy", action="store_true", help="with --pause-aims: the job writes during final dumps")
     ap.add_argument("--write-cost", action="store_true",
                     help="with --replot: measure the first-write cost again (no images) into JSON")
     a = ap.parse_args()
@@ -285,6 +429,19 @@ def main() -> None:
     works = {r.name: r for r in probe()}
     print(f"{a.mib} MiB written once; kernel {os.uname().release}; soft-dirty: "
           f"{'works' if works['soft-dirty'].works else 'not here (' + works['soft-dirty'].detail + ')'}")
+    if a.pause_aims:
+        if a.replot:
+            d = json.loads(Path(a.replot).read_text())
+            _summary(d["rows"])
+        else:
+            d = {"mib": a.mib, "busy": a.busy, "rows": pause_aims(a.mib, where, a.reps, a.busy)}
+            out = Path(a.json).with_name(f"pause_aims{'_busy' if a.busy else ''}.json")
+            out.parent.mkdir(exist_ok=True)
+            out.write_text(json.dumps(d, indent=1))
+            print(f"written {out}")
+        if a.png:
+            plot_pauses(d["rows"], d["mib"], Path(a.png))
+        return
     if a.replot:
         d = json.loads(Path(a.replot).read_text())
         if a.write_cost:

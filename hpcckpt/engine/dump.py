@@ -68,6 +68,7 @@ class DumpResult:
     snapshot: bool = False  # pages read from copy-on-write snapshots after the thaw
     live_route: str = ""    # live snapshots: "uffd", "fork", or "uffd,fork" (per process)
     stops_before_s: float = 0.0   # short stops before the freeze (live by uffd: making the userfaultfd)
+    precopy_rounds: list[int] = field(default_factory=list)   # bytes copied per round before the freeze
 
 
 class Spans:
@@ -398,7 +399,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     note), "fork" (engine/snapshot.py), "auto" (uffd where it can, else fork).
     `precopy`: an incremental dump with uffd-wp tracking since `parent` (the caller's, or
     a pre-dump's holder) first copies the changes in rounds while the tree runs
-    (engine/precopy.py) and freezes only for the last round's.
+    (engine/precopy.py) and freezes only for the last round's (not with cow=True).
     """
     t0 = time.monotonic()
     if stream is not None and (live or pre_dump or parent is not None or tracker is not None or track_mem):
@@ -420,8 +421,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     notes: list[str] = []
     sp = Spans()
     pc, adopted = None, False
-    if precopy and par is not None and not (live or pre_dump) and stream is None:
-        tracker, adopted = _precopy_trackers(par, tracker, own)
+    if precopy and cow is not True and par is not None and not (live or pre_dump) and stream is None:
+        tracker, adopted = _precopy_trackers(par, tracker, own, notes)
         if tracker is not None and tracker.valid_for(par.inv.image_id):
             pc = PreCopy.run({h: t for h, t in tracker.trackers.items() if isinstance(t, UffdWpTracker)},
                              notes)
@@ -538,7 +539,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                                         leave_running and not pre_dump and on_dumped is None, cow)
         plans: dict[int, IncrementalPlan] = {}
         rest: dict[int, list] = {}        # mappings planned and copied from the snapshot copy
-        held: dict[int, list] = {}        # pages taken from the pre-copy rounds' copies
+        held: dict[int, list] = {}        # the plan left to the pre-copy rounds' copies
         if wp_live:
             armed: dict[int, WpSnapshot] = {}
             for h in live_procs:
@@ -573,10 +574,11 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             sp.mark("frozen: snapshot")
         else:
             for h in live_procs:
+                if pc is not None and h in pc.procs and changes[h][0] is not None:
+                    now, held[h] = pc.plan(h, list(procs[h].mm.vmas), *changes[h], full=_populated(vmas[h]))
+                    plans[h] = IncrementalPlan(write=now)    # the rest from the rounds' copies
+                    continue
                 plans[h] = plan_incremental(h, list(procs[h].mm.vmas), *changes[h], full=_populated(vmas[h]))
-                if pc is not None:      # pages a round copied after their last change: from its copy
-                    now, held[h] = pc.split(h, plans[h].write)
-                    plans[h] = IncrementalPlan(write=now, in_parent=plans[h].in_parent)
             sp.mark("frozen: plan")
         facts = _process_facts(pid)       # what the inventory reads from the root, while frozen
         if forked or pre_dump:
@@ -628,8 +630,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             sp.mark("thaw")
             notes.extend(conns.cleanup())
         for h in live_procs:
-            if held.get(h):
-                pc.emit(h, held[h], writers[h])
+            if h in held:
+                plans[h].in_parent += pc.finish(h, held[h], writers[h])
             writers[h].close(plans[h].in_parent, sync=False)
             pages_bytes += pagemaps[h].pages_bytes
             parent_bytes += pagemaps[h].parent_bytes
@@ -691,8 +693,6 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         snapshot.release(s)
     if pc is not None:
         pc.close()
-        notes.append(f"pre-copy: {len(pc.rounds)} rounds while running "
-                     f"({', '.join(f'{n >> 10} KiB' for n in pc.rounds)}), then the last changes while frozen")
     if track_mem and (tracker is None or own or "hashing" in tracker.name):
         try:
             chain = load_chain(iset.path, verify=False)
@@ -708,7 +708,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                       tracking=inv.tracking, image_id=inv.image_id, notes=notes, spans=sp.spans,
                       snapshot=bool(from_copy),
                       live_route=",".join(r for r, on in (("uffd", wps), ("fork", from_copy)) if on),
-                      stops_before_s=stops_before)
+                      stops_before_s=stops_before, precopy_rounds=pc.rounds if pc is not None else [])
 
 
 COW_SHARE = 16            # fork once the pages to copy are 1/16 of those the image holds
@@ -913,13 +913,12 @@ def _wp_arm(h: int, fr: Frozen, p: pb.Process, vmas: list, changes: tuple, wps: 
     armed[h], plans[h] = s, plan
 
 
-def _precopy_trackers(par: Parent, tracker: "TreeTracker | None", own: bool):
+def _precopy_trackers(par: Parent, tracker: "TreeTracker | None", own: bool, notes: list[str]):
     """(tracker, adopted): the caller's tracker; or, when it has none of its own state for
     `par` (a one-shot dump after a pre-dump), the uffd-wp trackers a holder keeps since
     `par`, taken over now (before the freeze), so the rounds can collect them."""
     if tracker is not None and (tracker.valid_for(par.inv.image_id) or not own):
         return tracker, False
-    notes: list[str] = []
     par.held = _Held.take(par.path, par.inv.image_id, notes)
     got = {}
     for ns_pid, (p, fd) in list(par.held.fds.items()):

@@ -11,7 +11,8 @@ while frozen). Pages written in any round count as changed for the plan, so the 
 is never asked for a page the job changed.
 
 The rounds' copies go to a memfd; the dump appends the valid ones to the page file after
-the thaw.
+the thaw. While frozen only the masks of the plan are made, and runs of the pages to
+copy then: the rest of the plan (~1 us per run) waits for the thaw too.
 """
 import os
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from ..errors import HpcckptError
 from ..kernel import proc
 from ..kernel.libc import PAGE_SIZE
 from ..tracking.base import Dirty
+from ..tracking.incremental import plan_masks
 from ..tracking.regions import regions
 from ..tracking.scan import MAX_END, PAGE_IS_PRESENT, Scanner
 from ..tracking.uffd_wp import UffdWpTracker
@@ -98,38 +100,38 @@ class PreCopy:
                 out[v.start] = np.union1d(out.get(v.start, np.zeros(0, dtype=np.int64)), idx)
         return out
 
-    def split(self, h: int, runs: list[tuple[int, int]]) -> tuple[list, list]:
-        """(runs to copy now, (page, memfd offset) of the pages a round copy holds)."""
-        p = self.procs.get(h)
-        if p is None:
-            return runs, []
-        now, held = [], []
-        for addr, n in runs:
-            start = addr
-            for a in range(addr, addr + n, PAGE_SIZE):
-                off = p.held.get(a)
-                if off is None:
-                    continue
-                if a > start:
-                    now.append((start, a - start))
-                held.append((a, off))
-                start = a + PAGE_SIZE
-            if start < addr + n:
-                now.append((start, addr + n - start))
-        return now, held
+    def plan(self, h: int, pvmas, dirty: Dirty, parent_pages, full: frozenset) -> tuple[list, list]:
+        """While frozen: (runs to copy now, the rest of the plan as masks for `finish`).
+        Now: the pages to write that no round copy holds (changed since the last round,
+        or absent then). Made into runs only those: the rest after the thaw."""
+        p = self.procs[h]
+        hk = np.array(sorted(p.held), dtype=np.int64)
+        now: list[tuple[int, int]] = []
+        rest = []
+        for start, write, reuse in plan_masks(h, pvmas, dirty, parent_pages, full):
+            if reuse is None:
+                now += write
+                continue
+            held = np.zeros(len(write), dtype=bool)
+            lo, hi = np.searchsorted(hk, start), np.searchsorted(hk, start + len(write) * PAGE_SIZE)
+            held[(hk[lo:hi] - start) // PAGE_SIZE] = True
+            now += [(start + a * PAGE_SIZE, k * PAGE_SIZE) for a, k in proc.runs(write & ~held)]
+            rest.append((start, write & held, reuse))
+        return now, rest
 
-    def emit(self, h: int, held: list[tuple[int, int]], page_file) -> None:
-        """The round copies of `held` appended to `page_file` (engine.dump._PageFile)."""
-        if not held:
-            return
-        src = self.procs[h].fd
+    def finish(self, h: int, rest: list, page_file) -> list[tuple[int, int]]:
+        """After the thaw: the round copies of the pages `plan` left to them appended to
+        `page_file` (engine.dump._PageFile); returns the runs the parent holds."""
+        p = self.procs[h]
         w = page_file.writer
-        for k in range(0, len(held), 1024):
-            part = held[k:k + 1024]
-            for a, off in part:
+        in_parent = []
+        for start, held, reuse in rest:
+            in_parent += [(start + a * PAGE_SIZE, k * PAGE_SIZE) for a, k in proc.runs(reuse)]
+            for a in (np.flatnonzero(held) * PAGE_SIZE + start).tolist():
                 page_file.written.append((a, PAGE_SIZE, w.offset))
-                w._emit(memoryview(os.pread(src, PAGE_SIZE, off)))
+                w._emit(memoryview(os.pread(p.fd, PAGE_SIZE, p.held[a])))
                 w.offset += PAGE_SIZE
+        return in_parent
 
     @property
     def bytes(self) -> int:

@@ -229,6 +229,22 @@ def plan_incremental(pid: int, pvmas, dirty: Dirty | None,
     chain has it; everything else to be saved is written. `full`: see _to_save.
     """
     plan = IncrementalPlan()
+    for start, write, reuse in plan_masks(pid, pvmas, dirty, parent_pages, full):
+        if reuse is None:           # a sparse mapping's runs, all to write
+            plan.write += write
+            continue
+        plan.write += [(start + a * PAGE_SIZE, k * PAGE_SIZE) for a, k in proc.runs(write)]
+        plan.in_parent += [(start + a * PAGE_SIZE, k * PAGE_SIZE) for a, k in proc.runs(reuse)]
+    return plan
+
+
+def plan_masks(pid: int, pvmas, dirty: Dirty | None, parent_pages: "np.ndarray | PageRanges | None",
+               full: frozenset = frozenset()) -> list[tuple[int, object, "np.ndarray | None"]]:
+    """plan_incremental's decision before it is made into runs: per mapping (start,
+    write mask, in-parent mask), or (start, runs to write, None) for a sparse mapping.
+    Masks are cheap while frozen; making them into runs costs ~1 us per run (a caller
+    that can, does it after the thaw: engine/precopy.py)."""
+    out: list = []
     if parent_pages is not None and not isinstance(parent_pages, PageRanges):
         parent_pages = PageRanges.from_pages(parent_pages)
     try:
@@ -243,24 +259,25 @@ def plan_incremental(pid: int, pvmas, dirty: Dirty | None,
             except KernelError:
                 source = scanner      # scanned mapping by mapping instead
         for v in pvmas:
-            _plan_one(pid, v, source, dirty, parent_pages, plan, full)
+            m = _masks_one(pid, v, source, dirty, parent_pages, full)
+            if m is not None:
+                out.append((v.start, *m))
     finally:
         if scanner is not None:
             scanner.close()
-    return plan
+    return out
 
 
-def _plan_one(pid: int, v, scanner: "Scanner | _Scan | None", dirty: Dirty | None,
-              parent_pages: PageRanges | None, plan: IncrementalPlan, full: frozenset = frozenset()) -> None:
+def _masks_one(pid: int, v, scanner: "Scanner | _Scan | None", dirty: Dirty | None,
+               parent_pages: PageRanges | None, full: frozenset = frozenset()):
     d = None if dirty is None else dirty.get(v.start)
     if (d is None or parent_pages is None) and _scanned(v) and v.end - v.start > SPARSE_MIN:
         # all to write, of a mapping maybe terabytes large and mostly empty (a server's
         # reservation): its populated ranges, never a mask of all its pages
-        plan.write += pages_to_save(pid, v)
-        return
+        return pages_to_save(pid, v), None
     save = _to_save(pid, v, scanner, full)
     if save is None or not save.any():
-        return
+        return None
     n = len(save)
     reuse = save.copy()
     if d is None or parent_pages is None:
@@ -268,6 +285,4 @@ def _plan_one(pid: int, v, scanner: "Scanner | _Scan | None", dirty: Dirty | Non
     else:
         reuse[d[d < n]] = False
         reuse &= parent_pages.mask(v.start, n)
-    write = save & ~reuse
-    plan.write += [(v.start + a * PAGE_SIZE, k * PAGE_SIZE) for a, k in proc.runs(write)]
-    plan.in_parent += [(v.start + a * PAGE_SIZE, k * PAGE_SIZE) for a, k in proc.runs(reuse)]
+    return save & ~reuse, reuse
