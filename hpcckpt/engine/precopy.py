@@ -40,7 +40,11 @@ class _Proc:
     fd: int
     writer: memory.PageWriter
     held: dict[int, int] = field(default_factory=dict)      # page -> offset in the memfd
-    changed: set[int] = field(default_factory=set)         # pages reported in any round
+    reported: list[np.ndarray] = field(default_factory=list)   # page addresses, per round
+    # made once the rounds are over (no per-page Python while frozen): sorted arrays of
+    # the pages reported in any round, and of those a round copy holds
+    changed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    held_pages: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 @dataclass
@@ -63,6 +67,9 @@ class PreCopy:
                     break
         except HpcckptError as e:      # the frozen collect finds everything again
             notes.append(f"pre-copy rounds stopped ({e}); the dump copies the rest while frozen")
+        for p in pc.procs.values():
+            p.changed = np.unique(np.concatenate(p.reported)) if p.reported else p.changed
+            p.held_pages = np.array(sorted(p.held), dtype=np.int64)
         return pc
 
     def _round(self, h: int, p: _Proc) -> int:
@@ -70,10 +77,10 @@ class PreCopy:
         regs = [r for r in regions(vmas) if r.trackable]
         dirty = p.tracker.collect(h, vmas)
         pages = _addresses(dirty, {r.start for r in regs})
-        for a in pages:
+        for a in pages.tolist():
             p.held.pop(a, None)
-        p.changed.update(pages)
-        runs = _present_runs(h, np.array(sorted(pages), dtype=np.int64))
+        p.reported.append(pages)
+        runs = _present_runs(h, pages)
         offs = p.writer.copy_runs(runs)
         for (addr, n), off in zip(runs, offs):
             for k in range(0, n, PAGE_SIZE):
@@ -87,10 +94,11 @@ class PreCopy:
         if p is None or dirty is None:
             return dirty
         final = _addresses(dirty, None)
-        for a in final:
+        for a in final.tolist():
             p.held.pop(a, None)
+        p.held_pages = p.held_pages[~np.isin(p.held_pages, final)]
         out = dict(dirty)
-        ch = np.array(sorted(p.changed), dtype=np.int64)
+        ch = p.changed
         for v in regions(vmas):
             if v.start >= MAX_END:
                 continue
@@ -104,8 +112,7 @@ class PreCopy:
         """While frozen: (runs to copy now, the rest of the plan as masks for `finish`).
         Now: the pages to write that no round copy holds (changed since the last round,
         or absent then). Made into runs only those: the rest after the thaw."""
-        p = self.procs[h]
-        hk = np.array(sorted(p.held), dtype=np.int64)
+        hk = self.procs[h].held_pages
         now: list[tuple[int, int]] = []
         rest = []
         for start, write, reuse in plan_masks(h, pvmas, dirty, parent_pages, full):
@@ -145,12 +152,11 @@ class PreCopy:
         self.procs = {}
 
 
-def _addresses(dirty: Dirty, starts: set[int] | None) -> set[int]:
-    out: set[int] = set()
-    for s, idx in dirty.items():
-        if (starts is None or s in starts) and s < MAX_END and len(idx):
-            out.update((np.asarray(idx, dtype=np.int64) * PAGE_SIZE + s).tolist())
-    return out
+def _addresses(dirty: Dirty, starts: set[int] | None) -> np.ndarray:
+    """Sorted page addresses of a collect's report (of the mappings starting at `starts`)."""
+    parts = [np.asarray(idx, dtype=np.int64) * PAGE_SIZE + s for s, idx in dirty.items()
+             if (starts is None or s in starts) and s < MAX_END and len(idx)]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 
 
 def _present_runs(pid: int, pages: np.ndarray) -> list[tuple[int, int]]:

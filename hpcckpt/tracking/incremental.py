@@ -273,8 +273,9 @@ def _masks_one(pid: int, v, scanner: "Scanner | _Scan | None", dirty: Dirty | No
     d = None if dirty is None else dirty.get(v.start)
     if (d is None or parent_pages is None) and _scanned(v) and v.end - v.start > SPARSE_MIN:
         # all to write, of a mapping maybe terabytes large and mostly empty (a server's
-        # reservation): its populated ranges, never a mask of all its pages
-        return pages_to_save(pid, v), None
+        # reservation): its populated ranges, never a mask of all its pages; all of it
+        # when smaps says every page is an anonymous page (`full`): no walk needed
+        return ([(v.start, v.end - v.start)] if v.start in full else pages_to_save(pid, v)), None
     save = _to_save(pid, v, scanner, full)
     if save is None or not save.any():
         return None
