@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from hpcckpt.engine.freeze import freeze  # noqa: E402
 from hpcckpt.kernel import proc  # noqa: E402
 from hpcckpt.tracking.select import BACKENDS, probe  # noqa: E402
+from hpcckpt.tracking.regions import regions  # noqa: E402
 from tests.tracking.helpers import PAGE, Target  # noqa: E402
 
 
@@ -118,13 +119,80 @@ def live_routes(gib: float, reps: int = 5, huge: bool = False) -> dict:
     return med
 
 
+def handover(gib: float, reps: int = 3) -> dict:
+    """What a live snapshot by synchronous write-protect would pause a job for whose async
+    uffd-wp tracking is armed (a VMA takes one userfaultfd): first freeze: collect the
+    tracker, unregister it, make, register and protect the synchronous uffd; second
+    freeze, after the copy: close the synchronous uffd (the kernel clears its wp bits)
+    and register and protect the tracker's again. Medians of `reps`, ms."""
+    import statistics
+    from hpcckpt.engine.wpsnapshot import WpSnapshot
+    from hpcckpt.tracking import userfaultfd as uf
+    from hpcckpt.tracking.target import injector
+    from hpcckpt.tracking.uffd_wp import UffdWpTracker
+    import fcntl
+    import struct
+    npages = int(gib * (1 << 30)) // PAGE
+    t = Target()
+    out = {"first freeze": [], "second freeze": [], "fork": []}
+    try:
+        t.alloc(npages)
+        tr = UffdWpTracker()
+        frozen_call(t.pid, lambda v, fr: tr.arm(t.pid, fr, v))
+        for _ in range(reps):
+            fr = freeze(t.pid)
+            try:
+                vmas = proc.maps(t.pid)
+                t0 = time.perf_counter()
+                tr.collect(t.pid, vmas)
+                for v in vmas:
+                    if "uw" in v.vmflags:
+                        fcntl.ioctl(tr.fd, uf.UFFDIO_UNREGISTER, struct.pack("<2Q", v.start, v.end - v.start))
+                with injector(t.pid, fr) as inj:
+                    s = WpSnapshot.arm(t.pid, inj, proc.maps(t.pid))
+                out["first freeze"].append(time.perf_counter() - t0)
+            finally:
+                fr.thaw()
+            fr = freeze(t.pid)
+            try:
+                t0 = time.perf_counter()
+                s.close()
+                tr._register([r for r in regions(proc.maps(t.pid, with_flags=False)) if r.trackable])
+                tr._scan_written(regions(proc.maps(t.pid, with_flags=False)))
+                out["second freeze"].append(time.perf_counter() - t0)
+            finally:
+                fr.thaw()
+            fr = freeze(t.pid)
+            try:
+                from hpcckpt.engine import snapshot
+                t0 = time.perf_counter()
+                sn = snapshot.take(fr)
+                out["fork"].append(time.perf_counter() - t0)
+            finally:
+                fr.thaw()
+            snapshot.release(sn)
+        tr.disarm()
+    finally:
+        t.close()
+    med = {k: statistics.median(v) * 1e3 for k, v in out.items()}
+    print(f"{gib:g} GiB, async uffd-wp armed: live by write-protect would freeze {med['first freeze']:.1f} ms "
+          f"(collect, unregister, arm) + {med['second freeze']:.1f} ms (re-arm the tracker); "
+          f"the fork route {med['fork']:.1f} ms; load {os.getloadavg()[0]:.1f}")
+    return med
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=1.0)
     ap.add_argument("--backends", default="")
     ap.add_argument("--live-routes", action="store_true", help="only: fork vs sync uffd-wp pause")
     ap.add_argument("--huge", action="store_true", help="with --live-routes: memory in transparent huge pages")
+    ap.add_argument("--handover", action="store_true",
+                    help="only: the pauses of handing async uffd-wp tracking over to a live snapshot and back")
     a = ap.parse_args()
+    if a.handover:
+        handover(a.gib)
+        return
     if a.live_routes:
         live_routes(a.gib, huge=a.huge)
         return

@@ -45,6 +45,7 @@ class _Proc:
     # the pages reported in any round, and of those a round copy holds
     changed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     held_pages: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    final: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))   # the frozen collect's
 
 
 @dataclass
@@ -93,26 +94,26 @@ class PreCopy:
         p = self.procs.get(h)
         if p is None or dirty is None:
             return dirty
-        final = _addresses(dirty, None)
-        for a in final.tolist():
+        p.final = _addresses(dirty, None)
+        for a in p.final.tolist():
             p.held.pop(a, None)
-        p.held_pages = p.held_pages[~np.isin(p.held_pages, final)]
         out = dict(dirty)
         ch = p.changed
         for v in regions(vmas):
             if v.start >= MAX_END:
                 continue
             lo, hi = np.searchsorted(ch, v.start), np.searchsorted(ch, v.end)
-            if hi > lo:
+            if hi > lo:       # repeated indices are harmless to the plan: no sort while frozen
                 idx = (ch[lo:hi] - v.start) // PAGE_SIZE
-                out[v.start] = np.union1d(out.get(v.start, np.zeros(0, dtype=np.int64)), idx)
+                out[v.start] = np.concatenate((out.get(v.start, np.zeros(0, dtype=np.int64)), idx))
         return out
 
     def plan(self, h: int, pvmas, dirty: Dirty, parent_pages, full: frozenset) -> tuple[list, list]:
         """While frozen: (runs to copy now, the rest of the plan as masks for `finish`).
         Now: the pages to write that no round copy holds (changed since the last round,
         or absent then). Made into runs only those: the rest after the thaw."""
-        hk = self.procs[h].held_pages
+        p = self.procs[h]
+        hk, fin = p.held_pages, p.final
         now: list[tuple[int, int]] = []
         rest = []
         for start, write, reuse in plan_masks(h, pvmas, dirty, parent_pages, full):
@@ -120,8 +121,11 @@ class PreCopy:
                 now += write
                 continue
             held = np.zeros(len(write), dtype=bool)
-            lo, hi = np.searchsorted(hk, start), np.searchsorted(hk, start + len(write) * PAGE_SIZE)
+            end = start + len(write) * PAGE_SIZE
+            lo, hi = np.searchsorted(hk, start), np.searchsorted(hk, end)
             held[(hk[lo:hi] - start) // PAGE_SIZE] = True
+            lo, hi = np.searchsorted(fin, start), np.searchsorted(fin, end)
+            held[(fin[lo:hi] - start) // PAGE_SIZE] = False      # changed since its copy
             now += [(start + a * PAGE_SIZE, k * PAGE_SIZE) for a, k in proc.runs(write & ~held)]
             rest.append((start, write & held, reuse))
         return now, rest
