@@ -153,6 +153,8 @@ def handover(gib: float, reps: int = 3) -> dict:
                 out["first freeze"].append(time.perf_counter() - t0)
             finally:
                 fr.thaw()
+            s.split([])      # write faults served (no copy here): a thread stopped in one
+            s.serve()        # (e.g. the kernel's rseq update) could not be frozen again
             fr = freeze(t.pid)
             try:
                 t0 = time.perf_counter()

@@ -34,7 +34,7 @@ from ..tracking.uffd_wp import UffdWpTracker
 from . import files, listeners, memory, sessions, shared, snapshot, streamdump, sysvipc, tcp, timers, ttys
 from .precopy import PreCopy
 from .wpsnapshot import WpSnapshot
-from .incremental import Parent, TreeTracker, _Held, collect_held, hand_off, save_digests
+from .incremental import Parent, TreeTracker, collect_held, hand_off, save_digests
 from . import tree as ptree
 from .freeze import Frozen
 from .netns import detach as detach_netns, save as save_netns
@@ -535,8 +535,12 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                               total_s=time.monotonic() - t0, processes=len(ft.order), image_id=inv.image_id,
                               notes=notes)
         estimate = [_estimate(vmas[h], changes[h][0]) for h in live_procs]
-        forked = live or pc is None and _snapshot_pays(sum(w for w, _ in estimate), sum(h for _, h in estimate),
-                                        leave_running and not pre_dump and on_dumped is None, cow)
+        may_fork = leave_running and not pre_dump and on_dumped is None
+        held_bytes = sum(h for _, h in estimate)
+        if pc is not None and _snapshot_pays(pc.final_bytes, held_bytes, may_fork, cow):
+            pc.drop()           # the job wrote too fast for the rounds: as without them (a fork)
+        forked = live or not (pc and pc.procs) and _snapshot_pays(sum(w for w, _ in estimate), held_bytes,
+                                                                  may_fork, cow)
         plans: dict[int, IncrementalPlan] = {}
         rest: dict[int, list] = {}        # mappings planned and copied from the snapshot copy
         held: dict[int, list] = {}        # the plan left to the pre-copy rounds' copies
@@ -574,7 +578,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             sp.mark("frozen: snapshot")
         else:
             for h in live_procs:
-                if pc is not None and h in pc.procs and changes[h][0] is not None:
+                if pc and h in pc.procs and changes[h][0] is not None:
                     now, held[h] = pc.plan(h, list(procs[h].mm.vmas), *changes[h], full=_populated(vmas[h]))
                     plans[h] = IncrementalPlan(write=now)    # the rest from the rounds' copies
                     continue
@@ -919,16 +923,7 @@ def _precopy_trackers(par: Parent, tracker: "TreeTracker | None", own: bool, not
     `par`, taken over now (before the freeze), so the rounds can collect them."""
     if tracker is not None and (tracker.valid_for(par.inv.image_id) or not own):
         return tracker, False
-    par.held = _Held.take(par.path, par.inv.image_id, notes)
-    got = {}
-    for ns_pid, (p, fd) in list(par.held.fds.items()):
-        if fd < 0:
-            continue
-        del par.held.fds[ns_pid]
-        try:
-            got[p.host_pid] = UffdWpTracker.adopt(p.host_pid, fd, {int(k[0]): tuple(k) for k in p.layout})
-        except HpcckptError:
-            continue             # fd closed by adopt; the dump compares digests for it
+    got = par.take_held(notes)
     if not got:
         return tracker, False
     adopted = tracker is None

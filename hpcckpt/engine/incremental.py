@@ -148,6 +148,23 @@ class Parent:
                          f"({e}); comparing page digests")
             return None
 
+    def take_held(self, notes: list[str]) -> dict[int, UffdWpTracker]:
+        """Every uffd-wp tracker a holder keeps since this image, taken over at once (by
+        host PID; before a freeze, for pre-copy rounds); those not usable are left out
+        (the dump then compares digests for their process, with a note)."""
+        if self.held is None:
+            self.held = _Held.take(self.path, self.inv.image_id, notes)
+        got = {}
+        for ns_pid, (p, fd) in list(self.held.fds.items()):
+            if fd < 0:
+                continue
+            del self.held.fds[ns_pid]
+            try:
+                got[p.host_pid] = UffdWpTracker.adopt(p.host_pid, fd, {int(k[0]): tuple(k) for k in p.layout})
+            except HpcckptError:
+                continue             # fd closed by adopt
+        return got
+
     def hashing_tracker(self, host_pid: int, ns_pid: int) -> HashingTracker:
         """A hashing tracker whose next collect on `host_pid` compares with this image."""
         f = self.path / DIGESTS.format(pid=ns_pid)

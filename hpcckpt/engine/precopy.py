@@ -145,8 +145,14 @@ class PreCopy:
         return in_parent
 
     @property
-    def bytes(self) -> int:
-        return sum(self.rounds)
+    def final_bytes(self) -> int:
+        """What the frozen collect found changed since the last round."""
+        return sum(len(p.final) for p in self.procs.values()) * PAGE_SIZE
+
+    def drop(self) -> None:
+        """The rounds' copies are not used (the dump copies every change otherwise): the
+        changes they saw still are (`changes`)."""
+        self.close()
 
     def close(self) -> None:
         for p in self.procs.values():

@@ -152,9 +152,15 @@ class WpSnapshot:
         flags, whose "uw" says the mapping is still registered, or pb.Vma)."""
         with self._lock:
             self._drain()
-            touched = sorted(self._touched)
+            touched = _merged(self._touched)
             self._touched = []
         self.spans = []
+        try:
+            self._protect(vmas, touched)
+        except OSError as e:
+            raise KernelError(f"UFFDIO_WRITEPROTECT in process {self.pid}: {e.strerror}") from None
+
+    def _protect(self, vmas, touched: list[tuple[int, int]]) -> None:
         for v in vmas:
             r = region(v)
             if not _protectable(r):
@@ -338,6 +344,17 @@ class WpSnapshot:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint: touching or overlapping ranges joined."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 def _protectable(r) -> bool:
