@@ -89,14 +89,11 @@ class PreCopy:
         return sum(n for _, n in runs)
 
     def changes(self, h: int, dirty: Dirty | None, vmas) -> Dirty | None:
-        """The frozen collect's report widened by every page the rounds saw changed;
-        the pages it reported lose their round copies."""
+        """The frozen collect's report widened by every page the rounds saw changed."""
         p = self.procs.get(h)
         if p is None or dirty is None:
             return dirty
-        p.final = _addresses(dirty, None)
-        for a in p.final.tolist():
-            p.held.pop(a, None)
+        p.final = _addresses(dirty, None)      # their round copies are stale: see plan()
         out = dict(dirty)
         ch = p.changed
         for v in regions(vmas):
