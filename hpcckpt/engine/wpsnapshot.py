@@ -76,8 +76,6 @@ class WpSnapshot:
     fd: int
     spans: list[tuple[int, int]] = field(default_factory=list)      # registered and protected
     refused: list[tuple[int, int, str]] = field(default_factory=list)
-    faults: int = 0                  # write faults served
-    saved_early: int = 0             # of them, pages saved before the copier reached them
     _runs: list[tuple[int, int]] = field(default_factory=list)     # to copy, sorted
     _starts: list[int] = field(default_factory=list)
     _cursor: int = 0                 # pages of _runs below this address are copied
@@ -104,7 +102,7 @@ class WpSnapshot:
             raise KernelError(f"process {pid}: userfaultfd without write-protect events "
                               f"({e.strerror})") from None
         s = cls(pid, fd)
-        s._buf = ctypes.create_string_buffer(SLICE)
+        s._buf = ctypes.create_string_buffer(PAGE_SIZE)
         return s
 
     @classmethod
@@ -128,6 +126,9 @@ class WpSnapshot:
                         and s._register(r):
                     writeprotect(s.fd, r.start, r.end - r.start, True)
                     s._pre.add((r.start, r.end))
+        except OSError as e:
+            s.close()
+            raise KernelError(f"UFFDIO_WRITEPROTECT in process {pid}: {e.strerror}") from None
         except BaseException:
             s.close()
             raise
@@ -266,8 +267,6 @@ class WpSnapshot:
             page = b & ~(PAGE_SIZE - 1)
             if self._pending(page) and page not in self._saved:
                 self._saved[page] = self._read(page)
-                self.saved_early += 1
-            self.faults += 1
             try:
                 writeprotect(self.fd, page, PAGE_SIZE, False)    # wakes the writer
             except OSError:
