@@ -104,16 +104,21 @@ def test_dumping_process_killed_mid_copy_leaves_the_job_running(tmp_path, writer
         job.kill()
 
 
-def test_final_dump_after_pre_dump_with_writing_threads_restores_exactly(tmp_path, writer):
+@pytest.mark.parametrize("leave_running", [False, True], ids=["killed", "left-running"])
+def test_final_dump_after_pre_dump_with_writing_threads_restores_exactly(tmp_path, writer, leave_running):
     """pre-dump (tracking handed to a holder), then the final dump: copy rounds while the
-    threads write, the last changes while frozen; the image is the state at that freeze."""
+    threads write, the last changes while frozen; the image is the state at that freeze.
+    Left running, the threads rewrite all their pages faster than the rounds copy: the
+    dump forks instead (as without rounds), with every change the rounds saw."""
     job, ref = _job(writer, tmp_path, sweeps=30000)
     try:
         cli("-q", "pre-dump", "--pid", job.pid, "--images", tmp_path / "pre")
-        r = dump(job.pid, tmp_path / "fin", parent=tmp_path / "pre", show_progress=False)
+        r = dump(job.pid, tmp_path / "fin", parent=tmp_path / "pre", leave_running=leave_running,
+                 show_progress=False)
         assert r.incremental and r.tracking == "uffd-wp", r.notes
-        assert r.precopy_rounds, r.notes
-        job.proc.wait(timeout=60)                  # killed by the dump
+        assert r.precopy_rounds and r.snapshot == leave_running, (r.precopy_rounds, r.notes)
+        rc = job.proc.wait(timeout=120)              # killed by the dump, or finished
+        assert rc == 0 or not leave_running
         res = restore_fg(tmp_path / "fin", check=False)
         assert res.returncode == 0, (res.stderr, job.out.read_bytes())
         assert job.out.read_bytes() == ref
