@@ -6,6 +6,7 @@ written; any failure thaws the process exactly as it was and removes the partial
 without --leave-running the process is killed only after the image is sealed on disk.
 """
 import dataclasses
+import functools
 import os
 import platform
 import shutil
@@ -33,7 +34,7 @@ from ..tracking.incremental import IncrementalPlan, plan_incremental
 from ..tracking.uffd_wp import UffdWpTracker
 from . import files, listeners, memory, sessions, shared, snapshot, streamdump, sysvipc, tcp, timers, ttys
 from .precopy import PreCopy
-from .wpsnapshot import WpSnapshot
+from .wpsnapshot import SnapshotLostError, WpSnapshot
 from .incremental import Parent, TreeTracker, collect_held, hand_off, save_digests
 from . import tree as ptree
 from .freeze import Frozen
@@ -355,6 +356,24 @@ def _zombie(pid: int, ns: dict[int, int]) -> pb.Process:
                       exit_code=(code >> 8) & 0xFF, exit_signal=code & 0x7F)
 
 
+def _live_retried(fn):
+    """A live snapshot by write-protect that the job spoiled (it unmapped or dropped memory
+    not yet copied: SnapshotLostError, image removed, job running) is taken again by the
+    fork route, which no layout change can spoil, when the route was left to us."""
+    @functools.wraps(fn)
+    def dump(*args, **kw):
+        try:
+            return fn(*args, **kw)
+        except SnapshotLostError as e:
+            if not kw.get("live") or kw.get("live_route", "auto") != "auto":
+                raise
+            r = fn(*args, **{**kw, "live_route": "fork"})
+            r.notes.insert(0, f"{e}: taken again by the fork route")
+            return r
+    return dump
+
+
+@_live_retried
 def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
          policies: files.FilePolicies | None = None, show_progress: bool = True,
          tree: bool = True, parent: str | os.PathLike | None = None,

@@ -9,9 +9,10 @@ import time
 
 import pytest
 
+from hpcckpt.engine import wpsnapshot
 from hpcckpt.engine.dump import dump
 from hpcckpt.engine.incremental import TreeTracker
-from tests.tracking.helpers import build
+from tests.tracking.helpers import PAGE, Target, build
 
 from .helpers import Job, cli, reference, restore_fg
 
@@ -124,3 +125,32 @@ def test_final_dump_after_pre_dump_with_writing_threads_restores_exactly(tmp_pat
         assert job.out.read_bytes() == ref
     finally:
         job.kill()
+
+
+@pytest.mark.parametrize("route", ["auto", "uffd"])
+def test_memory_dropped_before_it_was_copied_fails_the_snapshot_or_forks(tmp_path, monkeypatch, route):
+    """The job drops (MADV_DONTNEED) pages the write-protect snapshot has not copied yet:
+    their content at the instant is gone, so that snapshot must fail, never be written;
+    left to choose the route, the dump takes it again by fork."""
+    t = Target()
+    try:
+        buf = t.alloc(4096)                       # 16 MiB: 16 slices of copy
+        t.write(buf, 4096)
+        slices = wpsnapshot._slices
+
+        def dropping(runs):
+            for i, piece in enumerate(slices(runs)):
+                if i == 2 and len(runs) > 4:
+                    t.cmd(f"d {buf + 4000 * PAGE:x} 8")    # pages far ahead of the copier
+                yield piece
+        monkeypatch.setattr(wpsnapshot, "_slices", dropping)
+        if route == "uffd":
+            with pytest.raises(wpsnapshot.SnapshotLostError, match=f"process {t.pid}"):
+                dump(t.pid, tmp_path / "img", live=True, live_route=route, show_progress=False)
+            assert not (tmp_path / "img").exists()
+            assert t.cmd(f"w {buf:x} 1 1") == "ok"          # running, not frozen
+        else:
+            r = dump(t.pid, tmp_path / "img", live=True, show_progress=False)
+            assert r.live_route == "fork" and "taken again by the fork route" in r.notes[0], r.notes
+    finally:
+        t.close()
