@@ -445,6 +445,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         if tracker is not None and tracker.valid_for(par.inv.image_id):
             pc = PreCopy.run({h: t for h, t in tracker.trackers.items() if isinstance(t, UffdWpTracker)},
                              notes)
+            for h in pc.failed:
+                tracker.forget(h)
             sp.mark("pre-copy rounds (running)")
     wps: dict[int, WpSnapshot] = {}
     # a VMA takes one userfaultfd: where the caller keeps async uffd-wp tracking (armed on

@@ -52,6 +52,7 @@ class _Proc:
 class PreCopy:
     procs: dict[int, _Proc] = field(default_factory=dict)
     rounds: list[int] = field(default_factory=list)        # bytes copied per round
+    failed: set[int] = field(default_factory=set)          # processes whose tracking is not to be trusted
 
     @classmethod
     def run(cls, trackers: dict[int, UffdWpTracker], notes: list[str]) -> "PreCopy":
@@ -60,14 +61,21 @@ class PreCopy:
         for h, t in trackers.items():
             fd = os.memfd_create("hpcckpt-precopy", os.MFD_CLOEXEC)
             pc.procs[h] = _Proc(t, fd, memory.PageWriter(h, fd))
-        try:
-            for _ in range(MAX_ROUNDS):
-                n = sum(pc._round(h, p) for h, p in list(pc.procs.items()))
-                pc.rounds.append(n)
-                if n <= SMALL or (len(pc.rounds) > 1 and n > pc.rounds[-2] * SHRINK):
-                    break
-        except HpcckptError as e:      # the frozen collect finds everything again
-            notes.append(f"pre-copy rounds stopped ({e}); the dump copies the rest while frozen")
+        for _ in range(MAX_ROUNDS):
+            n = 0
+            for h, p in list(pc.procs.items()):
+                try:
+                    n += pc._round(h, p)
+                except (HpcckptError, OSError) as e:
+                    # a collect that failed half-way may have re-protected pages it did not
+                    # report: this tracker's word is lost (the dump compares digests)
+                    notes.append(f"process {h}: pre-copy round failed ({e}); its changes are "
+                                 "found by comparing page digests")
+                    pc.failed.add(h)
+                    os.close(pc.procs.pop(h).fd)
+            pc.rounds.append(n)
+            if n <= SMALL or (len(pc.rounds) > 1 and n > pc.rounds[-2] * SHRINK):
+                break
         for p in pc.procs.values():
             p.changed = np.unique(np.concatenate(p.reported)) if p.reported else p.changed
             p.held_pages = np.array(sorted(p.held), dtype=np.int64)

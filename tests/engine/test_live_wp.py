@@ -154,3 +154,35 @@ def test_memory_dropped_before_it_was_copied_fails_the_snapshot_or_forks(tmp_pat
             assert r.live_route == "fork" and "taken again by the fork route" in r.notes[0], r.notes
     finally:
         t.close()
+
+
+def test_pre_copy_round_failing_falls_back_to_digests(tmp_path, monkeypatch):
+    """A collect that fails during the rounds may have re-protected pages it never
+    reported: that tracker is dropped and the final dump compares page digests, so the
+    pages written since the pre-dump are all in the image (not taken from the parent)."""
+    from hpcckpt.errors import KernelError
+    from hpcckpt.tracking.uffd_wp import UffdWpTracker
+    from .test_incremental import written
+    t = Target()
+    try:
+        buf = t.alloc(512)
+        t.write(buf, 512)
+        cli("-q", "pre-dump", "--pid", t.pid, "--images", tmp_path / "pre")
+        wrote = {3, 4, 100, 511}
+        for i in wrote:
+            t.write(buf + i * PAGE)
+        collect, calls = UffdWpTracker.collect, []
+
+        def failing(self, pid, vmas):
+            calls.append(pid)
+            out = collect(self, pid, vmas)         # reports and re-protects, then "fails"
+            if len(calls) == 1:
+                raise KernelError("PAGEMAP_SCAN failed half-way (test)")
+            return out
+        monkeypatch.setattr(UffdWpTracker, "collect", failing)
+        r = dump(t.pid, tmp_path / "fin", parent=tmp_path / "pre", leave_running=True, show_progress=False)
+        assert any("pre-copy round failed" in n for n in r.notes), r.notes
+        assert r.tracking == "hashing", r.notes
+        assert wrote <= written(tmp_path / "fin", t.pid, buf, buf + 512 * PAGE)
+    finally:
+        t.close()
