@@ -31,6 +31,7 @@ from ..kernel.libc import libc
 from ..progress import Progress
 from ..images.chain import load_chain, new_image_id, relative_parent
 from ..tracking.incremental import IncrementalPlan, plan_incremental
+from ..tracking.hashing import HashingTracker
 from ..tracking.uffd_wp import UffdWpTracker
 from . import files, listeners, memory, sessions, shared, snapshot, streamdump, sysvipc, tcp, timers, ttys
 from .precopy import PreCopy
@@ -530,8 +531,17 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         sp.mark("frozen: ipc, terminals")
         live_procs = [h for h in ft.order if h not in ft.zombies]
         changes, used = {}, {}
+        # digests compared on a fork after the thaw, not while frozen (the job runs on)
+        # (a fork: refused where the memory held exceeds half of what is available, as for cow)
+        defer = (leave_running and not pre_dump and on_dumped is None and cow is not False
+                 and not wp_live and par is not None
+                 and sum(_estimate(vmas[h], None)[1] for h in live_procs) <= memory.mem_available() // 2)
+        deferred: dict[int, HashingTracker] = {}
         for h in live_procs:
-            changes[h], used[h] = _changes_of(h, procs[h], vmas[h], par, tracker, notes)
+            changes[h], used[h] = _changes_of(h, procs[h], vmas[h], par, tracker, notes, defer)
+            if isinstance(changes[h][0], HashingTracker):
+                deferred[h] = changes[h][0]
+                changes[h] = (None, changes[h][1])    # until the fork is read: see below
             if pc is not None:
                 changes[h] = (pc.changes(h, changes[h][0], procs[h].mm.vmas), changes[h][1])
         sp.mark("frozen: collect")
@@ -560,7 +570,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         held_bytes = sum(h for _, h in estimate)
         if pc is not None and _snapshot_pays(pc.final_bytes, held_bytes, may_fork, cow):
             pc.drop()           # the job wrote too fast for the rounds: as without them (a fork)
-        forked = live or not (pc and pc.procs) and _snapshot_pays(sum(w for w, _ in estimate), held_bytes,
+        forked = live or bool(deferred) or not (pc and pc.procs) and _snapshot_pays(sum(w for w, _ in estimate), held_bytes,
                                                                   may_fork, cow)
         plans: dict[int, IncrementalPlan] = {}
         rest: dict[int, list] = {}        # mappings planned and copied from the snapshot copy
@@ -583,7 +593,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                 keep = _not_forked(procs[h].mm.vmas)
                 kept = [v for v in procs[h].mm.vmas if _inside((v.start, 0), keep)]
                 rest[h] = [v for v in procs[h].mm.vmas if not _inside((v.start, 0), keep)]
-                plans[h] = plan_incremental(h, kept, *changes[h])
+                plans[h] = plan_incremental(h, kept, *changes[h])    # deferred digests: whole
                 writers[h] = _PageFile(h, iset, pagemaps[h])
                 writers[h].copy(plans[h].write, _no_progress)
                 try:
@@ -593,6 +603,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                         raise
                     notes.append(f"process {procs[h].pid}: no copy-on-write snapshot ({e}); its "
                                  "pages were copied while it was frozen")
+                    if h in deferred:
+                        changes[h] = (_collect_deferred(deferred.pop(h), h, vmas[h]), changes[h][1])
                     more = plan_incremental(h, rest.pop(h), *changes[h])
                     writers[h].copy(more.write, _no_progress)
                     plans[h] = _joined(plans[h], more)
@@ -614,6 +626,10 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             notes.extend(conns.cleanup())
         for s in wps.values():
             s.serve()
+        for h, ht in deferred.items():
+            changes[h] = (_collect_deferred(ht, h, vmas[h], snaps[h].child), changes[h][1])
+        if deferred:
+            sp.mark("digests from the snapshot copies")
         from_copy = {h: plan_incremental(snaps[h].child, rest[h], *changes[h]) for h in snaps}
         if from_copy:
             sp.mark("plan from the snapshot copies")
@@ -828,8 +844,17 @@ def _no_progress(n: int) -> None:
     pass
 
 
+def _collect_deferred(ht: HashingTracker, h: int, vmas: list, source: int | None = None):
+    """A deferred hashing collect (see _changes), from `source` (a fork) or `h` (frozen)."""
+    try:
+        return ht.collect(h, [v for v in vmas if not set(v.vmflags) & set(snapshot.NOT_COPIED)]
+                          if source else vmas, source)
+    finally:
+        ht.disarm()
+
+
 def _changes_of(h: int, p: pb.Process, vmas: list, par: "Parent | None", tracker: "TreeTracker | None",
-                notes: list[str]) -> tuple[tuple, str]:
+                notes: list[str], defer: bool = False) -> tuple[tuple, str]:
     """((changed pages, the parent's pages), how they are known) for one frozen process:
     (None, None) for a full dump. Collecting re-arms live trackers, so it is done once,
     while frozen."""
@@ -839,14 +864,16 @@ def _changes_of(h: int, p: pb.Process, vmas: list, par: "Parent | None", tracker
     if ppages is None:
         notes.append(f"process {p.pid} is not in parent {par.path}: dumped whole")
         return (None, None), "full"
-    dirty, how = _changes(h, p.pid, vmas, par, tracker, notes)
+    dirty, how = _changes(h, p.pid, vmas, par, tracker, notes, defer)
     return (dirty, ppages if dirty is not None else None), how
 
 
 def _changes(h: int, ns_pid: int, vmas: list, par: "Parent", tracker: "TreeTracker | None",
-             notes: list[str]):
+             notes: list[str], defer: bool = False):
     """Pages changed since the parent: the live tracker if its state is relative to the
-    parent, else hashing against the parent; (None, "full") if neither can say."""
+    parent, else hashing against the parent; (None, "full") if neither can say. `defer`:
+    the hashing tracker itself instead of its collect (which reads all memory), for the
+    caller to collect from a fork after the thaw."""
     if tracker is not None and tracker.valid_for(par.inv.image_id) and h in tracker.trackers:
         t = tracker.trackers[h]
         try:
@@ -863,6 +890,8 @@ def _changes(h: int, ns_pid: int, vmas: list, par: "Parent", tracker: "TreeTrack
         return dirty, "uffd-wp"
     try:
         ht = par.hashing_tracker(h, ns_pid)
+        if defer:
+            return ht, "hashing"
         try:
             return ht.collect(h, vmas), "hashing"
         finally:

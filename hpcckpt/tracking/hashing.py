@@ -62,11 +62,14 @@ class HashingTracker(Tracker):
         self.digests = self._digest_all(pid, [r for r in regs if r.trackable])
         self._remember(regs)
 
-    def collect(self, pid: int, vmas) -> Dirty:
+    def collect(self, pid: int, vmas, source: int | None = None) -> Dirty:
         """Pages whose digest changed, compared address by address: content decides, so
         a mapping that grew, shrank, was split or merged is still exact; pages at
-        addresses that had no digest before (new or moved mappings) are all reported."""
-        self._check_same(pid)
+        addresses that had no digest before (new or moved mappings) are all reported.
+        `source`: read the memory of this process instead (a copy-on-write fork of `pid`
+        made while it was frozen: its memory is that instant's, and `pid` runs on)."""
+        if source is None:
+            self._check_same(pid)
         regs = regions(vmas)
         out: Dirty = {}
         for r in regs:
@@ -74,7 +77,7 @@ class HashingTracker(Tracker):
                 out[r.start] = NO_PAGES
             elif not r.trackable:
                 out[r.start] = r.all_pages()
-        new = self._digest_all(pid, [r for r in regs if r.trackable])
+        new = self._digest_all(source or pid, [r for r in regs if r.trackable])
         old_addrs, old_digests = None, None
         for r in regs:
             if not r.trackable:

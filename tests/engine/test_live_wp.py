@@ -186,3 +186,23 @@ def test_pre_copy_round_failing_falls_back_to_digests(tmp_path, monkeypatch):
         assert wrote <= written(tmp_path / "fin", t.pid, buf, buf + 512 * PAGE)
     finally:
         t.close()
+
+
+def test_digests_are_compared_on_a_fork_after_the_thaw(tmp_path):
+    """An incremental dump by content hashing that lets the job run on reads the pages
+    to digest from a fork after the thaw, not while the job is frozen: still exactly
+    the pages written since the parent, at the frozen instant."""
+    from .test_incremental import written
+    t = Target()
+    try:
+        buf = t.alloc(512)
+        t.write(buf, 512)
+        dump(t.pid, tmp_path / "full", leave_running=True, show_progress=False)
+        wrote = {3, 4, 100, 511}
+        for i in wrote:
+            t.write(buf + i * PAGE)
+        r = dump(t.pid, tmp_path / "inc", leave_running=True, parent=tmp_path / "full", show_progress=False)
+        assert r.tracking == "hashing" and r.snapshot and "digests from the snapshot copies" in r.spans, r.spans
+        assert written(tmp_path / "inc", t.pid, buf, buf + 512 * PAGE) == wrote
+    finally:
+        t.close()
