@@ -265,12 +265,16 @@ class WpSnapshot:
             return
         if event == EVENT_PAGEFAULT:
             page = b & ~(PAGE_SIZE - 1)
-            if self._pending(page) and page not in self._saved:
-                self._saved[page] = self._read(page)
             try:
-                writeprotect(self.fd, page, PAGE_SIZE, False)    # wakes the writer
-            except OSError:
-                pass      # unmapped meanwhile: the event for it says whether it mattered
+                if self._pending(page) and page not in self._saved:
+                    self._saved[page] = self._read(page)
+            except (OSError, HpcckptError) as e:     # the copier must not take the new content
+                self._lost.append(f"{page:#x} could not be saved before it was written ({e})")
+            finally:
+                try:
+                    writeprotect(self.fd, page, PAGE_SIZE, False)    # wakes the writer
+                except OSError:
+                    pass      # unmapped meanwhile: the event for it says whether it mattered
         elif event in (EVENT_REMOVE, EVENT_UNMAP):   # arg: start, end
             self._check_gone(a, b, "unmapped" if event == EVENT_UNMAP else "dropped (MADV_DONTNEED/REMOVE)")
         elif event == EVENT_REMAP:                   # arg: from, to, len
