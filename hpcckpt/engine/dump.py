@@ -604,7 +604,9 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                     notes.append(f"process {procs[h].pid}: no copy-on-write snapshot ({e}); its "
                                  "pages were copied while it was frozen")
                     if h in deferred:
-                        changes[h] = (_collect_deferred(deferred.pop(h), h, vmas[h]), changes[h][1])
+                        ht = deferred.pop(h)
+                        changes[h] = (_collect_deferred(ht, h, vmas[h], None, _kept(tracker, h, ht)),
+                                      changes[h][1])
                     more = plan_incremental(h, rest.pop(h), *changes[h])
                     writers[h].copy(more.write, _no_progress)
                     plans[h] = _joined(plans[h], more)
@@ -627,7 +629,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         for s in wps.values():
             s.serve()
         for h, ht in deferred.items():
-            changes[h] = (_collect_deferred(ht, h, vmas[h], snaps[h].child), changes[h][1])
+            changes[h] = (_collect_deferred(ht, h, vmas[h], snaps[h].child, _kept(tracker, h, ht)),
+                          changes[h][1])
         if deferred:
             sp.mark("digests from the snapshot copies")
         from_copy = {h: plan_incremental(snaps[h].child, rest[h], *changes[h]) for h in snaps}
@@ -844,13 +847,19 @@ def _no_progress(n: int) -> None:
     pass
 
 
-def _collect_deferred(ht: HashingTracker, h: int, vmas: list, source: int | None = None):
-    """A deferred hashing collect (see _changes), from `source` (a fork) or `h` (frozen)."""
+def _collect_deferred(ht: HashingTracker, h: int, vmas: list, source: int | None, keep: bool):
+    """A deferred hashing collect (see _changes), from `source` (a fork) or `h` (frozen);
+    the tracker is disarmed after unless it is the caller's (`keep`)."""
     try:
         return ht.collect(h, [v for v in vmas if not set(v.vmflags) & set(snapshot.NOT_COPIED)]
                           if source else vmas, source)
     finally:
-        ht.disarm()
+        if not keep:
+            ht.disarm()
+
+
+def _kept(tracker: "TreeTracker | None", h: int, ht: HashingTracker) -> bool:
+    return tracker is not None and tracker.trackers.get(h) is ht
 
 
 def _changes_of(h: int, p: pb.Process, vmas: list, par: "Parent | None", tracker: "TreeTracker | None",
@@ -876,6 +885,8 @@ def _changes(h: int, ns_pid: int, vmas: list, par: "Parent", tracker: "TreeTrack
     caller to collect from a fork after the thaw."""
     if tracker is not None and tracker.valid_for(par.inv.image_id) and h in tracker.trackers:
         t = tracker.trackers[h]
+        if defer and isinstance(t, HashingTracker):
+            return t, t.name          # the caller's: collected from the fork, kept
         try:
             return t.collect(h, vmas), t.name
         except ProcessGoneError:

@@ -188,21 +188,30 @@ def test_pre_copy_round_failing_falls_back_to_digests(tmp_path, monkeypatch):
         t.close()
 
 
-def test_digests_are_compared_on_a_fork_after_the_thaw(tmp_path):
+@pytest.mark.parametrize("kept", [False, True], ids=["against-the-parent", "caller-tracker"])
+def test_digests_are_compared_on_a_fork_after_the_thaw(tmp_path, kept):
     """An incremental dump by content hashing that lets the job run on reads the pages
     to digest from a fork after the thaw, not while the job is frozen: still exactly
-    the pages written since the parent, at the frozen instant."""
+    the pages written since the parent, at the frozen instant; a caller's hashing
+    tracker keeps the fork's digests for the next dump."""
     from .test_incremental import written
     t = Target()
+    tt = TreeTracker(backend="hashing") if kept else None
     try:
         buf = t.alloc(512)
         t.write(buf, 512)
-        dump(t.pid, tmp_path / "full", leave_running=True, show_progress=False)
-        wrote = {3, 4, 100, 511}
-        for i in wrote:
-            t.write(buf + i * PAGE)
-        r = dump(t.pid, tmp_path / "inc", leave_running=True, parent=tmp_path / "full", show_progress=False)
-        assert r.tracking == "hashing" and r.snapshot and "digests from the snapshot copies" in r.spans, r.spans
-        assert written(tmp_path / "inc", t.pid, buf, buf + 512 * PAGE) == wrote
+        prev = tmp_path / "full"
+        dump(t.pid, prev, leave_running=True, tracker=tt, show_progress=False)
+        for k, wrote in enumerate(({3, 4, 100, 511}, {5, 200})):
+            for i in wrote:
+                t.write(buf + i * PAGE)
+            img = tmp_path / f"inc{k}"
+            r = dump(t.pid, img, leave_running=True, parent=prev, tracker=tt, show_progress=False)
+            assert r.tracking == "hashing" and r.snapshot, (r.tracking, r.notes)
+            assert "digests from the snapshot copies" in r.spans, r.spans
+            assert written(img, t.pid, buf, buf + 512 * PAGE) == wrote
+            prev = img
     finally:
+        if tt:
+            tt.close()
         t.close()
