@@ -109,13 +109,15 @@ def _row(kind: str, backend: str, frac: float | None, r, rewritten: int, limit: 
 
 def print_spans(r) -> None:
     """Where the dump's time went (DumpResult.spans), the frozen part first."""
-    frozen, after, seen_thaw = [], [], False
+    before, frozen, after, seen_thaw = [], [], [], False
     for name, s in r.spans.items():
         seen_thaw |= name == "thaw"
         if name in ("freeze", "thaw") or s < 0.0005:
             continue
-        (after if seen_thaw else frozen).append(f"{name.removeprefix('frozen: ')} {s * 1e3:.0f}")
-    print(f"{'':9s} frozen{' (pages from a fork after the thaw)' if r.snapshot else ''}: "
+        part = before if name.endswith("(running)") else after if seen_thaw else frozen
+        part.append(f"{name.removeprefix('frozen: ').removesuffix(' (running)')} {s * 1e3:.0f}")
+    print(f"{'':9s} " + (f"before the freeze (running): {', '.join(before)} ms | " if before else "")
+          + f"frozen{' (pages from a fork after the thaw)' if r.snapshot else ''}: "
           + ", ".join(frozen) + " ms | after the thaw: " + ", ".join(after) + " ms", flush=True)
 
 
@@ -271,7 +273,7 @@ def plot_pauses(rows: list[dict], mib: int, png: Path) -> None:
     for i, route in enumerate(("fork", "uffd")):
         v = [r["frozen_s"] * 1e3 for r in rows if r["kind"] == "live full" and r["route"] == route]
         vb = [(r["frozen_s"] + r["before_s"]) * 1e3 for r in rows if r["kind"] == "live full" and r["route"] == route]
-        ax[0].scatter([i] * len(v), v, marker="o", label=f"{route}: frozen" if i == 0 or True else None)
+        ax[0].scatter([i] * len(v), v, marker="o", label=f"{route}: frozen")
         if any(r["before_s"] for r in rows if r["route"] == route):
             ax[0].scatter([i + 0.1] * len(vb), vb, marker="x", label=f"{route}: frozen + stop before")
     ax[0].axhline(20, color="red", ls=":", label="aim: 20 ms")
