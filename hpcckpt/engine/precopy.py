@@ -45,7 +45,8 @@ class _Proc:
     # the pages reported in any round, and of those a round copy holds
     changed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     held_pages: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    final: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))   # the frozen collect's
+    final: Dirty = field(default_factory=dict)        # the frozen collect's report
+    final_bytes: int = 0                               # ... of it, in private mappings
 
 
 @dataclass
@@ -101,12 +102,14 @@ class PreCopy:
         p = self.procs.get(h)
         if p is None or dirty is None:
             return dirty
-        p.final = _addresses(dirty, None)      # their round copies are stale: see plan()
+        p.final = dirty                        # their round copies are stale: see plan()
         out = dict(dirty)
         ch = p.changed
         for v in regions(vmas):
             if v.start >= MAX_END:
                 continue
+            if v.trackable:        # shared ones are written whole by any dump
+                p.final_bytes += len(dirty.get(v.start, ())) * PAGE_SIZE
             lo, hi = np.searchsorted(ch, v.start), np.searchsorted(ch, v.end)
             if hi > lo:       # repeated indices are harmless to the plan: no sort while frozen
                 idx = (ch[lo:hi] - v.start) // PAGE_SIZE
@@ -118,7 +121,7 @@ class PreCopy:
         Now: the pages to write that no round copy holds (changed since the last round,
         or absent then). Made into runs only those: the rest after the thaw."""
         p = self.procs[h]
-        hk, fin = p.held_pages, p.final
+        hk, fin = p.held_pages, _addresses(p.final, None)
         now: list[tuple[int, int]] = []
         rest = []
         for start, write, reuse in plan_masks(h, pvmas, dirty, parent_pages, full):
@@ -151,8 +154,8 @@ class PreCopy:
 
     @property
     def final_bytes(self) -> int:
-        """What the frozen collect found changed since the last round."""
-        return sum(len(p.final) for p in self.procs.values()) * PAGE_SIZE
+        """What the frozen collect found changed since the last round (private mappings)."""
+        return sum(p.final_bytes for p in self.procs.values())
 
     def drop(self) -> None:
         """The rounds' copies are not used (the dump copies every change otherwise): the
