@@ -31,7 +31,8 @@ from . import memory
 
 MAX_ROUNDS = 5
 SMALL = 1 << 20          # a round that finds this little is the last
-SHRINK = 0.7             # ... and so is one that did not shrink below this share of the one before
+SHRINK = 0.7             # a round that finds more than this share of what the one before
+                         # copied is not copied (the job writes about as fast as we copy)
 
 
 @dataclass
@@ -63,26 +64,36 @@ class PreCopy:
             fd = os.memfd_create("hpcckpt-precopy", os.MFD_CLOEXEC)
             pc.procs[h] = _Proc(t, fd, memory.PageWriter(h, fd))
         for _ in range(MAX_ROUNDS):
-            n = 0
-            for h, p in list(pc.procs.items()):
-                try:
-                    n += pc._round(h, p)
-                except (HpcckptError, OSError) as e:
-                    # a collect that failed half-way may have re-protected pages it did not
-                    # report: this tracker's word is lost (the dump compares digests)
-                    notes.append(f"process {h}: pre-copy round failed ({e}); its changes are "
-                                 "found by comparing page digests")
-                    pc.failed.add(h)
-                    os.close(pc.procs.pop(h).fd)
+            runs = {h: pc._guarded(h, notes, pc._collect, h, p) for h, p in list(pc.procs.items())}
+            n = sum(sum(k for _, k in r) for r in runs.values() if r)
+            if pc.rounds and n > pc.rounds[-1] * SHRINK:
+                break     # not shrinking: copying it would only let the job change more meanwhile
+            for h, r in runs.items():
+                if r and h in pc.procs:
+                    pc._guarded(h, notes, pc._copy, pc.procs[h], r)
             pc.rounds.append(n)
-            if n <= SMALL or (len(pc.rounds) > 1 and n > pc.rounds[-2] * SHRINK):
+            if n <= SMALL:
                 break
         for p in pc.procs.values():
             p.changed = np.unique(np.concatenate(p.reported)) if p.reported else p.changed
             p.held_pages = np.array(sorted(p.held), dtype=np.int64)
         return pc
 
-    def _round(self, h: int, p: _Proc) -> int:
+    def _guarded(self, h: int, notes: list[str], fn, *args):
+        try:
+            return fn(*args)
+        except (HpcckptError, OSError) as e:
+            # a collect that failed half-way may have re-protected pages it did not
+            # report: this tracker's word is lost (the dump compares digests)
+            notes.append(f"process {h}: pre-copy round failed ({e}); its changes are "
+                         "found by comparing page digests")
+            self.failed.add(h)
+            os.close(self.procs.pop(h).fd)
+            return None
+
+    def _collect(self, h: int, p: _Proc) -> list[tuple[int, int]]:
+        """One round's collect: the present pages written since the last (their earlier
+        copies are stale now), as runs to copy."""
         vmas = proc.maps(h, with_flags=False)
         regs = [r for r in regions(vmas) if r.trackable]
         dirty = p.tracker.collect(h, vmas)
@@ -90,12 +101,13 @@ class PreCopy:
         for a in pages.tolist():
             p.held.pop(a, None)
         p.reported.append(pages)
-        runs = _present_runs(h, pages)
+        return _present_runs(h, pages)
+
+    def _copy(self, p: _Proc, runs: list[tuple[int, int]]) -> None:
         offs = p.writer.copy_runs(runs)
         for (addr, n), off in zip(runs, offs):
             for k in range(0, n, PAGE_SIZE):
                 p.held[addr + k] = off + k
-        return sum(n for _, n in runs)
 
     def changes(self, h: int, dirty: Dirty | None, vmas) -> Dirty | None:
         """The frozen collect's report widened by every page the rounds saw changed."""
