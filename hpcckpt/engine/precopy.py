@@ -48,6 +48,7 @@ class _Proc:
     held_pages: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     final: Dirty = field(default_factory=dict)        # the frozen collect's report
     final_bytes: int = 0                               # ... of it, in private mappings
+    uncopied: int = 0                # bytes of the last round's report, left uncopied
 
 
 @dataclass
@@ -67,7 +68,11 @@ class PreCopy:
             runs = {h: pc._guarded(h, notes, pc._collect, h, p) for h, p in list(pc.procs.items())}
             n = sum(sum(k for _, k in r) for r in runs.values() if r)
             if pc.rounds and n > pc.rounds[-1] * SHRINK:
-                break     # not shrinking: copying it would only let the job change more meanwhile
+                # not shrinking: copying it would only let the job change more meanwhile
+                for h, r in runs.items():
+                    if r and h in pc.procs:
+                        pc.procs[h].uncopied = sum(k for _, k in r)
+                break
             for h, r in runs.items():
                 if r and h in pc.procs:
                     pc._guarded(h, notes, pc._copy, pc.procs[h], r)
@@ -166,8 +171,9 @@ class PreCopy:
 
     @property
     def final_bytes(self) -> int:
-        """What the frozen collect found changed since the last round (private mappings)."""
-        return sum(p.final_bytes for p in self.procs.values())
+        """What the freeze must copy: the frozen collect's report (private mappings) and
+        the last round's if it was not copied."""
+        return sum(p.final_bytes + p.uncopied for p in self.procs.values())
 
     def drop(self) -> None:
         """The rounds' copies are not used (the dump copies every change otherwise): the
