@@ -148,7 +148,7 @@ def dump_fds(pid: int, images: Path, policies: FilePolicies, descs=None) -> list
                 kind = t.split(":", 1)[1].strip("[]")
             raise UnsupportedError(
                 f"process {pid}: fd {fd} is a {kind} ({t}), which hpcckpt cannot checkpoint yet")
-        e.locks.extend(locks.dump(pid, fd, t))
+        e.locks.extend(locks.parse(pid, fd, t, info["lock"].splitlines() if "lock" in info else []))
         out.append(e)
     return out
 

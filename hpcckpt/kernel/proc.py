@@ -83,11 +83,11 @@ def threads(pid: int) -> list[int]:
         raise ProcessGoneError(f"process {pid} does not exist (or exited)") from None
 
 
-def status(pid: int) -> dict[str, str]:
+def status(pid: int, tid: int | None = None) -> dict[str, str]:
     out = {}
-    for line in _read(pid, "status").splitlines():
+    for line in _read(pid, f"task/{tid}/status" if tid else "status").splitlines():
         k, _, v = line.partition(":")
-        out[k] = v.strip()
+        out[k] = v[1:] if k == "Name" else v.strip()    # a comm may end in spaces
     return out
 
 
@@ -130,10 +130,12 @@ def fds(pid: int) -> list[int]:
 
 
 def fdinfo(pid: int, fd: int) -> dict[str, str]:
+    """Key -> value; "lock" holds every lock: line (one per line: a dump reads each fd's
+    fdinfo once, for its description and its locks)."""
     out = {}
     for line in _read(pid, f"fdinfo/{fd}").splitlines():
         k, _, v = line.partition(":")
-        out[k] = v.strip()
+        out[k] = out[k] + "\n" + v.strip() if k == "lock" and k in out else v.strip()
     return out
 
 
@@ -171,6 +173,18 @@ def ns_pids(pid: int, tid: int | None = None) -> list[int]:
         if line.startswith("NSpid:"):
             return [int(x) for x in line.split()[1:]]
     return [tid or pid]
+
+
+def status_ns_pids(st: dict[str, str], pid: int) -> list[int]:
+    """ns_pids from a status() already read (of `pid`, a process or a thread)."""
+    return [int(x) for x in st["NSpid"].split()] if "NSpid" in st else [pid]
+
+
+def status_comm(st: dict[str, str], pid: int, tid: int | None = None) -> str:
+    """comm from a status() already read: its Name, which the kernel escapes (\\n, \\\\)
+    only where comm has a control character or a backslash; comm() read then."""
+    name = st.get("Name")
+    return name if name is not None and "\\" not in name else comm(pid, tid)
 
 
 RLIM_INFINITY = (1 << 64) - 1
