@@ -56,6 +56,7 @@ class Vma:
         return self.inode == 0 and not self.special
 
 
+_HEX = frozenset("0123456789abcdef")
 _MAPS_RE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$")
 
 
@@ -63,15 +64,23 @@ def maps(pid: int, with_flags: bool = True) -> list[Vma]:
     """The mappings, with smaps' VmFlags when asked (they tell guard, dontfork, hugepage)."""
     text = _read(pid, "smaps" if with_flags else "maps")
     vmas: list[Vma] = []
+    # a mapping's line starts with its (lowercase hex) address, smaps' ~25 fields under it
+    # with a capital: dispatched on the first character (the parse cost twice the read)
     for line in text.splitlines():
-        m = _MAPS_RE.match(line)
-        if m and "-" in line.split(" ", 1)[0]:
-            vmas.append(Vma(int(m[1], 16), int(m[2], 16), m[3], int(m[4], 16), m[5], int(m[6]), m[7]))
-        elif line.startswith("VmFlags:") and vmas:
-            vmas[-1].vmflags = line.split()[1:]
-        elif line.startswith("Anonymous:") and vmas:
-            vmas[-1].anon_kb = int(line.split()[1])
-        elif line.startswith("Swap:") and vmas:
+        c = line[:1]
+        if c in _HEX:
+            m = _MAPS_RE.match(line)
+            if m:
+                vmas.append(Vma(int(m[1], 16), int(m[2], 16), m[3], int(m[4], 16), m[5], int(m[6]), m[7]))
+        elif not vmas:
+            continue
+        elif c == "V":
+            if line.startswith("VmFlags:"):
+                vmas[-1].vmflags = line.split()[1:]
+        elif c == "A":
+            if line.startswith("Anonymous:"):
+                vmas[-1].anon_kb = int(line.split()[1])
+        elif c == "S" and line.startswith("Swap:"):
             vmas[-1].swap_kb = int(line.split()[1])
     return vmas
 

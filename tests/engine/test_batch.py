@@ -112,9 +112,12 @@ def test_tree_capture_failing_midway_leaves_every_process_as_found(tmp_path, mon
         for h in pids:
             assert proc.status(h)["TracerPid"] == "0"
             assert (proc.maps(h, with_flags=False), _state(h)) == before[h], h
-        p.stdin.write(b"still here\n")
-        p.stdin.flush()
-        assert p.stdout.readline() == b"still here\n"
+        for k in range(6):              # each cat reads some lines: all of them work on
+            p.stdin.write(b"still here %d\n" % k)
+            p.stdin.flush()
+            assert p.stdout.readline() == b"still here %d\n" % k
+        time.sleep(0.2)
+        assert [proc.stat_fields(h)[0] for h in pids] == ["S"] * 4      # none crashed
     finally:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
