@@ -277,12 +277,15 @@ class _Capture:
     wait out theirs at the same time instead of one after another. Construction reads
     /proc and sets the scratch mmap off; `start_batch` sets off the batch of read-only
     calls; `end_batch` reads it and sets off the munmap; `end` gives the process. Leaves
-    the target exactly as found, `close` too, at whatever step (idempotent)."""
+    the target exactly as found, `close` too, at whatever step (idempotent); but with
+    `keep_scratch` (the process is killed after the dump) the scratch stays mapped, one
+    stop fewer, and is left to the Frozen, whose thaw takes it away."""
 
     def __init__(self, fr: Frozen, iset: ImageSet, policies: files.FilePolicies, st: dict,
-                 descs: shared.Descriptions | None = None, shm: "ShmemTable | None" = None):
+                 descs: shared.Descriptions | None = None, shm: "ShmemTable | None" = None,
+                 keep_scratch: bool = False):
         pid = self.pid = fr.pid
-        self.fr, self.st = fr, st
+        self.fr, self.st, self.keep = fr, st, keep_scratch
         self.vmas = proc.maps(pid)
         self.mem = Mem(pid)
         self.injectors: dict[int, Injector] = {}
@@ -332,10 +335,14 @@ class _Capture:
                 timer_calls += part
         p.posix_timers.extend(timers.from_calls(tms, timer_calls))
         p.threads.extend(_thread_state(pid, tid, self.tst[tid], inj[tid], self.tcalls[tid]) for tid in fr.tids)
-        scratch.start_unmap()
+        if not self.keep:
+            scratch.start_unmap()
 
     def end(self) -> pb.Process:
-        self.scratch.end_unmap()
+        if self.keep:
+            self.fr.scratch, self.scratch = (self.scratch.addr, SCRATCH), None
+        else:
+            self.scratch.end_unmap()
         self.close()
         self.p.mm.vmas.extend(self.pvmas)
         self.p.fds.extend(self.fds)
@@ -357,10 +364,10 @@ class _Capture:
 
 def _capture_tree(ft: ptree.FrozenTree, iset: ImageSet, policies: files.FilePolicies,
                   statuses: dict[int, dict], descs: shared.Descriptions,
-                  shm: "ShmemTable") -> dict[int, tuple[pb.Process, list]]:
+                  shm: "ShmemTable", keep_scratch: bool = False) -> dict[int, tuple[pb.Process, list]]:
     """_Capture of every live process, step by step across the tree (in tree order, so
     content shared by several processes is saved with the first). A process that fails
-    is named; every process is left as found."""
+    is named; every process is left as found (`keep_scratch`: see _Capture)."""
     caps: dict[int, _Capture] = {}
 
     def step(h: int, fn):
@@ -376,7 +383,8 @@ def _capture_tree(ft: ptree.FrozenTree, iset: ImageSet, policies: files.FilePoli
     try:
         for h in ft.order:
             if h not in ft.zombies:
-                caps[h] = step(h, lambda: _Capture(ft.frozen[h], iset, policies, statuses[h], descs, shm))
+                caps[h] = step(h, lambda: _Capture(ft.frozen[h], iset, policies, statuses[h], descs, shm,
+                                                   keep_scratch))
         for h, c in caps.items():
             step(h, c.start_batch)
         for h, c in caps.items():
@@ -548,7 +556,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         sp.mark("frozen: tree ids, owners, descriptions")
         procs: dict[int, pb.Process] = {}
         vmas: dict[int, list] = {}
-        captured = _capture_tree(ft, iset, policies, statuses, descs, shm)
+        # a tree killed after the dump keeps the scratch (ft.thaw takes it away on failure)
+        captured = _capture_tree(ft, iset, policies, statuses, descs, shm, keep_scratch=not leave_running)
         for p_host in ft.order:
             if p_host in ft.zombies:
                 procs[p_host] = _zombie(p_host, ns)

@@ -83,12 +83,13 @@ def _state(pid: int):
         fr.thaw()
 
 
-@pytest.mark.parametrize("where", ["reading /proc", "batch under way", "munmap under way"])
+@pytest.mark.parametrize("where", ["reading /proc", "batch under way", "end of the batch", "after the capture"])
 def test_tree_capture_failing_midway_leaves_every_process_as_found(tmp_path, monkeypatch, where):
     """The tree's processes are captured step by step together (dump._capture_tree): when
     one fails, the others are at other steps (their scratch mmap, batch or munmap under
     way); each must be left as found: untraced, same registers and mask, no scratch left
-    mapped, and working on."""
+    mapped, and working on. A dump that kills the tree leaves each process its scratch
+    after the capture: a failure after it (here in the SysV IPC step) takes them away."""
     p, pids = _cat_tree()
     try:
         victim = pids[2]
@@ -97,6 +98,8 @@ def test_tree_capture_failing_midway_leaves_every_process_as_found(tmp_path, mon
             listed = dump_mod.timers.listed
             monkeypatch.setattr(dump_mod.timers, "listed", lambda pid, tids: (
                 _fail() if pid == victim else listed(pid, tids)))
+        elif where == "after the capture":
+            monkeypatch.setattr(dump_mod.sysvipc, "dump", lambda *a: _fail())
         else:
             name = "start_batch" if where == "batch under way" else "end_batch"
             orig = getattr(dump_mod._Capture, name)
