@@ -214,8 +214,8 @@ def _process_calls(st: dict[str, str], b: Batch) -> _ProcessCalls:
         subreaper=b.add("prctl", PR_GET_CHILD_SUBREAPER, OUT, out=8))
 
 
-def _process_state(pid: int, st: dict[str, str], calls: _ProcessCalls) -> pb.Process:
-    f = proc.stat_fields(pid)
+def _process_state(pid: int, st: dict[str, str], calls: _ProcessCalls, f: list[str]) -> pb.Process:
+    """`st`, `f`: its status and stat fields (proc.status, proc.stat_fields), read while frozen."""
     p = pb.Process(pid=proc.status_ns_pids(st, pid)[-1], creds=_creds(st), comm=proc.status_comm(st, pid),
                    personality=proc.personality(pid),
                    umask=int(st.get("Umask", "0022"), 8), cwd=proc.link(pid, "cwd"),
@@ -283,9 +283,9 @@ class _Capture:
 
     def __init__(self, fr: Frozen, iset: ImageSet, policies: files.FilePolicies, st: dict,
                  descs: shared.Descriptions | None = None, shm: "ShmemTable | None" = None,
-                 keep_scratch: bool = False):
+                 keep_scratch: bool = False, stat: list[str] | None = None):
         pid = self.pid = fr.pid
-        self.fr, self.st, self.keep = fr, st, keep_scratch
+        self.fr, self.st, self.keep, self.stat = fr, st, keep_scratch, stat
         self.vmas = proc.maps(pid)
         self.mem = Mem(pid)
         self.injectors: dict[int, Injector] = {}
@@ -320,7 +320,7 @@ class _Capture:
     def end_batch(self) -> None:
         pid, fr, inj, scratch = self.pid, self.fr, self.injectors, self.scratch
         self.b.finish(inj[pid], self.mem)
-        p = self.p = _process_state(pid, self.st, self.pcalls)
+        p = self.p = _process_state(pid, self.st, self.pcalls, self.stat or proc.stat_fields(pid))
         for tid in fr.tids[1:]:        # other threads: a batch each, in turn (few processes have them)
             b = scratch.batch()
             self.tcalls[tid] = _thread_calls(b)
@@ -383,8 +383,9 @@ def _capture_tree(ft: ptree.FrozenTree, iset: ImageSet, policies: files.FilePoli
     try:
         for h in ft.order:
             if h not in ft.zombies:
+                # its stat fields as freeze_tree's last listing (after every freeze) read them
                 caps[h] = step(h, lambda: _Capture(ft.frozen[h], iset, policies, statuses[h], descs, shm,
-                                                   keep_scratch))
+                                                   keep_scratch, ft.table[h].fields))
         for h, c in caps.items():
             step(h, c.start_batch)
         for h, c in caps.items():
@@ -549,6 +550,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         statuses = {p: check_owner(p) for p in ft.frozen}
         ns = _tree_ids(ft, statuses)
         descs = shared.Descriptions.collect(list(ft.frozen))
+        descs.parents = {h: ft.table[h].ppid for h in ft.frozen}
         descs.cache["tcp"] = conns
         descs.cache["runs_on"] = leave_running or live or pre_dump    # sockets.waiting_connections
         shm = ShmemTable(iset.path)
