@@ -93,8 +93,10 @@ class ImageSet:
         payload = msg.SerializeToString()
         header = _HEADER.pack(MAGIC, KINDS[kind], len(payload), zlib.crc32(payload))
         data = header + payload
-        if not sync:
-            with open(self.path / name, "wb") as f:
+        if not sync:         # never through a symlink planted under the name
+            fd = os.open(self.path / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o666)
+            with os.fdopen(fd, "wb") as f:
                 f.write(data)
         else:
             tmp = self.path / (name + ".tmp")
