@@ -161,3 +161,29 @@ def syscall_batch_code(calls: list[tuple[int, tuple[int, ...], int]]) -> bytes:
         out += SYSCALL_INSN
         out += b"\x48\xa3" + struct.pack("<Q", result)                  # movabs [result], rax
     return bytes(out + TRAP_INSN)
+
+# a child made by machine code, running no Python before its exec (kernel/rawspawn.py)
+SYSCALLS.update({"ptrace": 101, "execve": 59})
+
+
+def _call_code(nr: int, args: tuple[int, ...]) -> bytes:
+    out = b"\x48\xb8" + struct.pack("<Q", nr)                          # movabs rax, nr
+    for mov, value in zip(_ARG_MOVS, args):
+        out += mov + struct.pack("<Q", value & 0xFFFFFFFFFFFFFFFF)
+    return out + SYSCALL_INSN
+
+
+def fork_exec_code(fork: tuple[int, tuple[int, ...]], child: list[tuple[int, tuple[int, ...]]]) -> bytes:
+    """A function (System V ABI, no arguments, returns long) that makes the `fork` syscall
+    (a clone without CLONE_VM: the child runs on its own copy of our stack) and returns its
+    result in the parent; the child makes the `child` syscalls in turn, ignoring their
+    results (the last one an execve), then exit_group(127). Touches only rax, rcx, r11 and
+    the argument registers, all caller-saved; the child uses no memory at all."""
+    out = bytearray(_call_code(*fork))
+    out += b"\x48\x85\xc0"      # test rax, rax
+    out += b"\x74\x01"          # jz +1: the child (rax 0) skips the return
+    out += b"\xc3"              # ret: the parent, with the PID or -errno
+    for nr, args in child:
+        out += _call_code(nr, args)
+    out += _call_code(SYSCALLS["exit_group"], (127,))
+    return bytes(out + b"\x0f\x0b")   # ud2: never reached
