@@ -187,3 +187,42 @@ def fork_exec_code(fork: tuple[int, tuple[int, ...]], child: list[tuple[int, tup
         out += _call_code(nr, args)
     out += _call_code(SYSCALLS["exit_group"], (127,))
     return bytes(out + b"\x0f\x0b")   # ud2: never reached
+
+# syscalls with effects as one block of code (kernel/effects.py)
+_ARG_LOADS = (b"\x48\x8b\x3f", b"\x48\x8b\x36", b"\x48\x8b\x12", b"\x4d\x8b\x12", b"\x4d\x8b\x00", b"\x4d\x8b\x09")  # mov reg, [reg]
+
+
+def effect_block_code(calls: list[tuple[int, tuple[tuple[bool, int], ...], int, int | None]]) -> bytes:
+    """Machine code running each (nr, args, result address,
+    check) syscall in turn and stores rax at its result address. An argument is (False,
+    value) or (True, address of an earlier call's result). check None: any result goes
+    on; -1: a result in -4095..-1 (an errno) jumps to the int3 at the end, stopping the
+    block; anything else: the result must be that value, or the block stops. Uses no
+    stack; position independent (absolute operands, relative jumps)."""
+    parts: list[tuple[bytes, bool]] = []     # (code, ends with a jump to the int3 to patch)
+    for nr, args, result, check in calls:
+        out = b"\x48\xb8" + struct.pack("<Q", nr)                      # movabs rax, nr
+        for mov, load, (ref, value) in zip(_ARG_MOVS, _ARG_LOADS, args):
+            out += mov + struct.pack("<Q", value & 0xFFFFFFFFFFFFFFFF)
+            if ref:
+                out += load
+        out += SYSCALL_INSN + b"\x48\xa3" + struct.pack("<Q", result)   # movabs [result], rax
+        if check is None:
+            parts.append((out, False))
+            continue
+        if check == -1:
+            out += b"\x48\x3d\x01\xf0\xff\xff"                         # cmp rax, -4095
+            out += b"\x0f\x83"                                         # jae (unsigned): an errno
+        else:
+            out += b"\x48\xb9" + struct.pack("<Q", check & 0xFFFFFFFFFFFFFFFF)   # movabs rcx, check
+            out += b"\x48\x39\xc8" + b"\x0f\x85"                       # cmp rax, rcx; jne
+        parts.append((out, True))
+    total = sum(len(c) + (4 if j else 0) for c, j in parts)
+    code, pos = bytearray(), 0
+    for c, jump in parts:
+        code += c
+        pos += len(c)
+        if jump:
+            pos += 4
+            code += struct.pack("<i", total - pos)                     # to the int3
+    return bytes(code + TRAP_INSN)
