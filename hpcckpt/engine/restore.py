@@ -221,6 +221,8 @@ class Target:
         return self.put(os.fsencode(s) + b"\0")
 
     def set_syscall_ip(self, ip: int) -> None:
+        if not self.queue.code_ok:   # queued calls injected one by one use the instruction where it is now
+            self.flush()
         for inj in self.threads.values():
             inj.syscall_ip = ip
 

@@ -6,8 +6,9 @@ the interpreter lock, which another thread, absent from the child, had been aske
 over (a forced GIL switch waits for that thread to take it). The interpreter's own fork
 repairs this, but a raw clone3 (to choose the child's PID) gets no repair. So the clone,
 the child's set-up syscalls and its execve are machine code in a block of our memory,
-called through ctypes: the child executes nothing but that code (`arch.fork_exec_code`), and every byte it reads (clone arguments, paths,
-argv, capability data) is written into the block before the call.
+called through ctypes: the child executes nothing but that code (`arch.fork_exec_code`),
+and every byte it reads (clone arguments, paths, argv, capability data) is in the block
+before the call.
 """
 from __future__ import annotations
 
@@ -18,13 +19,11 @@ from ..errors import KernelError
 from .arch import current as arch
 from .libc import PAGE_SIZE, libc
 
-PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
+PROT_READ, PROT_EXEC, MAP_SHARED = 1, 4, 0x01
 CODE_ROOM = 2048            # the machine code goes first; the data after it
 
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 # the call keeps the GIL (as a C extension's fork would): the clone is short, and giving
 # the lock up and back costs a switch interval (5 ms) when other threads want it
@@ -32,15 +31,24 @@ _FUNC = ctypes.PYFUNCTYPE(ctypes.c_long)
 
 
 class Block:
-    """A private mapping holding the data the child reads (`put`), then the code
-    (`fork_exec`), which runs once the block is made read-only and executable (never
-    writable and executable at once)."""
+    """A memfd mapped read-only and executable, written through the file: the data the
+    child reads (`put`), then the code (`fork_exec`). Never writable and executable at
+    once, and no anonymous memory made executable: W^X policies (PR_SET_MDWE, systemd's
+    MemoryDenyWriteExecute, SELinux execmem) allow it."""
 
     def __init__(self, size: int = 2 * PAGE_SIZE):
         self.size = size
-        addr = libc.mmap(None, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            raise KernelError(f"mmap of {size} bytes for a process launcher: {os.strerror(ctypes.get_errno())}")
+        self.fd = os.memfd_create("hpcckpt-launch", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            addr = libc.mmap(None, size, PROT_READ | PROT_EXEC, MAP_SHARED, self.fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                raise KernelError("cannot map a process launcher's code "
+                                  f"({os.strerror(ctypes.get_errno())}): a policy forbids executing "
+                                  "a memfd's pages")
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.base = addr
         self.used = CODE_ROOM
 
@@ -49,13 +57,14 @@ class Block:
 
     def __exit__(self, *exc) -> None:
         libc.munmap(self.base, self.size)
+        os.close(self.fd)
 
     def put(self, data: bytes) -> int:
         """Copy `data` into the block; its address there (valid until the block is closed)."""
         if self.used + len(data) > self.size:
             raise KernelError(f"a process launcher needs more than {self.size} bytes of data")
+        os.pwrite(self.fd, data, self.used)
         addr = self.base + self.used
-        ctypes.memmove(addr, data, len(data))
         self.used += (len(data) + 15) & ~15
         return addr
 
@@ -76,9 +85,5 @@ class Block:
                                    [(arch.SYSCALLS[n], a) for n, a in calls])
         if len(code) > CODE_ROOM:
             raise KernelError(f"a process launcher's code needs more than its {CODE_ROOM} bytes")
-        ctypes.memmove(self.base, code, len(code))
-        if libc.mprotect(self.base, self.size, PROT_READ | PROT_EXEC) != 0:
-            raise KernelError("cannot make a process launcher's code executable "
-                              f"({os.strerror(ctypes.get_errno())}): a policy forbids executable "
-                              "memory made at run time (SELinux execmem?)")
+        os.pwrite(self.fd, code, 0)
         return _FUNC(self.base)()

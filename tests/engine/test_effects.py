@@ -3,6 +3,8 @@
 is named; injected one by one (W^X) they do exactly the same."""
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -12,11 +14,14 @@ from hpcckpt.kernel import proc, ptrace
 from hpcckpt.kernel.effects import Queue
 from hpcckpt.kernel.inject import Injector, Mem, find_syscall_insn
 
+from .helpers import Job, cli, reference
+
 AT_FDCWD = -100
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANON = 0x1, 0x2, 0x10, 0x20
 F_DUPFD_CLOEXEC = 1030
 FIXED = 0x7E0000000000        # free in a stub of /bin/true
 AREA = 64 << 10
+PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
 
 
 class Stub:
@@ -98,3 +103,22 @@ def test_first_failure_stops_the_rest_and_is_named(stub, tmp_path, code):
     with pytest.raises(KernelError, match=rf"^mmap\({FIXED}, .* failed: got 0x[0-9a-f]+, not {FIXED + 4096:#x}$"):
         q.run()
     assert not (tmp_path / "c").exists()
+
+
+def test_restore_where_writable_code_is_refused(tmp_path, threads_fp):
+    """A restore whose stubs may not map writable executable memory (PR_SET_MDWE, which they
+    inherit from the restoring process): its stubs' calls are injected one by one, the stub
+    launcher maps its code from a memfd, and the program still finishes exactly."""
+    cmd = [threads_fp, 100, 4, 20]
+    ref = reference(cmd, tmp_path / "ref.txt")
+    job = Job.start(cmd, tmp_path / "out.txt")
+    job.wait_lines(10)
+    cli("dump", "--pid", job.pid, "--images", tmp_path / "img")
+    assert job.proc.wait(timeout=10) == -9
+    mdwe = ("import ctypes, os, sys; libc = ctypes.CDLL(None, use_errno=True); "
+            f"assert libc.prctl({PR_SET_MDWE}, {PR_MDWE_REFUSE_EXEC_GAIN}, 0, 0, 0) == 0, ctypes.get_errno(); "
+            "os.execv(sys.executable, [sys.executable, '-m', 'hpcckpt.cli', *sys.argv[1:]])")
+    res = subprocess.run([sys.executable, "-c", mdwe, "restore", "--images", str(tmp_path / "img")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert job.out.read_bytes() == ref
