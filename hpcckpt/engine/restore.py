@@ -141,11 +141,11 @@ def check_ids_free(p: pb.Process) -> None:
 class Target:
     """The stub being turned into the process: injectors per thread and a scratch block."""
 
-    def __init__(self, pid: int, ns_pid: int, image_vmas):
+    def __init__(self, pid: int, ns_pid: int, image_vmas, syscall_ip: int | None = None):
         self.pid = pid                      # as we see it
         self.mem = Mem(pid)
         svmas = proc.maps(pid, with_flags=False)   # maps, not smaps: the stub's flags are of no use
-        self.main = Injector(pid, find_syscall_insn(pid, svmas))
+        self.main = Injector(pid, syscall_ip or find_syscall_insn(pid, svmas))
         self.threads = {ns_pid: self.main}  # by the TIDs the process itself sees
         self.host = {ns_pid: pid}           # ... and as we see them
         self.window = _free_window(list(image_vmas) + svmas)
@@ -172,12 +172,11 @@ class Target:
     def take_fd(self, owner: "Target", fd: "int | Step", queue: bool = False) -> "int | Step":
         """Duplicate `owner`'s fd into this process: the same open file description. With
         `queue`, the calls are only queued (`later`): a Step is returned."""
-        if owner is not self:
-            owner.flush()
-            fd = fd.value if isinstance(fd, Step) else fd
         if owner is self:
             step = self.later("fcntl", fd, F_DUPFD_CLOEXEC, 0)
         else:
+            owner.flush()       # its fd exists once its own queue has run
+            fd = fd.value if isinstance(fd, Step) else fd
             if owner.ns_pid not in self.pidfds:
                 self.pidfds[owner.ns_pid] = self.later("pidfd_open", owner.ns_pid, 0)
             step = self.later("pidfd_getfd", self.pidfds[owner.ns_pid], fd, 0)
@@ -822,7 +821,8 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
         pages_bytes = sum(s.nbytes for ss in srcs.values() for s in ss)
         prog = Progress(f"restore {root.pid}", pages_bytes, enabled=show_progress)
         for p in live:
-            targets[p.pid] = Target(ctree.host(p.pid), p.pid, list(p.mm.vmas))
+            targets[p.pid] = Target(ctree.host(p.pid), p.pid, list(p.mm.vmas),
+                                    ctree.stubs[p.pid].inj.syscall_ip)
             _fill_memory(targets[p.pid], p, srcs[p.pid], iset, sh, prog, arriving)
         prog.finish()
         for t in targets.values():
