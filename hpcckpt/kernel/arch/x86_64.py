@@ -193,12 +193,12 @@ _ARG_LOADS = (b"\x48\x8b\x3f", b"\x48\x8b\x36", b"\x48\x8b\x12", b"\x4d\x8b\x12"
 
 
 def effect_block_code(calls: list[tuple[int, tuple[tuple[bool, int], ...], int, int | None]]) -> bytes:
-    """Machine code running each (nr, args, result address,
-    check) syscall in turn and stores rax at its result address. An argument is (False,
-    value) or (True, address of an earlier call's result). check None: any result goes
-    on; -1: a result in -4095..-1 (an errno) jumps to the int3 at the end, stopping the
-    block; anything else: the result must be that value, or the block stops. Uses no
-    stack; position independent (absolute operands, relative jumps)."""
+    """Machine code making each (nr, args, result address, check) syscall in turn and
+    storing rax at its result address, then an int3. An argument is (False, value) or
+    (True, address of an earlier call's result). check None: any result goes on; -1: an
+    errno (-4095..-1) jumps to the int3, stopping the block; else the result must be that
+    value, or the block stops. Uses no stack; position independent (absolute operands,
+    relative jumps)."""
     parts: list[tuple[bytes, bool]] = []     # (code, ends with a jump to the int3 to patch)
     for nr, args, result, check in calls:
         out = b"\x48\xb8" + struct.pack("<Q", nr)                      # movabs rax, nr
