@@ -36,7 +36,7 @@ def _spin(stop: threading.Event) -> None:
 def test_stubs_made_while_threads_want_the_gil():
     """200 stubs while 4 threads spin in Python, the GIL's switch interval cut to 0.1 ms so a
     request to hand the lock over is nearly always pending at the clone. A child that runs
-    Python before its exec then waits forever for the lock (the previous launcher: 14% of
+    Python before its exec then waits forever for the lock (the previous launcher: 14-30% of
     stubs hung here); the machine-code child never does. Each stub must stop at its exec of
     the stub program, traced by us, at the PID asked for."""
     stop = threading.Event()
