@@ -27,7 +27,9 @@ def digest_file(path: Path) -> pb.FileDigest:
     h = xxhash.xxh3_128()
     size = 0
     with os.fdopen(open_image_file(path, None), "rb", buffering=0) as f:
-        buf = bytearray(8 << 20)
+        # no bigger than the file: a fresh 8 MiB buffer costs ~2 ms (page faults, unmap),
+        # 10x the hashing of a small process's 1 MiB page file, 3x per process restored
+        buf = bytearray(min(8 << 20, os.fstat(f.fileno()).st_size + 1))
         view = memoryview(buf)
         while n := f.readinto(buf):
             h.update(view[:n])
