@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..errors import KernelError
 from .arch import current as arch
-from .batch import _run_code
+from .batch import _code_ended
 
 ERRNO = -1              # check: stop the block on an errno (the default)
 NOT_RUN = 1 << 63       # a result slot's value before its call runs: no syscall returns it
@@ -90,7 +90,8 @@ class Queue:
             raise KernelError(f"a block of {len(steps)} syscalls needs more than {self.size} bytes")
         self.mem.write(self.area, struct.pack(f"<{len(steps)}Q", *[NOT_RUN] * len(steps)) + code)
         self.stops += 1
-        if not _run_code(self.inj, start, start + len(code)):
+        self.inj.run_code(start)
+        if not _code_ended(self.inj, start + len(code)):
             raise KernelError(f"process {self.inj.tid}: a block of {len(steps)} injected syscalls "
                               "stopped on a fault; what it did is unknown")
         raw = struct.unpack(f"<{len(steps)}Q", self.mem.read(self.area, 8 * len(steps)))
