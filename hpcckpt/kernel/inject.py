@@ -6,6 +6,7 @@ over it, and the result read from the return register. Every signal is blocked w
 do this so none is delivered mid-injection; `restore()` puts registers and mask back.
 """
 import os
+import signal
 
 from ..errors import KernelError, ProcessGoneError
 from . import ptrace
@@ -13,6 +14,7 @@ from .arch import current as arch
 from .libc import read_mem
 
 ALL_SIGNALS = (1 << 64) - 1
+FAULTS = (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
 CODE = "code"       # Injector.running: machine code let run (run_code)
 
 
@@ -118,6 +120,7 @@ class Injector:
         """Wait for the single step under way to end (events and signals on the way are
         stepped over, signals remembered)."""
         self.running = None
+        faults = 0
         while True:
             st = ptrace.wait_trap(self.tid)
             if st.sig == 5 and st.event == 0:  # SIGTRAP from the single step
@@ -125,6 +128,13 @@ class Injector:
             if st.event in (ptrace.EVENT_FORK, ptrace.EVENT_VFORK, ptrace.EVENT_CLONE):
                 self.new_child = ptrace.event_msg(self.tid)  # in our PID namespace
             if st.event:  # an event stop (fork, interrupt, group stop): step again
+                ptrace.singlestep(self.tid)
+                continue
+            if st.sig in FAULTS and arch.ip(ptrace.get_regs(self.tid)) == self.syscall_ip:
+                faults += 1             # the syscall instruction itself faults: stepping it
+                if faults == 3:         # again would fault forever
+                    raise KernelError(f"process {self.tid}: the injected syscall at {self.syscall_ip:#x} "
+                                      f"faults ({signal.Signals(st.sig).name}); its code is gone or unmapped")
                 ptrace.singlestep(self.tid)
                 continue
             # A signal that the all-blocking mask could not hold off (e.g. a synchronous

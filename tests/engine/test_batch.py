@@ -128,3 +128,24 @@ def test_tree_capture_failing_midway_leaves_every_process_as_found(tmp_path, mon
 
 def _fail():
     raise KernelError("injected failure")
+
+
+def test_injected_syscall_at_an_address_that_faults_is_an_error_not_a_hang():
+    """An injection pointed at code that is not there (unmapped) faults at the same
+    address on every step: named as an error; the process gets no signal and runs on."""
+    t = Target()
+    try:
+        fr = freeze(t.pid)
+        inj = Injector(t.pid, 0x10000)           # below mmap_min_addr: never mapped
+        before = ptrace.get_regs(t.pid).to_list()
+        try:
+            with pytest.raises(KernelError, match="injected syscall at 0x10000 faults .SIGSEGV"):
+                inj.syscall("getpid")
+        finally:
+            inj.restore()
+            assert ptrace.get_regs(t.pid).to_list() == before
+            fr.thaw()
+        buf = t.alloc(4)
+        t.write(buf, 4)                          # it still answers
+    finally:
+        t.close()
