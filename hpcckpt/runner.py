@@ -152,6 +152,7 @@ def run(command: list[str], dest=None, every: float | None = None, quiet: bool =
         tracker = None
     append_outputs()
     jobcg = cgroup_freezer.job_cgroup()
+    pid = None
     try:
         if latest:
             pidns.ensure()
@@ -180,7 +181,7 @@ def run(command: list[str], dest=None, every: float | None = None, quiet: bool =
             dest.release()
         status = sup.loop()
     finally:
-        pidns.shutdown()
+        pidns.shutdown(pid)     # collects the job too, if nothing did yet
         if jobcg is not None:
             cgroup_freezer.remove(jobcg)
     return exit_like(status) if status is not None else 0

@@ -109,7 +109,7 @@ def fork_child(parent: Stub, ns_pid: int | None) -> Stub:
     st = ptrace.wait_trap(host)
     if st.sig != signal.SIGSTOP:
         raise RestoreError(f"new process {res} stopped unexpectedly ({st})")
-    return _stub(res, host)
+    return Stub(res, host, Injector(host, parent.inj.syscall_ip))   # a copy of its parent: same vDSO
 
 
 def exit_stub(s: Stub, code: int = 0, sig: int = 0) -> None:

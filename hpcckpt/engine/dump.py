@@ -26,7 +26,7 @@ from ..images.imageset import ImageSet
 from ..kernel import elf, proc, ptrace, vdso
 from ..kernel.arch import current as arch
 from ..kernel.batch import OUT, Batch, Call
-from ..kernel.inject import Injector, Mem, _alive, find_syscall_insn
+from ..kernel.inject import CODE, Injector, Mem, _alive, find_syscall_insn
 from ..kernel.libc import libc
 from ..progress import Progress
 from ..images.chain import load_chain, new_image_id, relative_parent
@@ -112,16 +112,30 @@ def check_owner(pid: int) -> dict[str, str]:
 
 class _Scratch:
     """A private page block mapped into the frozen target for syscall arguments, and for
-    the code of a syscall batch (kernel/batch.py) when it may be executable."""
+    the code of a syscall batch (kernel/batch.py) when it may be executable. Its mmap
+    and munmap can be set off and waited for apart (`wait=False`, `ready`; `start_unmap`,
+    `end_unmap`), so a tree's processes make theirs at the same time."""
 
-    def __init__(self, inj: Injector, mem: Mem):
+    def __init__(self, inj: Injector, mem: Mem, wait: bool = True):
         self.inj, self.mem = inj, mem
-        try:        # W^X policies (PR_SET_MDWE, SELinux execmem) refuse: calls one by one
-            self.addr = inj.syscall("mmap", 0, SCRATCH, 7, MAP_PRIVATE_ANON, -1, 0)
-            self.code_ok = True
-        except KernelError:
-            self.addr = inj.syscall("mmap", 0, SCRATCH, 3, MAP_PRIVATE_ANON, -1, 0)
+        self.addr = 0
+        self.code_ok = True
+        self.state = "mmap"         # mmap (under way), mapped, munmap (under way), gone
+        inj.start("mmap", 0, SCRATCH, 7, MAP_PRIVATE_ANON, -1, 0)
+        if wait:
+            self.ready()
+
+    def ready(self) -> None:
+        """The mmap ended. W^X policies (PR_SET_MDWE, SELinux execmem) refuse rwx memory:
+        then rw-, and calls go one by one."""
+        if self.state != "mmap":
+            return
+        res = self.inj.finish(check=False)
+        self.state = "gone"
+        if -4096 < res < 0:
             self.code_ok = False
+            res = self.inj.syscall("mmap", 0, SCRATCH, 3, MAP_PRIVATE_ANON, -1, 0)
+        self.addr, self.state = res, "mapped"
 
     def batch(self) -> Batch:
         return Batch(self.addr, CODE_OFF, self.code_ok)
@@ -129,8 +143,35 @@ class _Scratch:
     def run(self, b: Batch, inj: Injector) -> None:
         b.run(inj, self.mem, self.addr + CODE_OFF, SCRATCH - CODE_OFF)
 
+    def start(self, b: Batch, inj: Injector) -> None:
+        b.start(inj, self.mem, self.addr + CODE_OFF, SCRATCH - CODE_OFF)
+
+    def start_unmap(self) -> None:
+        self.inj.start("munmap", self.addr, SCRATCH)
+        self.state = "munmap"
+
+    def end_unmap(self) -> None:
+        self.state = "gone"
+        self.inj.finish()
+
     def unmap(self) -> None:
-        self.inj.syscall("munmap", self.addr, SCRATCH)
+        self.start_unmap()
+        self.end_unmap()
+
+    def close(self) -> None:
+        """Unmapped, whatever step a failure elsewhere in the tree left it at (best effort:
+        a process that is gone has nothing to unmap)."""
+        try:
+            if self.inj.running == CODE:
+                self.inj.wait_code()
+            if self.state == "mmap":
+                self.ready()
+            elif self.state == "munmap":
+                self.end_unmap()
+            if self.state == "mapped":
+                self.unmap()
+        except HpcckptError:
+            pass
 
 
 @dataclass
@@ -144,8 +185,9 @@ def _thread_calls(b: Batch) -> _ThreadCalls:
                         tid_address=b.add("prctl", PR_GET_TID_ADDRESS, OUT, out=8))
 
 
-def _thread_state(pid: int, tid: int, inj: Injector, calls: _ThreadCalls) -> pb.Thread:
-    t = pb.Thread(tid=proc.ns_pids(pid, tid)[-1], comm=proc.comm(pid, tid))
+def _thread_state(pid: int, tid: int, tst: dict[str, str], inj: Injector, calls: _ThreadCalls) -> pb.Thread:
+    """`tst`: the thread's status (proc.status)."""
+    t = pb.Thread(tid=proc.status_ns_pids(tst, tid)[-1], comm=proc.status_comm(tst, pid, tid))
     t.regs.extend(arch.rewind_interrupted_syscall(inj.saved_regs).to_list())
     t.xstate = ptrace.get_regset(tid, arch.XSTATE_NOTE, arch.XSTATE_MAX)
     t.sigmask = inj.saved_mask
@@ -180,9 +222,10 @@ def _process_calls(st: dict[str, str], b: Batch) -> _ProcessCalls:
         subreaper=b.add("prctl", PR_GET_CHILD_SUBREAPER, OUT, out=8))
 
 
-def _process_state(pid: int, st: dict[str, str], calls: _ProcessCalls) -> pb.Process:
-    f = proc.stat_fields(pid)
-    p = pb.Process(pid=proc.ns_pids(pid)[-1], creds=_creds(st), comm=proc.comm(pid), personality=proc.personality(pid),
+def _process_state(pid: int, st: dict[str, str], calls: _ProcessCalls, f: list[str]) -> pb.Process:
+    """`st`, `f`: its status and stat fields (proc.status, proc.stat_fields), read while frozen."""
+    p = pb.Process(pid=proc.status_ns_pids(st, pid)[-1], creds=_creds(st), comm=proc.status_comm(st, pid),
+                   personality=proc.personality(pid),
                    umask=int(st.get("Umask", "0022"), 8), cwd=proc.link(pid, "cwd"),
                    root=proc.link(pid, "root"))
     for sig, c in calls.sigactions:
@@ -211,9 +254,14 @@ def _process_state(pid: int, st: dict[str, str], calls: _ProcessCalls) -> pb.Pro
     return p
 
 
-def _mapped_files(vmas: list[pb.Vma], exe: str) -> list[pb.MappedFile]:
+def _file_paths(p: pb.Process) -> set[str]:
+    """The files a process maps, and its executable."""
+    return {v.path for v in p.mm.vmas if v.kind in (pb.FILE_PRIVATE, pb.FILE_SHARED)} | {p.mm.exe}
+
+
+def _mapped_files(paths: set[str]) -> list[pb.MappedFile]:
     out = []
-    for path in sorted({v.path for v in vmas if v.kind in (pb.FILE_PRIVATE, pb.FILE_SHARED)} | {exe}):
+    for path in sorted(paths):
         try:
             s = os.stat(path)
         except FileNotFoundError:
@@ -230,65 +278,130 @@ def _cpu_flags() -> list[str]:
     return []
 
 
-def _capture(fr: Frozen, iset: ImageSet, policies: files.FilePolicies, st: dict,
-             descs: shared.Descriptions | None = None,
-             shm: "ShmemTable | None" = None) -> tuple[pb.Process, list]:
-    """Everything but the pages, while frozen. Leaves the target exactly as found."""
-    pid = fr.pid
-    vmas = proc.maps(pid)
-    pvmas = [memory.describe(pid, v) for v in vmas]
-    if shm is not None:
-        for v, pv in zip(vmas, pvmas):
-            if shared.is_shared_object(v):
-                pv.shmid = shm.add(pid, v)
-    fds = files.dump_fds(pid, iset.path, policies, descs)
-    ip = find_syscall_insn(pid, vmas)
-    mem = Mem(pid)
-    injectors = {}
-    scratch = None
-    try:
-        for tid in fr.tids:
-            injectors[tid] = Injector(tid, ip)
-        scratch = _Scratch(injectors[pid], mem)
-        # every read-only syscall of a thread in one batch: one stop each, not one per call
-        tms = timers.listed(pid, {tid: proc.ns_pids(pid, tid)[-1] for tid in fr.tids})
-        b = scratch.batch()
-        pcalls = _process_calls(st, b)
-        tcalls = {pid: _thread_calls(b)}
-        timer_calls = timers.calls(tms, b) if len(tms) <= TIMERS_BATCHED else None
-        scratch.run(b, injectors[pid])
-        p = _process_state(pid, st, pcalls)
-        for tid in fr.tids[1:]:
+class _Capture:
+    """Everything of one frozen process but its pages, in steps the tree's processes take
+    together (_capture_tree): each stop for an injected syscall or batch costs the
+    target's scheduling latency (0.1-1 ms on a busy node), and a tree's processes now
+    wait out theirs at the same time instead of one after another. Construction reads
+    /proc and sets the scratch mmap off; `start_batch` sets off the batch of read-only
+    calls; `end_batch` reads it and sets off the munmap; `end` gives the process. Leaves
+    the target exactly as found, `close` too, at whatever step (idempotent); but with
+    `keep_scratch` (the process is killed after the dump) the scratch stays mapped, one
+    stop fewer, and is left to the Frozen, whose thaw takes it away."""
+
+    def __init__(self, fr: Frozen, iset: ImageSet, policies: files.FilePolicies, st: dict,
+                 descs: shared.Descriptions | None = None, shm: "ShmemTable | None" = None,
+                 keep_scratch: bool = False, stat: list[str] | None = None):
+        pid = self.pid = fr.pid
+        self.fr, self.st, self.keep, self.stat = fr, st, keep_scratch, stat
+        self.vmas = proc.maps(pid)
+        self.mem = Mem(pid)
+        self.injectors: dict[int, Injector] = {}
+        self.scratch: _Scratch | None = None
+        try:
+            ip = find_syscall_insn(pid, self.vmas)
+            for tid in fr.tids:
+                self.injectors[tid] = Injector(tid, ip)
+            self.scratch = _Scratch(self.injectors[pid], self.mem, wait=False)
+            # while the process maps its scratch: what /proc tells
+            self.pvmas = [memory.describe(pid, v) for v in self.vmas]
+            if shm is not None:
+                for v, pv in zip(self.vmas, self.pvmas):
+                    if shared.is_shared_object(v):
+                        pv.shmid = shm.add(pid, v)
+            self.fds = files.dump_fds(pid, iset.path, policies, descs)
+            self.tst = {tid: st if tid == pid else proc.status(pid, tid) for tid in fr.tids}
+            self.tms = timers.listed(pid, {tid: proc.status_ns_pids(self.tst[tid], tid)[-1] for tid in fr.tids})
+        except BaseException:
+            self.close()
+            raise
+
+    def start_batch(self) -> None:
+        """Every read-only syscall of the main thread in one batch: one stop, not one per call."""
+        self.scratch.ready()
+        b = self.b = self.scratch.batch()
+        self.pcalls = _process_calls(self.st, b)
+        self.tcalls = {self.pid: _thread_calls(b)}
+        self.timer_calls = timers.calls(self.tms, b) if len(self.tms) <= TIMERS_BATCHED else None
+        self.scratch.start(b, self.injectors[self.pid])
+
+    def end_batch(self) -> None:
+        pid, fr, inj, scratch = self.pid, self.fr, self.injectors, self.scratch
+        self.b.finish(inj[pid], self.mem)
+        p = self.p = _process_state(pid, self.st, self.pcalls, self.stat or proc.stat_fields(pid))
+        for tid in fr.tids[1:]:        # other threads: a batch each, in turn (few processes have them)
             b = scratch.batch()
-            tcalls[tid] = _thread_calls(b)
-            scratch.run(b, injectors[tid])
+            self.tcalls[tid] = _thread_calls(b)
+            scratch.run(b, inj[tid])
+        timer_calls, tms = self.timer_calls, self.tms
         if timer_calls is None:   # hundreds of timers: in batches of their own
             timer_calls = []
             for k in range(0, len(tms), TIMERS_BATCHED):
                 b = scratch.batch()
                 part = timers.calls(tms[k:k + TIMERS_BATCHED], b)
-                scratch.run(b, injectors[pid])
+                scratch.run(b, inj[pid])
                 timer_calls += part
         p.posix_timers.extend(timers.from_calls(tms, timer_calls))
-        p.threads.extend(_thread_state(pid, tid, injectors[tid], tcalls[tid]) for tid in fr.tids)
-        scratch.unmap()
-        scratch = None
-    finally:
-        if scratch is not None:
-            try:
-                scratch.unmap()
-            except HpcckptError:
-                pass
-        for tid, inj in injectors.items():
+        p.threads.extend(_thread_state(pid, tid, self.tst[tid], inj[tid], self.tcalls[tid]) for tid in fr.tids)
+        if not self.keep:
+            scratch.start_unmap()
+
+    def end(self) -> pb.Process:
+        if self.keep:
+            self.fr.scratch, self.scratch = (self.scratch.addr, SCRATCH), None
+        else:
+            self.scratch.end_unmap()
+        self.close()
+        self.p.mm.vmas.extend(self.pvmas)
+        self.p.fds.extend(self.fds)
+        return self.p
+
+    def close(self) -> None:
+        if self.scratch is not None:
+            self.scratch.close()
+            self.scratch = None
+        for tid, inj in self.injectors.items():
             try:
                 inj.restore()
             except HpcckptError:
                 pass
-            fr.deferred.setdefault(tid, []).extend(inj.pending_signals)
-        mem.close()
-    p.mm.vmas.extend(pvmas)
-    p.fds.extend(fds)
-    return p, vmas
+            self.fr.deferred.setdefault(tid, []).extend(inj.pending_signals)
+        self.injectors = {}
+        self.mem.close()
+
+
+def _capture_tree(ft: ptree.FrozenTree, iset: ImageSet, policies: files.FilePolicies,
+                  statuses: dict[int, dict], descs: shared.Descriptions,
+                  shm: "ShmemTable", keep_scratch: bool = False) -> dict[int, tuple[pb.Process, list]]:
+    """_Capture of every live process, step by step across the tree (in tree order, so
+    content shared by several processes is saved with the first). A process that fails
+    is named; every process is left as found (`keep_scratch`: see _Capture)."""
+    caps: dict[int, _Capture] = {}
+
+    def step(h: int, fn):
+        try:
+            return fn()
+        except HpcckptError as e:
+            if isinstance(e, ProcessGoneError) or not _alive(h):
+                raise ProcessGoneError(
+                    f"process {h} exited (or was killed) during the dump; nothing was "
+                    f"written and the rest of the tree runs on (at: {e})") from None
+            raise
+
+    try:
+        for h in ft.order:
+            if h not in ft.zombies:
+                # its stat fields as freeze_tree's last listing (after every freeze) read them
+                caps[h] = step(h, lambda: _Capture(ft.frozen[h], iset, policies, statuses[h], descs, shm,
+                                                   keep_scratch, ft.table[h].fields))
+        for h, c in caps.items():
+            step(h, c.start_batch)
+        for h, c in caps.items():
+            step(h, c.end_batch)
+        return {h: (step(h, c.end), c.vmas) for h, c in caps.items()}
+    finally:
+        for c in caps.values():
+            c.close()
 
 
 class ShmemTable:
@@ -315,12 +428,13 @@ class ShmemTable:
         return self.ids[key]
 
 
-def _tree_ids(ft: ptree.FrozenTree) -> dict[int, int]:
-    """Host PID -> PID in the tree's own namespace, for every member."""
+def _tree_ids(ft: ptree.FrozenTree, statuses: dict[int, dict]) -> dict[int, int]:
+    """Host PID -> PID in the tree's own namespace, for every member (`statuses`: those
+    of the frozen ones, already read)."""
     out = {}
-    depth = len(proc.ns_pids(ft.root))
+    depth = len(proc.status_ns_pids(statuses[ft.root], ft.root))
     for pid in ft.order:
-        ns = proc.ns_pids(pid)
+        ns = proc.status_ns_pids(statuses[pid], pid) if pid in statuses else proc.ns_pids(pid)
         if len(ns) != depth:
             raise UnsupportedError(f"process {pid} runs in a PID namespace of its own inside the tree; "
                                    "not supported")
@@ -491,9 +605,10 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     try:
         if on_frozen:
             on_frozen(list(ft.order))
-        ns = _tree_ids(ft)
         statuses = {p: check_owner(p) for p in ft.frozen}
+        ns = _tree_ids(ft, statuses)
         descs = shared.Descriptions.collect(list(ft.frozen))
+        descs.parents = {h: ft.table[h].ppid for h in ft.frozen}
         descs.cache["tcp"] = conns
         descs.cache["runs_on"] = leave_running or live or pre_dump    # sockets.waiting_connections
         shm = ShmemTable(iset.path)
@@ -501,19 +616,13 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         sp.mark("frozen: tree ids, owners, descriptions")
         procs: dict[int, pb.Process] = {}
         vmas: dict[int, list] = {}
+        # a tree killed after the dump keeps the scratch (ft.thaw takes it away on failure)
+        captured = _capture_tree(ft, iset, policies, statuses, descs, shm, keep_scratch=not leave_running)
         for p_host in ft.order:
             if p_host in ft.zombies:
                 procs[p_host] = _zombie(p_host, ns)
             else:
-                try:
-                    procs[p_host], vmas[p_host] = _capture(ft.frozen[p_host], iset, policies or files.FilePolicies(),
-                                                           statuses[p_host], descs, shm)
-                except HpcckptError as e:
-                    if isinstance(e, ProcessGoneError) or not _alive(p_host):
-                        raise ProcessGoneError(
-                            f"process {p_host} exited (or was killed) during the dump; nothing was "
-                            f"written and the rest of the tree runs on (at: {e})") from None
-                    raise
+                procs[p_host], vmas[p_host] = captured[p_host]
             _relations(ft, p_host, ns, procs[p_host])
             terms.process(p_host, procs[p_host], ft.table[p_host].sid)
         sp.mark("frozen: capture")
@@ -787,10 +896,8 @@ def _tree_inventory(pid: int, ft: ptree.FrozenTree, procs: dict[int, pb.Process]
         inv.ipc.CopyFrom(ipc)
     if net is not None:
         inv.netns.CopyFrom(net)
-    for h in ft.order:
-        if h not in ft.zombies and h != pid:
-            inv.files.extend(f for f in _mapped_files(list(procs[h].mm.vmas), procs[h].mm.exe)
-                             if f.path not in {x.path for x in inv.files})
+    others = set().union(*(_file_paths(procs[h]) for h in ft.order if h not in ft.zombies and h != pid))
+    inv.files.extend(_mapped_files(others - _file_paths(procs[pid])))   # each file looked at once
     inv.image_id = new_image_id()
     inv.pre_dump = pre_dump
     inv.tracking = ",".join(sorted(set(used.values()))) if par else ""
@@ -1124,12 +1231,11 @@ def _sync_files(path: Path, names: set[str]) -> None:
     """Make what the dump wrote durable before the inventory seals it. A few files are
     fsynced one by one; a tree's hundreds (three per process) with one syncfs() of the
     image's filesystem: an fsync each cost ~1 ms per process here, one syncfs a few ms."""
-    files = sorted(n for n in names if (path / n).is_file())
     dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if len(files) > SYNC_EACH_MAX and libc.syncfs(dfd) == 0:
+        if len(names) > SYNC_EACH_MAX and libc.syncfs(dfd) == 0:
             return
-        for name in files:
+        for name in sorted(n for n in names if (path / n).is_file()):
             fd = os.open(path / name, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -1155,7 +1261,7 @@ def _inventory(p: pb.Process, pid: int, facts: dict | None = None) -> pb.Invento
         cpu_flags=_cpu_flags(), xsave_size=len(p.threads[0].xstate), created=time.time(),
         host=socket.gethostname(), root_pid=p.pid, pids=[p.pid],
         own_pid_namespace=facts["own_pid_namespace"],
-        files=_mapped_files(list(p.mm.vmas), p.mm.exe), uid=p.creds.uid,
+        files=_mapped_files(_file_paths(p)), uid=p.creds.uid,
         vdso_size=sizes.get(pb.VDSO, 0), vvar_size=sizes.get(pb.VVAR, 0),
         vvar_vclock_size=sizes.get(pb.VVAR_VCLOCK, 0), vdso_xxh3=facts["vdso_xxh3"])
 

@@ -53,19 +53,6 @@ class FilePolicies:
         return self.rules[best] if best else pb.ROLLBACK
 
 
-def peek_pipe(pid: int, fd: int) -> bytes:
-    """The unread bytes of a pipe, copied with tee() so the pipe keeps them."""
-    pidfd = pidfd_open(pid)
-    try:
-        src = pidfd_getfd(pidfd, fd)
-    finally:
-        os.close(pidfd)
-    try:
-        return tee_pipe(src)
-    finally:
-        os.close(src)
-
-
 def tee_pipe(src: int) -> bytes:
     """The unread bytes of the pipe `src` (an fd of ours), left in the pipe."""
     r, w = os.pipe()
@@ -93,76 +80,83 @@ def dump_fds(pid: int, images: Path, policies: FilePolicies, descs=None) -> list
     if descs is None:
         descs = Descriptions.collect([pid])
     out = []
-    for (p, fd), ref in sorted(descs.fds.items()):
-        if p != pid:
-            continue
-        t, st, info = ref.target, ref.st, ref.info
-        flags = ref.flags
-        fid = descs.ids[(p, fd)]
-        e = pb.Fd(fd=fd, flags=flags & ~O_CLOEXEC, cloexec=bool(flags & O_CLOEXEC),
-                  pos=int(info.get("pos", 0)), path=t, file_id=fid)
-        leads_out = (t.startswith("pipe:") and not descs.pipe_inside(st.st_ino)) or (
-            t.startswith("socket:") and not sockets.pair_inside(descs, st.st_ino)) or (
-            stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) in TTY_MAJORS)
-        if ttys.kind_of(st):
-            ttys.describe_fd(e, pid, fd, st, info, descs, policies.shell_job)
-        elif fd <= 2 and leads_out:
-            e.kind = pb.INHERITED
-        elif t in eventfds.TARGETS:
-            eventfds.describe(e, t, info, pid, descs.first(("desc", fid)))
-        elif t in fsnotify.TARGETS:
-            fsnotify.describe(e, t, pid, descs.first(("desc", fid)), descs.notes)
-        elif t.startswith("socket:"):
-            sockets.describe(e, pid, st.st_ino, descs, descs.first(("sock", fid)))
-        elif t.startswith("pipe:") or (stat.S_ISFIFO(st.st_mode) and t.startswith("/")
-                                        and not t.endswith(" (deleted)")):
-            if not descs.pipe_inside(st.st_ino):
-                raise UnsupportedError(
-                    f"process {pid}: fd {fd} is a {'pipe' if t.startswith('pipe:') else 'FIFO'} ({t}) "
-                    "leading outside the process tree; only pipes and FIFOs with both ends inside "
-                    "the tree are supported so far")
-            e.kind = pb.PIPE
-            e.pipe_id = st.st_ino
-            e.pipe_size = fcntl_pipe_size(pid, fd)
-            if flags & O_ACCMODE != os.O_WRONLY and descs.first(("pipe", st.st_ino)):
-                e.pipe_data = peek_pipe(pid, fd)
-        elif stat.S_ISREG(st.st_mode):
-            e.size, e.mtime_ns, e.mode = st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)
-            if st.st_nlink == 0:
-                e.kind = pb.DELETED_FILE
-                e.data_file = f"file-{fid}.data"
-                if descs.first(("file", fid)):
-                    with open(f"/proc/{pid}/fd/{fd}", "rb") as src, open(images / e.data_file, "wb") as dst:
-                        while chunk := src.read(1 << 20):
-                            dst.write(chunk)
-            else:
-                e.kind = pb.REGULAR
-                e.policy = policies.for_path(t) if flags & O_ACCMODE else pb.KEEP
-        elif stat.S_ISDIR(st.st_mode):
-            e.kind = pb.DIRECTORY
-        elif stat.S_ISCHR(st.st_mode) and t in SAFE_DEVICES:
-            e.kind = pb.CHAR_DEVICE
-        else:
-            kind = t.split(":", 1)[0] if ":" in t else stat.filemode(st.st_mode)
-            if t.startswith("anon_inode:"):
-                kind = t.split(":", 1)[1].strip("[]")
-            raise UnsupportedError(
-                f"process {pid}: fd {fd} is a {kind} ({t}), which hpcckpt cannot checkpoint yet")
-        e.locks.extend(locks.dump(pid, fd, t))
-        out.append(e)
+    pidfd = -1      # one for all of the process's pipes
+
+    def local(fd: int) -> int:
+        """The process's fd `fd`, duplicated into ours."""
+        nonlocal pidfd
+        if pidfd < 0:
+            pidfd = pidfd_open(pid)
+        return pidfd_getfd(pidfd, fd)
+    try:
+        for fd, ref in descs.of(pid):
+            out.append(_describe(pid, fd, ref, images, policies, descs, local))
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
     return out
 
 
-def fcntl_pipe_size(pid: int, fd: int) -> int:
-    pidfd = pidfd_open(pid)
-    try:
-        local = pidfd_getfd(pidfd, fd)
-    finally:
-        os.close(pidfd)
-    try:
-        return fcntl.fcntl(local, F_GETPIPE_SZ)
-    finally:
-        os.close(local)
+def _describe(pid: int, fd: int, ref, images: Path, policies: FilePolicies, descs, local) -> pb.Fd:
+    """One fd of dump_fds; `local(fd)` gives a copy of the process's fd (ours to close)."""
+    t, st, info = ref.target, ref.st, ref.info
+    flags = ref.flags
+    fid = descs.ids[(pid, fd)]
+    e = pb.Fd(fd=fd, flags=flags & ~O_CLOEXEC, cloexec=bool(flags & O_CLOEXEC),
+              pos=int(info.get("pos", 0)), path=t, file_id=fid)
+    leads_out = (t.startswith("pipe:") and not descs.pipe_inside(st.st_ino)) or (
+        t.startswith("socket:") and not sockets.pair_inside(descs, st.st_ino)) or (
+        stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) in TTY_MAJORS)
+    if ttys.kind_of(st):
+        ttys.describe_fd(e, pid, fd, st, info, descs, policies.shell_job)
+    elif fd <= 2 and leads_out:
+        e.kind = pb.INHERITED
+    elif t in eventfds.TARGETS:
+        eventfds.describe(e, t, info, pid, descs.first(("desc", fid)))
+    elif t in fsnotify.TARGETS:
+        fsnotify.describe(e, t, pid, descs.first(("desc", fid)), descs.notes)
+    elif t.startswith("socket:"):
+        sockets.describe(e, pid, st.st_ino, descs, descs.first(("sock", fid)))
+    elif t.startswith("pipe:") or (stat.S_ISFIFO(st.st_mode) and t.startswith("/")
+                                    and not t.endswith(" (deleted)")):
+        if not descs.pipe_inside(st.st_ino):
+            raise UnsupportedError(
+                f"process {pid}: fd {fd} is a {'pipe' if t.startswith('pipe:') else 'FIFO'} ({t}) "
+                "leading outside the process tree; only pipes and FIFOs with both ends inside "
+                "the tree are supported so far")
+        e.kind = pb.PIPE
+        e.pipe_id = st.st_ino
+        x = local(fd)
+        try:
+            e.pipe_size = fcntl.fcntl(x, F_GETPIPE_SZ)
+            if flags & O_ACCMODE != os.O_WRONLY and descs.first(("pipe", st.st_ino)):
+                e.pipe_data = tee_pipe(x)
+        finally:
+            os.close(x)
+    elif stat.S_ISREG(st.st_mode):
+        e.size, e.mtime_ns, e.mode = st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)
+        if st.st_nlink == 0:
+            e.kind = pb.DELETED_FILE
+            e.data_file = f"file-{fid}.data"
+            if descs.first(("file", fid)):
+                with open(f"/proc/{pid}/fd/{fd}", "rb") as src, open(images / e.data_file, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+        else:
+            e.kind = pb.REGULAR
+            e.policy = policies.for_path(t) if flags & O_ACCMODE else pb.KEEP
+    elif stat.S_ISDIR(st.st_mode):
+        e.kind = pb.DIRECTORY
+    elif stat.S_ISCHR(st.st_mode) and t in SAFE_DEVICES:
+        e.kind = pb.CHAR_DEVICE
+    else:
+        kind = t.split(":", 1)[0] if ":" in t else stat.filemode(st.st_mode)
+        if t.startswith("anon_inode:"):
+            kind = t.split(":", 1)[1].strip("[]")
+        raise UnsupportedError(
+            f"process {pid}: fd {fd} is a {kind} ({t}), which hpcckpt cannot checkpoint yet")
+    e.locks.extend(locks.parse(pid, fd, t, info["lock"].splitlines() if "lock" in info else []))
+    return e
 
 
 def check_files(fds: list[pb.Fd]) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from ..errors import HpcckptError, ProcessGoneError
 from ..kernel import proc, ptrace
+from ..kernel.inject import Injector, find_syscall_insn
 from ..kernel.arch import current as arch
 
 
@@ -19,9 +20,14 @@ class Frozen:
     tids: list[int] = field(default_factory=list)
     # signals that hit a thread while we stopped it; delivered when it runs again
     deferred: dict[int, list[int]] = field(default_factory=dict)
+    # (address, length) of memory a dump mapped into the process and left there, the
+    # process being killed next (engine/dump.py's scratch): a thaw takes it away first
+    scratch: tuple[int, int] | None = None
 
     def thaw(self) -> None:
         """Let every thread run on exactly as before; errors are reported, not raised."""
+        if self.scratch is not None:
+            self._unmap_scratch()
         for tid in self.tids:
             sigs = self.deferred.get(tid, [])
             try:
@@ -31,6 +37,19 @@ class Frozen:
                     os.kill(tid, s)
             except HpcckptError:
                 pass
+
+    def _unmap_scratch(self) -> None:
+        addr, length = self.scratch
+        self.scratch = None
+        try:
+            inj = Injector(self.pid, find_syscall_insn(self.pid, proc.maps(self.pid, with_flags=False)))
+            try:
+                inj.syscall("munmap", addr, length)
+            finally:
+                inj.restore()
+                self.deferred.setdefault(self.pid, []).extend(inj.pending_signals)
+        except HpcckptError:
+            pass        # gone, or going: nothing of it runs on
 
     def kill(self) -> None:
         try:

@@ -40,16 +40,6 @@ def parse(pid: int, fd: int, path: str, lines: list[str]) -> list[pb.FileLock]:
     return out
 
 
-def dump(pid: int, fd: int, path: str) -> list[pb.FileLock]:
-    """The locks held through fd `fd` of `pid` (host PID)."""
-    try:
-        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-            lines = [line.split(":", 1)[1] for line in f if line.startswith("lock:")]
-    except FileNotFoundError:
-        return []
-    return parse(pid, fd, path, lines)
-
-
 def restore(t, p: pb.Process) -> None:
     """Take every lock again in target `t`, whose fds are in place."""
     for e in p.fds:

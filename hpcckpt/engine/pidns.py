@@ -10,6 +10,7 @@ job's exit status. If the monitor dies, the init dies (PDEATHSIG) and with it th
 import ctypes
 import os
 import signal
+import time
 
 from ..errors import KernelError
 from ..kernel.libc import libc
@@ -19,6 +20,7 @@ CLONE_NEWPID = 0x20000000
 CLONE_NEWIPC = 0x08000000
 PR_SET_PDEATHSIG = 1
 JOB_PID = 2  # the job's PID inside its namespace
+WALL = 0x40000000   # __WALL: children of any kind, traced ones too
 
 _init_pid: int | None = None
 _ipc_ns: int | None = None   # inode of the IPC namespace ensure() made
@@ -70,14 +72,31 @@ def ensure() -> int:
     return pid
 
 
-def shutdown() -> None:
-    """Kill the namespace's init, and with it anything left in the namespace."""
+def shutdown(job: int | None = None) -> None:
+    """Kill the namespace's init, and with it anything left in the namespace.
+
+    The init's exit waits until every process of the namespace is reaped (the kernel's
+    zap_pid_ns_processes), and the job (PID 2) is our child, not the init's: a job not
+    collected yet (a zombie, or killed now) is collected here, else the init and we wait
+    for each other forever. `job`: its PID (as we see it); without it, every child of
+    ours that ends meanwhile is collected."""
     global _init_pid
     if _init_pid is None:
         return
+    init, _init_pid = _init_pid, None
     try:
-        os.kill(_init_pid, signal.SIGKILL)
-        os.waitpid(_init_pid, 0)
-    except (ProcessLookupError, ChildProcessError):
+        os.kill(init, signal.SIGKILL)
+    except ProcessLookupError:
         pass
-    _init_pid = None
+    others = -1 if job is None else job      # what else of ours may hold the init up
+    while True:
+        try:
+            if os.waitpid(init, os.WNOHANG | WALL)[0]:
+                return
+        except ChildProcessError:
+            return          # collected below (others = -1)
+        try:
+            os.waitpid(others, os.WNOHANG | WALL)
+        except ChildProcessError:
+            pass
+        time.sleep(0.005)

@@ -19,8 +19,9 @@ from functools import partial
 from ..errors import HpcckptError, ImageError, PermissionDeniedError, RestoreError
 from ..images import pb
 from ..images.imageset import ImageSet, open_image_file
-from ..kernel import elf, proc, ptrace, vdso
+from ..kernel import effects, elf, proc, ptrace, vdso
 from ..kernel.arch import current as arch
+from ..kernel.effects import Queue, Step
 from ..kernel.inject import Injector, Mem, find_syscall_insn
 from ..kernel.libc import pidfd_getfd, pidfd_open
 from ..progress import Progress
@@ -32,6 +33,7 @@ from .incremental import TreeTracker
 from .netns import Restoring as NewNetns
 
 SCRATCH = 1 << 16
+PUT_ROOM = 48 << 10         # scratch: arguments below, queued calls' results and code above
 WINDOW = 32 << 20           # scratch plus room to park the vDSO family while moving it
 AT_FDCWD = -100
 MAP_PRIVATE, MAP_SHARED, MAP_FIXED, MAP_ANON, MAP_GROWSDOWN = 0x2, 0x1, 0x10, 0x20, 0x100
@@ -139,38 +141,75 @@ def check_ids_free(p: pb.Process) -> None:
 class Target:
     """The stub being turned into the process: injectors per thread and a scratch block."""
 
-    def __init__(self, pid: int, ns_pid: int, image_vmas):
+    def __init__(self, pid: int, ns_pid: int, image_vmas, syscall_ip: int | None = None):
         self.pid = pid                      # as we see it
         self.mem = Mem(pid)
         svmas = proc.maps(pid, with_flags=False)   # maps, not smaps: the stub's flags are of no use
-        self.main = Injector(pid, find_syscall_insn(pid, svmas))
+        self.main = Injector(pid, syscall_ip or find_syscall_insn(pid, svmas))
         self.threads = {ns_pid: self.main}  # by the TIDs the process itself sees
         self.host = {ns_pid: pid}           # ... and as we see them
         self.window = _free_window(list(image_vmas) + svmas)
         self.scratch = self.window
-        self.sys("mmap", self.scratch, SCRATCH, 3, MAP_PRIVATE | MAP_ANON | MAP_FIXED_NOREPLACE, -1, 0)
+        code_ok = self._map_scratch()
+        self.queue = Queue(self.main, self.mem, self.scratch + PUT_ROOM, SCRATCH - PUT_ROOM, code_ok, RestoreError)
         self._off = 0
         self.stub_vmas = svmas
         self.ns_pid = ns_pid
         self.shm_fds: dict[int, int] = {}       # shared memory object id -> fd here
-        self.pidfds: dict[int, int] = {}        # other tree member's PID -> pidfd here
-        self.extra_fds: list[int] = []          # staged fds others may take; closed at install
+        self.pidfds: dict[int, Step] = {}       # other tree member's PID -> pidfd here
+        self.extra_fds: list[int | Step] = []   # staged fds others may take; closed at install
         self.fd_base: int | None = None         # staged fds go at or above it (_prepare_fds)
 
-    def take_fd(self, owner: "Target", fd: int) -> int:
-        """Duplicate `owner`'s fd into this process: the same open file description."""
+    def _map_scratch(self) -> bool:
+        """The scratch block; executable where allowed (W^X policies refuse), so queued
+        calls run as one block of code (kernel/effects.py). Whether it is."""
+        flags = MAP_PRIVATE | MAP_ANON | MAP_FIXED_NOREPLACE
+        if self.main.syscall("mmap", self.scratch, SCRATCH, 7, flags, -1, 0, check=False) == self.scratch:
+            return True
+        self.main.syscall("mmap", self.scratch, SCRATCH, 3, flags, -1, 0)
+        return False
+
+    def take_fd(self, owner: "Target", fd: "int | Step", queue: bool = False) -> "int | Step":
+        """Duplicate `owner`'s fd into this process: the same open file description. With
+        `queue`, the calls are only queued (`later`): a Step is returned."""
         if owner is self:
-            return self.sys("fcntl", fd, F_DUPFD_CLOEXEC, 0)
-        if owner.ns_pid not in self.pidfds:
-            self.pidfds[owner.ns_pid] = self.sys("pidfd_open", owner.ns_pid, 0)
-        return self.sys("pidfd_getfd", self.pidfds[owner.ns_pid], fd, 0)
+            step = self.later("fcntl", fd, F_DUPFD_CLOEXEC, 0)
+        else:
+            owner.flush()       # its fd exists once its own queue has run
+            fd = fd.value if isinstance(fd, Step) else fd
+            if owner.ns_pid not in self.pidfds:
+                self.pidfds[owner.ns_pid] = self.later("pidfd_open", owner.ns_pid, 0)
+            step = self.later("pidfd_getfd", self.pidfds[owner.ns_pid], fd, 0)
+        if queue:
+            return step
+        self.flush()
+        return step.value
 
     def sys(self, name: str, *args: int, tid: int | None = None, check: bool = True) -> int:
+        """One syscall now (after the queued ones; an argument may be a queued call)."""
+        self.flush()
+        args = tuple(a.value if isinstance(a, Step) else a for a in args)
         return (self.threads[tid] if tid else self.main).syscall(name, *args, check=check)
 
+    def later(self, name: str, *args, check: int | None = effects.ERRNO, fail: str = "",
+              tid: int | None = None) -> Step | int:
+        """A syscall in the main thread, queued: it runs with the others queued, in one stop,
+        at the next `flush` (or `sys`); an argument may be an earlier Step's result. A
+        failure (`check`: kernel/effects.py) stops the queue there, named by `fail`. In
+        another thread (`tid`), the call is made now, checked for an errno unless `check`
+        is None."""
+        if tid is not None and tid != self.ns_pid:
+            return self.sys(name, *args, tid=tid, check=check is not None)
+        return self.queue.add(name, *args, check=check, fail=fail)
+
+    def flush(self) -> None:
+        self.queue.run()
+
     def put(self, data: bytes) -> int:
-        """Copy bytes into the scratch block; the address stays valid until it wraps."""
-        if self._off + len(data) > SCRATCH:
+        """Copy bytes into the scratch block; the address stays valid until it wraps
+        (queued calls run first: their arguments may be there)."""
+        if self._off + len(data) > PUT_ROOM:
+            self.flush()
             self._off = 0
         addr = self.scratch + self._off
         self.mem.write(addr, data)
@@ -181,6 +220,8 @@ class Target:
         return self.put(os.fsencode(s) + b"\0")
 
     def set_syscall_ip(self, ip: int) -> None:
+        if not self.queue.code_ok:   # queued calls injected one by one use the instruction where it is now
+            self.flush()
         for inj in self.threads.values():
             inj.syscall_ip = ip
 
@@ -215,7 +256,7 @@ def _unmap_spans(stub_vmas, keep: list[tuple[int, int]]) -> list[tuple[int, int]
 def _clear_stub(t: Target, vmas: list[pb.Vma]) -> None:
     """Unmap the stub's own mappings and move its vDSO family where the image had them."""
     for start, end in _unmap_spans(t.stub_vmas, [(t.window, t.window + WINDOW)]):
-        t.sys("munmap", start, end - start)
+        t.later("munmap", start, end - start)
     wanted = {KIND_NAMES[v.kind]: v for v in vmas if v.kind in KIND_NAMES}
     park = t.window + SCRATCH
     for v in t.stub_vmas:
@@ -223,10 +264,10 @@ def _clear_stub(t: Target, vmas: list[pb.Vma]) -> None:
             continue
         dst = wanted.get(v.path)
         if dst is None:
-            t.sys("munmap", v.start, v.size)
+            t.later("munmap", v.start, v.size)
             continue
         # park first, so a destination overlapping another member of the family is free
-        t.sys("mremap", v.start, v.size, v.size, MREMAP_MAYMOVE | MREMAP_FIXED, park)
+        t.later("mremap", v.start, v.size, v.size, MREMAP_MAYMOVE | MREMAP_FIXED, park)
         if v.path == "[vdso]":
             t.set_syscall_ip(t.main.syscall_ip - v.start + park)
         v.start, v.end = park, park + v.size
@@ -234,9 +275,10 @@ def _clear_stub(t: Target, vmas: list[pb.Vma]) -> None:
     for v in t.stub_vmas:
         dst = wanted.get(v.path)
         if dst is not None:
-            t.sys("mremap", v.start, v.size, v.size, MREMAP_MAYMOVE | MREMAP_FIXED, dst.start)
+            t.later("mremap", v.start, v.size, v.size, MREMAP_MAYMOVE | MREMAP_FIXED, dst.start)
             if v.path == "[vdso]":
                 t.set_syscall_ip(t.main.syscall_ip - v.start + dst.start)
+    t.flush()
 
 
 def _set_fs_creds(t: Target, c: pb.Creds) -> None:
@@ -246,9 +288,9 @@ def _set_fs_creds(t: Target, c: pb.Creds) -> None:
     have = [int(g) for g in proc.status(t.pid).get("Groups", "").split()]
     if sorted(c.groups) != sorted(have):
         groups = struct.pack(f"<{len(c.groups)}I", *c.groups)
-        t.sys("setgroups", len(c.groups), t.put(groups) if groups else 0)
-    t.sys("setfsgid", c.fsgid)
-    t.sys("setfsuid", c.fsuid)
+        t.later("setgroups", len(c.groups), t.put(groups) if groups else 0)
+    t.later("setfsgid", c.fsgid, check=None)    # returns the previous fsgid, never an errno
+    t.later("setfsuid", c.fsuid, check=None)
 
 
 def _set_mm(t: Target, mm: pb.Mm) -> None:
@@ -264,48 +306,44 @@ def _set_mm(t: Target, mm: pb.Mm) -> None:
 
 
 def _map_vmas(t: Target, vmas: list[pb.Vma], written: set[int]) -> None:
-    opened: dict[tuple[str, int], int] = {}
-    try:
-        for v in vmas:
-            if v.kind in KIND_NAMES or v.kind in (pb.VSYSCALL, pb.SYSV_SHM):
-                continue
-            prot = v.prot | (memory.PROT["w"] if v.start in written else 0)
-            size = v.end - v.start
-            fd, flags = -1, MAP_FIXED
-            if v.kind in (pb.FILE_PRIVATE, pb.FILE_SHARED) and not v.shmid:
-                mode = os.O_RDWR if v.kind == pb.FILE_SHARED and v.prot & memory.PROT["w"] else os.O_RDONLY
-                if (v.path, mode) not in opened:
-                    res = t.sys("openat", AT_FDCWD, t.cstr(v.path), mode | os.O_CLOEXEC, check=False)
-                    if res < 0:
-                        raise RestoreError(f"cannot open {v.path} (mapped at {v.start:#x}): {os.strerror(-res)}")
-                    opened[(v.path, mode)] = res
-                fd = opened[(v.path, mode)]
-                flags |= MAP_SHARED if v.kind == pb.FILE_SHARED else MAP_PRIVATE
-            elif v.shmid:
-                fd, flags = t.shm_fds[v.shmid], MAP_FIXED | MAP_SHARED
-            elif v.kind == pb.ANON_SHARED:
-                flags |= MAP_SHARED | MAP_ANON
-            else:
-                flags |= MAP_PRIVATE | MAP_ANON | (MAP_GROWSDOWN if v.growsdown else 0)
-            if v.noreserve:    # a terabyte reservation: without it the commit charge is refused
-                flags |= MAP_NORESERVE
-            res = t.sys("mmap", v.start, size, prot, flags, fd, v.pgoff if fd >= 0 else 0,
-                        check=False)
-            if res != v.start:
-                raise RestoreError(
-                    f"cannot recreate mapping {v.start:#x}-{v.end:#x} ({v.path or 'anonymous'}): "
-                    + (os.strerror(-res) if res < 0 else f"kernel placed it at {res:#x}"))
-    finally:
-        for fd in opened.values():
-            t.sys("close", fd, check=False)
+    """Every mapping of the image at its address, in one stop: each file opened once, its
+    fd handed to the mmaps within the block; the first failure stops it and is named."""
+    opened: dict[tuple[str, int], Step] = {}
+    for v in vmas:
+        if v.kind in KIND_NAMES or v.kind in (pb.VSYSCALL, pb.SYSV_SHM):
+            continue
+        prot = v.prot | (memory.PROT["w"] if v.start in written else 0)
+        size = v.end - v.start
+        fd, flags = -1, MAP_FIXED
+        if v.kind in (pb.FILE_PRIVATE, pb.FILE_SHARED) and not v.shmid:
+            mode = os.O_RDWR if v.kind == pb.FILE_SHARED and v.prot & memory.PROT["w"] else os.O_RDONLY
+            if (v.path, mode) not in opened:
+                opened[(v.path, mode)] = t.later("openat", AT_FDCWD, t.cstr(v.path), mode | os.O_CLOEXEC,
+                                                 fail=f"cannot open {v.path} (mapped at {v.start:#x})")
+            fd = opened[(v.path, mode)]
+            flags |= MAP_SHARED if v.kind == pb.FILE_SHARED else MAP_PRIVATE
+        elif v.shmid:
+            fd, flags = t.shm_fds[v.shmid], MAP_FIXED | MAP_SHARED
+        elif v.kind == pb.ANON_SHARED:
+            flags |= MAP_SHARED | MAP_ANON
+        else:
+            flags |= MAP_PRIVATE | MAP_ANON | (MAP_GROWSDOWN if v.growsdown else 0)
+        if v.noreserve:    # a terabyte reservation: without it the commit charge is refused
+            flags |= MAP_NORESERVE
+        t.later("mmap", v.start, size, prot, flags, fd, v.pgoff if fd != -1 else 0, check=v.start,
+                fail=f"cannot recreate mapping {v.start:#x}-{v.end:#x} ({v.path or 'anonymous'})")
+    for fd in opened.values():      # (after a failure they stay open: the stub is killed)
+        t.later("close", fd, check=None)
+    t.flush()
 
 
 def _finish_vmas(t: Target, vmas: list[pb.Vma], written: set[int]) -> None:
     for v in vmas:
         if v.start in written and not v.prot & memory.PROT["w"]:
-            t.sys("mprotect", v.start, v.end - v.start, v.prot)
+            t.later("mprotect", v.start, v.end - v.start, v.prot)
         for flag in v.vmflags:
-            t.sys("madvise", v.start, v.end - v.start, memory.MADVISE[flag], check=False)
+            t.later("madvise", v.start, v.end - v.start, memory.MADVISE[flag], check=None)
+    t.flush()
 
 
 @dataclass
@@ -320,8 +358,10 @@ class Shared:
     terminals: "ttys.Terminals | None" = None
 
 
-def _local_copy(t: Target, fd: int) -> int:
+def _local_copy(t: Target, fd: "int | Step") -> int:
     """The target's fd, duplicated into this (the restoring) process."""
+    t.flush()
+    fd = fd.value if isinstance(fd, Step) else fd
     pidfd = pidfd_open(t.pid)
     try:
         return pidfd_getfd(pidfd, fd)
@@ -333,7 +373,7 @@ def _open_shmem(t: Target, vmas: list[pb.Vma], sh: Shared, iset: ImageSet) -> No
     """An fd in `t` for every shared memory object it maps; made and filled once."""
     for oid in sorted({v.shmid for v in vmas if v.shmid}):
         if oid in sh.shm:
-            t.shm_fds[oid] = t.take_fd(*sh.shm[oid])
+            t.shm_fds[oid] = t.take_fd(*sh.shm[oid], queue=True)
             continue
         obj = sh.objects.get(oid)
         if obj is None:
@@ -378,22 +418,24 @@ def _stage_fds(t: Target, fds: list[pb.Fd], iset: ImageSet, sh: Shared) -> list[
         if e.kind == pb.INHERITED:
             if e.fd in t.fd_keep:
                 continue
-            fd = t.sys("openat", AT_FDCWD, t.cstr("/dev/null"), os.O_RDWR)
+            fd = t.later("openat", AT_FDCWD, t.cstr("/dev/null"), os.O_RDWR)
         elif e.file_id and e.file_id in sh.desc:
-            fd = t.take_fd(*sh.desc[e.file_id])
+            fd = t.take_fd(*sh.desc[e.file_id], queue=True)
         else:
             fd = _open_one(t, e, iset, sh)
-        high = t.sys("fcntl", fd, F_DUPFD_CLOEXEC, base)
-        t.sys("close", fd)
+        high = t.later("fcntl", fd, F_DUPFD_CLOEXEC, base)
+        t.later("close", fd)
         staged.append((high, e))
         if e.file_id and e.kind != pb.INHERITED and e.file_id not in sh.desc:
             sh.desc[e.file_id] = (t, high)
-    return staged
+    t.flush()
+    return [(high.value, e) for high, e in staged]
 
 
-def _open_one(t: Target, e: pb.Fd, iset: ImageSet, sh: Shared) -> int:
+def _open_one(t: Target, e: pb.Fd, iset: ImageSet, sh: Shared) -> "int | Step":
     """The description of `e` made in `t` (a new fd there, at any number), or the pipe end
-    or socket pair end `t` takes from the process that made it."""
+    or socket pair end `t` takes from the process that made it. Files opened by path and
+    pipe ends are only queued (a Step: its fd once the queue runs)."""
     base = t.fd_base
     if e.kind == pb.PIPE and e.path.startswith("/"):
         fd = _open_fifo(t, e, sh)
@@ -403,21 +445,21 @@ def _open_one(t: Target, e: pb.Fd, iset: ImageSet, sh: Shared) -> int:
             t.sys("pipe2", ends, 0)
             r, w = struct.unpack("<ii", t.mem.read(ends, 8))
             if e.pipe_size:
-                t.sys("fcntl", w, F_SETPIPE_SZ, e.pipe_size, check=False)
-            hr, hw = (t.sys("fcntl", x, F_DUPFD_CLOEXEC, base) for x in (r, w))
-            t.sys("close", r)
-            t.sys("close", w)
+                t.later("fcntl", w, F_SETPIPE_SZ, e.pipe_size, check=None)
+            hr, hw = (t.later("fcntl", x, F_DUPFD_CLOEXEC, base) for x in (r, w))
+            t.later("close", r)
+            t.later("close", w)
             t.extra_fds += [hr, hw]
             sh.pipes[e.pipe_id] = (t, hr, hw)
         owner, r, w = sh.pipes[e.pipe_id]
-        fd = t.take_fd(owner, r if e.flags & files.O_ACCMODE == os.O_RDONLY else w)
+        fd = t.take_fd(owner, r if e.flags & files.O_ACCMODE == os.O_RDONLY else w, queue=True)
         if e.pipe_data:
             local = _local_copy(owner, w)
             try:
                 os.write(local, e.pipe_data)
             finally:
                 os.close(local)
-        t.sys("fcntl", fd, F_SETFL, e.flags & ~files.O_ACCMODE)
+        t.later("fcntl", fd, F_SETFL, e.flags & ~files.O_ACCMODE)
     elif e.kind == pb.SOCKET:
         fd = sockets.create(t, e, sh.socks, _local_copy)
     elif e.kind == pb.TTY:
@@ -442,13 +484,12 @@ def _open_one(t: Target, e: pb.Fd, iset: ImageSet, sh: Shared) -> int:
         flags = e.flags & ~(files.O_CREAT | files.O_EXCL | files.O_TRUNC)
         if e.kind == pb.DIRECTORY:
             flags |= files.O_DIRECTORY
-        fd = t.sys("openat", AT_FDCWD, t.cstr(e.path), flags, check=False)
-        if fd < 0:
-            raise RestoreError(f"process {t.ns_pid} fd {e.fd}: cannot open {e.path}: {os.strerror(-fd)}")
+        fd = t.later("openat", AT_FDCWD, t.cstr(e.path), flags,
+                     fail=f"process {t.ns_pid} fd {e.fd}: cannot open {e.path}")
         if e.kind == pb.REGULAR and e.policy == pb.ROLLBACK and e.flags & files.O_ACCMODE:
-            t.sys("ftruncate", fd, e.size)
+            t.later("ftruncate", fd, e.size)
         if e.kind == pb.REGULAR:
-            t.sys("lseek", fd, e.pos, 0)
+            t.later("lseek", fd, e.pos, 0)
     return fd
 
 
@@ -485,12 +526,13 @@ def _open_fifo(t: Target, e: pb.Fd, sh: Shared) -> int:
 def _install_fds(t: Target, staged: list[tuple[int, pb.Fd]]) -> None:
     """Move every staged fd to its number; close what the stub had and we no longer need."""
     for fd in t.extra_fds + list(t.pidfds.values()):
-        t.sys("close", fd, check=False)
+        t.later("close", fd, check=None)
     for fd in t.fd_have - t.fd_keep:
-        t.sys("close", fd, check=False)
+        t.later("close", fd, check=None)
     for high, e in staged:
-        t.sys("dup3", high, e.fd, os.O_CLOEXEC if e.cloexec else 0)
-        t.sys("close", high)
+        t.later("dup3", high, e.fd, os.O_CLOEXEC if e.cloexec else 0)
+        t.later("close", high)
+    t.flush()
 
 
 def _restore_fds(t: Target, fds: list[pb.Fd], iset: ImageSet) -> None:
@@ -500,17 +542,17 @@ def _restore_fds(t: Target, fds: list[pb.Fd], iset: ImageSet) -> None:
 
 
 def _restore_process_state(t: Target, p: pb.Process) -> None:
-    t.sys("chdir", t.cstr(p.cwd))
-    t.sys("umask", p.umask)
-    t.sys("personality", p.personality)
+    t.later("chdir", t.cstr(p.cwd))
+    t.later("umask", p.umask)
+    t.later("personality", p.personality)
     for a in p.sigactions:
-        t.sys("rt_sigaction", a.signo, t.put(struct.pack("<4Q", a.handler, a.flags, a.restorer, a.mask)), 0, 8)
+        t.later("rt_sigaction", a.signo, t.put(struct.pack("<4Q", a.handler, a.flags, a.restorer, a.mask)), 0, 8)
     for it in p.itimers:
         value = (it.value_sec, it.value_usec)
         if value == (0, 0):    # expired, signal pending, waiting to be re-armed: a period on
             value = (it.interval_sec, it.interval_usec)
-        t.sys("setitimer", it.which, t.put(struct.pack("<4Q", it.interval_sec, it.interval_usec,
-                                                       *value)), 0)
+        t.later("setitimer", it.which, t.put(struct.pack("<4Q", it.interval_sec, it.interval_usec,
+                                                         *value)), 0)
     have = proc.limits(t.pid)     # read from outside: an injected prlimit64 each cost 16
     for r in p.rlimits:
         # Raising a hard limit needs CAP_SYS_RESOURCE, which we may lack: then keep the
@@ -546,17 +588,17 @@ def _create_threads(t: Target, p: pb.Process) -> None:
 
 def _restore_thread_state(t: Target, p: pb.Process, th: pb.Thread) -> None:
     tid = th.tid
-    t.sys("set_tid_address", th.clear_child_tid, tid=tid)
+    t.later("set_tid_address", th.clear_child_tid, tid=tid)
     if th.robust_list:
-        t.sys("set_robust_list", th.robust_list, th.robust_list_len, tid=tid)
+        t.later("set_robust_list", th.robust_list, th.robust_list_len, tid=tid)
     if th.rseq.pointer:
-        t.sys("rseq", th.rseq.pointer, th.rseq.size, 0, th.rseq.signature, tid=tid)
+        t.later("rseq", th.rseq.pointer, th.rseq.size, 0, th.rseq.signature, tid=tid)
     if th.altstack.sp or th.altstack.size:
         ss = struct.pack("<Qi4xQ", th.altstack.sp, th.altstack.flags & ~1, th.altstack.size)
-        t.sys("sigaltstack", t.put(ss), 0, tid=tid)
+        t.later("sigaltstack", t.put(ss), 0, tid=tid)
     for si in th.pending:
-        t.sys("rt_tgsigqueueinfo", p.pid, tid, struct.unpack_from("<i", si)[0], t.put(si), tid=tid)
-    t.sys("prctl", PR_SET_NAME, t.put(th.comm.encode()[:15] + b"\0"), tid=tid)
+        t.later("rt_tgsigqueueinfo", p.pid, tid, struct.unpack_from("<i", si)[0], t.put(si), tid=tid)
+    t.later("prctl", PR_SET_NAME, t.put(th.comm.encode()[:15] + b"\0"), tid=tid)
 
 
 def _drop_creds(t: Target, p: pb.Process) -> None:
@@ -565,14 +607,15 @@ def _drop_creds(t: Target, p: pb.Process) -> None:
     c = p.creds
     want = (c.cap_eff, c.cap_prm, c.cap_inh)
     for tid in t.threads:
-        t.sys("setresgid", c.gid, c.egid, c.sgid, tid=tid)
-        t.sys("setresuid", c.uid, c.euid, c.suid, tid=tid)
+        t.later("setresgid", c.gid, c.egid, c.sgid, tid=tid)
+        t.later("setresuid", c.uid, c.euid, c.suid, tid=tid)
+        t.flush()           # the capabilities they leave are read from outside
         st = proc.status(t.host[tid])
         if int(st.get("CapAmb", "0"), 16):
-            t.sys("prctl", userns.PR_CAP_AMBIENT, userns.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0, tid=tid)
+            t.later("prctl", userns.PR_CAP_AMBIENT, userns.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0, tid=tid)
         have = tuple(int(st[k], 16) for k in ("CapEff", "CapPrm", "CapInh"))
         if have != want:
-            t.sys("capset", t.put(userns.cap_header()), t.put(userns.cap_sets(*want)), tid=tid)
+            t.later("capset", t.put(userns.cap_header()), t.put(userns.cap_sets(*want)), tid=tid)
 
 
 def _fill_memory(t: Target, p: pb.Process, srcs: list[Source], iset: ImageSet, sh: Shared, prog,
@@ -595,7 +638,7 @@ def _fill_memory(t: Target, p: pb.Process, srcs: list[Source], iset: ImageSet, s
         except OSError as e:
             raise RestoreError(f"reading memory of process {p.pid} from {s.pages_file}: "
                                f"{e.strerror}") from None
-        t.sys("close", fd)
+        t.later("close", fd)
     _finish_vmas(t, vmas, written)
 
 
@@ -645,14 +688,14 @@ def _finish_process(t: Target, p: pb.Process) -> None:
     """Everything after the fds: process and thread state, credentials, registers."""
     _restore_process_state(t, p)
     if p.subreaper:
-        t.sys("prctl", PR_SET_CHILD_SUBREAPER, 1)
+        t.later("prctl", PR_SET_CHILD_SUBREAPER, 1)
     _create_threads(t, p)
     for th in p.threads:
         _restore_thread_state(t, p, th)
     timers.restore(t, p)
     locks.restore(t, p)
     for si in p.shared_pending:
-        t.sys("rt_sigqueueinfo", p.pid, struct.unpack_from("<i", si)[0], t.put(si))
+        t.later("rt_sigqueueinfo", p.pid, struct.unpack_from("<i", si)[0], t.put(si))
     _drop_creds(t, p)
     t.sys("munmap", t.scratch, SCRATCH)
     for th in p.threads:
@@ -778,7 +821,8 @@ def restore(images: str | os.PathLike, show_progress: bool = True, on_ready=None
         pages_bytes = sum(s.nbytes for ss in srcs.values() for s in ss)
         prog = Progress(f"restore {root.pid}", pages_bytes, enabled=show_progress)
         for p in live:
-            targets[p.pid] = Target(ctree.host(p.pid), p.pid, list(p.mm.vmas))
+            targets[p.pid] = Target(ctree.host(p.pid), p.pid, list(p.mm.vmas),
+                                    ctree.stubs[p.pid].inj.syscall_ip)
             _fill_memory(targets[p.pid], p, srcs[p.pid], iset, sh, prog, arriving)
         prog.finish()
         for t in targets.values():

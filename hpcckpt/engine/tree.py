@@ -29,6 +29,7 @@ class Entry:
     ppid: int
     pgid: int
     sid: int
+    fields: list[str] = field(default_factory=list, repr=False, compare=False)   # all of stat's
 
 
 def scan() -> dict[int, Entry]:
@@ -41,7 +42,7 @@ def scan() -> dict[int, Entry]:
             f = proc.stat_fields(int(name))
         except ProcessGoneError:
             continue
-        out[int(name)] = Entry(int(name), f[0], int(f[1]), int(f[2]), int(f[3]))
+        out[int(name)] = Entry(int(name), f[0], int(f[1]), int(f[2]), int(f[3]), f)
     return out
 
 

@@ -524,6 +524,9 @@ class _Holder:
     """What restore.Target.take_fd needs of the process holding an fd."""
     ns_pid: int
 
+    def flush(self) -> None:
+        """Nothing queued here: the fd exists already."""
+
 
 def _open_ptmx(stub, want: int) -> tuple[int, int]:
     """Open /dev/ptmx in `stub` until the kernel gives index `want` (it hands out the

@@ -63,18 +63,20 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
-def keep_stub_caps() -> None:
-    """In a stub's child, before its exec: keep what a restore needs across the exec."""
+def stub_cap_calls(put) -> list[tuple[str, tuple[int, ...]]]:
+    """The syscalls a stub's child makes before its exec to keep what a restore needs
+    across it (none outside a rootless run). Computed here, before the clone: the child
+    has our thread's capabilities and runs no Python (kernel/rawspawn.py); `put` places
+    the capset data where the child can read it."""
     if not _active:
-        return
+        return []
     hdr, data = _CapHeader(CAP_V3, 0), (_CapData * 2)()
     if libc.capget(ctypes.byref(hdr), data) != 0:
-        return
+        return []
     for cap in STUB_CAPS:
         data[cap // 32].inheritable |= 1 << (cap % 32)
-    libc.capset(ctypes.byref(hdr), data)
-    for cap in STUB_CAPS:
-        libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0)
+    calls = [("capset", (put(bytes(hdr)), put(bytes(data))))]
+    return calls + [("prctl", (PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0)) for cap in STUB_CAPS]
 
 
 def cap_sets(eff: int, prm: int, inh: int) -> bytes:

@@ -27,7 +27,9 @@ def digest_file(path: Path) -> pb.FileDigest:
     h = xxhash.xxh3_128()
     size = 0
     with os.fdopen(open_image_file(path, None), "rb", buffering=0) as f:
-        buf = bytearray(8 << 20)
+        # no bigger than the file: a fresh 8 MiB buffer costs ~2 ms (page faults, unmap),
+        # 10x the hashing of a small process's 1 MiB page file, 3x per process restored
+        buf = bytearray(min(8 << 20, os.fstat(f.fileno()).st_size + 1))
         view = memoryview(buf)
         while n := f.readinto(buf):
             h.update(view[:n])
@@ -87,17 +89,24 @@ class ImageSet:
     # -- message files ---------------------------------------------------------------
     def write_message(self, name: str, kind: str, msg, sync: bool = True) -> None:
         """`sync=False`: the caller syncs the directory's files itself before sealing
-        (a tree's dump syncs hundreds of files in one pass, not one fsync each)."""
+        (a tree's dump syncs hundreds of files in one pass, not one fsync each); the
+        file is then written in place, not through a temporary renamed: until the
+        inventory seals the set, a half-written file is no image of anything."""
         payload = msg.SerializeToString()
         header = _HEADER.pack(MAGIC, KINDS[kind], len(payload), zlib.crc32(payload))
-        tmp = self.path / (name + ".tmp")
         data = header + payload
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if sync:
+        if not sync:         # never through a symlink planted under the name
+            fd = os.open(self.path / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o666)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        else:
+            tmp = self.path / (name + ".tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        os.replace(tmp, self.path / name)
+            os.replace(tmp, self.path / name)
         self.written[name] = pb.FileDigest(size=len(data), xxh3_128=xxhash.xxh3_128_hexdigest(data))
 
     def read_message(self, name: str, kind: str):
@@ -126,12 +135,14 @@ class ImageSet:
     # -- the inventory -----------------------------------------------------------------
     def seal(self, inv: pb.Inventory) -> None:
         """Record every file's digest and write the inventory last: the set is complete."""
-        for p in sorted(self.path.iterdir()):  # ours only: a store may keep files beside them
-            if p.name != INVENTORY and p.is_file() and p.suffix in (".img", ".data"):
-                known = self.written.get(p.name)
-                if known is None or known.size != p.stat().st_size:
-                    known = digest_file(p)
-                inv.digests[p.name].CopyFrom(known)
+        with os.scandir(self.path) as it:   # one stat per file (a tree's dump wrote hundreds)
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:  # ours only: a store may keep files beside them
+            if e.name != INVENTORY and e.name.endswith((".img", ".data")) and e.is_file():
+                known = self.written.get(e.name)
+                if known is None or known.size != e.stat().st_size:
+                    known = digest_file(self.path / e.name)
+                inv.digests[e.name].CopyFrom(known)
         inv.format_version = FORMAT_VERSION
         self.write_message(INVENTORY, "inventory", inv)
 

@@ -11,6 +11,8 @@ injected one by one, with the same results.
 
 The calls must not depend on each other's results (the code is written before any
 runs), and must only read state: a fault stops the batch, and it is redone one by one.
+`start` and `finish` split `run` so that a dump sets every process of a tree off on its
+batch before waiting for the first: their stops overlap (engine/dump.py _capture_tree).
 """
 import os
 import signal
@@ -47,6 +49,7 @@ class Batch:
         self.calls: list[Call] = []
         self.used = 0
         self.as_code = False      # the last run was one stop (else: one by one)
+        self._end: int | None = None   # where the code started stops (its int3), once started
 
     def add(self, name: str, *args, out: int = 0) -> Call:
         c = Call(name, args, out)
@@ -69,15 +72,29 @@ class Batch:
     def run(self, inj, mem, code_addr: int, code_room: int) -> None:
         """Run every call in `inj`'s thread (stopped, ours); `mem` reads/writes its memory.
         Raises KernelError naming the first call that failed (negative errno)."""
+        self.start(inj, mem, code_addr, code_room)
+        self.finish(inj, mem)
+
+    def start(self, inj, mem, code_addr: int, code_room: int) -> None:
+        """Set the thread off on the batch's code and return at once (`finish` waits):
+        a tree's processes run theirs at the same time. Calls that cannot run as code
+        are all made one by one in `finish`."""
+        self._end = None
+        if not self.calls or not self.code_ok:
+            return
+        code = arch.syscall_batch_code([(arch.SYSCALLS[c.name], self._args(c), c.result_addr)
+                                        for c in self.calls])
+        if len(code) <= code_room:
+            mem.write(code_addr, code)
+            inj.run_code(code_addr)
+            self._end = code_addr + len(code)
+
+    def finish(self, inj, mem) -> None:
+        """Each call's result and output, once the code `start` set off stopped (or made
+        one by one). Raises KernelError naming the first call that failed."""
         if not self.calls:
             return
-        done = False
-        if self.code_ok:
-            code = arch.syscall_batch_code([(arch.SYSCALLS[c.name], self._args(c), c.result_addr)
-                                            for c in self.calls])
-            if len(code) <= code_room:
-                mem.write(code_addr, code)
-                done = _run_code(inj, code_addr, code_addr + len(code))
+        done = self._end is not None and _code_ended(inj, self._end)
         self.as_code = done
         if done:
             raw = mem.read(self.base, self.used)
@@ -96,20 +113,12 @@ class Batch:
                 raise KernelError(f"{c.name}{self._args(c)} in process {inj.tid} failed: {os.strerror(-c.result)}")
 
 
-def _run_code(inj, start: int, end: int) -> bool:
-    """Let the thread run [start, end) up to the int3 at its end; False (nothing
-    delivered, registers as before the batch) if it stopped anywhere else."""
-    regs = arch.prepare_syscall(inj.saved_regs, 0, (), start)
-    ptrace.set_regs(inj.tid, regs)
-    ptrace.cont(inj.tid)
-    while True:
-        st = ptrace.wait_trap(inj.tid)
-        if st.event:                 # an event stop (interrupt, group stop): go on
-            ptrace.cont(inj.tid)
-            continue
-        ip = arch.ip(ptrace.get_regs(inj.tid))
-        if st.sig == signal.SIGTRAP and ip == end:
-            return True
-        # a fault in the code (it should not happen): forget it, go one by one
-        ptrace.set_regs(inj.tid, inj.saved_regs)
-        return False
+def _code_ended(inj, end: int) -> bool:
+    """True once the code stopped at the int3 at its `end`; False (nothing delivered,
+    registers as before the batch) if it stopped anywhere else."""
+    st = inj.wait_code()
+    if st.sig == signal.SIGTRAP and arch.ip(ptrace.get_regs(inj.tid)) == end:
+        return True
+    # a fault in the code (it should not happen): forget it, go one by one
+    ptrace.set_regs(inj.tid, inj.saved_regs)
+    return False

@@ -6,6 +6,7 @@ over it, and the result read from the return register. Every signal is blocked w
 do this so none is delivered mid-injection; `restore()` puts registers and mask back.
 """
 import os
+import signal
 
 from ..errors import KernelError, ProcessGoneError
 from . import ptrace
@@ -13,6 +14,8 @@ from .arch import current as arch
 from .libc import read_mem
 
 ALL_SIGNALS = (1 << 64) - 1
+FAULTS = (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
+CODE = "code"       # Injector.running: machine code let run (run_code)
 
 
 def find_syscall_insn(pid: int, vmas) -> int:
@@ -89,11 +92,35 @@ class Injector:
         ptrace.set_sigmask(tid, ALL_SIGNALS)
         self.pending_signals: list[int] = []
         self.new_child: int | None = None  # PID (as we see it) of the last fork/clone it made
+        self.running: tuple | str | None = None  # a syscall's (name, args), or CODE: started, not ended
 
     def syscall(self, name: str, *args: int, check: bool = True) -> int:
+        self.start(name, *args)
+        return self.finish(check)
+
+    def start(self, name: str, *args: int) -> None:
+        """Set the thread off on one syscall and return at once: a tree's processes run
+        theirs at the same time, and the dump waits for them together (`finish`), not
+        for each in turn (a stop costs scheduling latency, 0.1-1 ms on a busy node)."""
         nr = arch.SYSCALLS[name]
         ptrace.set_regs(self.tid, arch.prepare_syscall(self.saved_regs, nr, args, self.syscall_ip))
         ptrace.singlestep(self.tid)
+        self.running = (name, args)
+
+    def finish(self, check: bool = True) -> int:
+        """The result of the syscall `start` set off, once the thread has stopped again."""
+        name, args = self.running
+        self.wait_step()
+        res = arch.syscall_return(ptrace.get_regs(self.tid))
+        if check and -4096 < res < 0:
+            raise KernelError(f"{name}{args} in process {self.tid} failed: {os.strerror(-res)}")
+        return res
+
+    def wait_step(self) -> None:
+        """Wait for the single step under way to end (events and signals on the way are
+        stepped over, signals remembered)."""
+        self.running = None
+        faults = 0
         while True:
             st = ptrace.wait_trap(self.tid)
             if st.sig == 5 and st.event == 0:  # SIGTRAP from the single step
@@ -103,16 +130,40 @@ class Injector:
             if st.event:  # an event stop (fork, interrupt, group stop): step again
                 ptrace.singlestep(self.tid)
                 continue
+            if st.sig in FAULTS and arch.ip(ptrace.get_regs(self.tid)) == self.syscall_ip:
+                faults += 1             # the syscall instruction itself faults: stepping it
+                if faults == 3:         # again would fault forever
+                    raise KernelError(f"process {self.tid}: the injected syscall at {self.syscall_ip:#x} "
+                                      f"faults ({signal.Signals(st.sig).name}); its code is gone or unmapped")
+                ptrace.singlestep(self.tid)
+                continue
             # A signal that the all-blocking mask could not hold off (e.g. a synchronous
             # fault): remember it, suppress it now, deliver it when the thread goes on.
             self.pending_signals.append(st.sig)
             ptrace.singlestep(self.tid)
-        res = arch.syscall_return(ptrace.get_regs(self.tid))
-        if check and -4096 < res < 0:
-            raise KernelError(f"{name}{args} in process {self.tid} failed: {os.strerror(-res)}")
-        return res
+
+    def run_code(self, start: int) -> None:
+        """Let the thread run machine code at `start` (kernel/batch.py's); `wait_code`
+        returns its next stop."""
+        ptrace.set_regs(self.tid, arch.prepare_syscall(self.saved_regs, 0, (), start))
+        ptrace.cont(self.tid)
+        self.running = CODE
+
+    def wait_code(self) -> "ptrace.Stop":
+        """The next stop of code `run_code` let run (event stops are gone past)."""
+        self.running = None
+        while True:
+            st = ptrace.wait_trap(self.tid)
+            if not st.event:
+                return st
+            ptrace.cont(self.tid)       # an event stop (interrupt, group stop): go on
 
     def restore(self, regs=None) -> None:
-        """Put back the registers (or the given ones) and the signal mask."""
+        """Put back the registers (or the given ones) and the signal mask; a syscall or
+        code still under way (a failure elsewhere in the tree) is let stop first."""
+        if self.running == CODE:
+            self.wait_code()            # a signal stop (a fault) is not delivered: set aside
+        elif self.running is not None:
+            self.wait_step()
         ptrace.set_regs(self.tid, regs if regs is not None else self.saved_regs)
         ptrace.set_sigmask(self.tid, self.saved_mask)

@@ -7,12 +7,8 @@ import os
 from ..errors import KernelError
 
 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-# PyDLL keeps the GIL across the call: needed for clone3 in the launcher, where the
-# child must come out of the syscall holding the interpreter lock it went in with.
-libc_gil = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 libc.syscall.restype = ctypes.c_long
-libc_gil.syscall.restype = ctypes.c_long
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 

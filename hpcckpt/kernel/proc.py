@@ -56,22 +56,78 @@ class Vma:
         return self.inode == 0 and not self.special
 
 
+_HEX = frozenset("0123456789abcdef")
 _MAPS_RE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$")
 
 
 def maps(pid: int, with_flags: bool = True) -> list[Vma]:
     """The mappings, with smaps' VmFlags when asked (they tell guard, dontfork, hugepage)."""
     text = _read(pid, "smaps" if with_flags else "maps")
+    lines = text.splitlines()
+    if with_flags:
+        fast = _smaps_by_block(lines)
+        if fast is not None:
+            return fast
+    return _parse_maps(lines)
+
+
+def _block(v: Vma, lines: list[str], at: int, anon: int, swap: int, flags: int) -> bool:
+    """smaps' Anonymous, Swap and VmFlags of the mapping whose line is lines[at], read
+    at their offsets in its block; False if a line is not the one expected there."""
+    a, s, f = lines[at + anon], lines[at + swap], lines[at + flags]
+    if not (a.startswith("Anonymous:") and s.startswith("Swap:") and f.startswith("VmFlags:")):
+        return False
+    v.anon_kb, v.swap_kb, v.vmflags = int(a.split()[1]), int(s.split()[1]), f.split()[1:]
+    return True
+
+
+def _smaps_by_block(lines: list[str]) -> list[Vma] | None:
+    """smaps gives every mapping the same block of field lines (one kernel, one layout):
+    their offsets are taken from the first block and each block read at them, checking
+    the lines found (25 lookups for 25 mappings, not a test of each of ~600 lines, which
+    cost 3 times the kernel's read). None when any block differs: the general parse."""
+    if not lines or lines[0][:1] not in _HEX:
+        return None
+    try:
+        size = next(i for i, line in enumerate(lines) if line.startswith("VmFlags:")) + 1
+        anon = next(i for i in range(size) if lines[i].startswith("Anonymous:"))
+        swap = next(i for i in range(size) if lines[i].startswith("Swap:"))
+    except StopIteration:
+        return None
+    if len(lines) % size:
+        return None
     vmas: list[Vma] = []
-    for line in text.splitlines():
-        m = _MAPS_RE.match(line)
-        if m and "-" in line.split(" ", 1)[0]:
-            vmas.append(Vma(int(m[1], 16), int(m[2], 16), m[3], int(m[4], 16), m[5], int(m[6]), m[7]))
-        elif line.startswith("VmFlags:") and vmas:
-            vmas[-1].vmflags = line.split()[1:]
-        elif line.startswith("Anonymous:") and vmas:
-            vmas[-1].anon_kb = int(line.split()[1])
-        elif line.startswith("Swap:") and vmas:
+    for at in range(0, len(lines), size):
+        m = _MAPS_RE.match(lines[at])
+        if m is None:
+            return None
+        v = Vma(int(m[1], 16), int(m[2], 16), m[3], int(m[4], 16), m[5], int(m[6]), m[7])
+        if not _block(v, lines, at, anon, swap, size - 1):
+            return None
+        vmas.append(v)
+    return vmas
+
+
+def _parse_maps(lines: list[str]) -> list[Vma]:
+    """maps or smaps, line by line."""
+    vmas: list[Vma] = []
+    # a mapping's line starts with its (lowercase hex) address, smaps' fields under it
+    # with a capital: dispatched on the first character
+    for line in lines:
+        c = line[:1]
+        if c in _HEX:
+            m = _MAPS_RE.match(line)
+            if m:
+                vmas.append(Vma(int(m[1], 16), int(m[2], 16), m[3], int(m[4], 16), m[5], int(m[6]), m[7]))
+        elif not vmas:
+            continue
+        elif c == "V":
+            if line.startswith("VmFlags:"):
+                vmas[-1].vmflags = line.split()[1:]
+        elif c == "A":
+            if line.startswith("Anonymous:"):
+                vmas[-1].anon_kb = int(line.split()[1])
+        elif c == "S" and line.startswith("Swap:"):
             vmas[-1].swap_kb = int(line.split()[1])
     return vmas
 
@@ -83,11 +139,11 @@ def threads(pid: int) -> list[int]:
         raise ProcessGoneError(f"process {pid} does not exist (or exited)") from None
 
 
-def status(pid: int) -> dict[str, str]:
+def status(pid: int, tid: int | None = None) -> dict[str, str]:
     out = {}
-    for line in _read(pid, "status").splitlines():
+    for line in _read(pid, f"task/{tid}/status" if tid else "status").splitlines():
         k, _, v = line.partition(":")
-        out[k] = v.strip()
+        out[k] = v[1:] if k == "Name" else v.strip()    # a comm may end in spaces
     return out
 
 
@@ -130,10 +186,12 @@ def fds(pid: int) -> list[int]:
 
 
 def fdinfo(pid: int, fd: int) -> dict[str, str]:
+    """Key -> value; "lock" holds every lock: line (one per line: a dump reads each fd's
+    fdinfo once, for its description and its locks)."""
     out = {}
     for line in _read(pid, f"fdinfo/{fd}").splitlines():
         k, _, v = line.partition(":")
-        out[k] = v.strip()
+        out[k] = out[k] + "\n" + v.strip() if k == "lock" and k in out else v.strip()
     return out
 
 
@@ -171,6 +229,18 @@ def ns_pids(pid: int, tid: int | None = None) -> list[int]:
         if line.startswith("NSpid:"):
             return [int(x) for x in line.split()[1:]]
     return [tid or pid]
+
+
+def status_ns_pids(st: dict[str, str], pid: int) -> list[int]:
+    """ns_pids from a status() already read (of `pid`, a process or a thread)."""
+    return [int(x) for x in st["NSpid"].split()] if "NSpid" in st else [pid]
+
+
+def status_comm(st: dict[str, str], pid: int, tid: int | None = None) -> str:
+    """comm from a status() already read: its Name, which the kernel escapes (\\n, \\\\)
+    only where comm has a control character or a backslash; comm() read then."""
+    name = st.get("Name")
+    return name if name is not None and "\\" not in name else comm(pid, tid)
 
 
 RLIM_INFINITY = (1 << 64) - 1

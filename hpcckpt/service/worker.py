@@ -328,10 +328,15 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _on_term)
     if os.getppid() == 1:
         return 1
+    broken = None
     try:
-        from ..engine import dump, restore  # noqa: F401  (loaded before any request: a spare is warm)
-        from ..kernel.rtnl import preload
-        preload()                           # pyroute2, for a migrated job's network namespace
+        try:
+            from ..engine import dump, restore  # noqa: F401  (loaded before any request: a spare is warm)
+            from ..kernel.rtnl import preload
+            preload()                       # pyroute2, for a migrated job's network namespace
+        except ImportError as e:            # a broken installation: the caller is told why, not just
+            broken = (f"hpcckptd's worker ({sys.executable}) cannot load hpcckpt: {e}; "  # an exit status
+                      "reinstall hpcckpt into that Python (pip install -e .) and restart hpcckptd")
         first = framing.read_frame(_stdin)
     except Cancelled:      # a spare stopped with the daemon
         return 0
@@ -347,6 +352,8 @@ def main() -> int:
     done = spb.Response(request_id=rid, final=True, ok=True)
     detached = None
     try:
+        if broken:
+            raise HpcckptError(broken)
         if req.WhichOneof("what") == "dump":
             do_dump(caller, s, req.dump, done)
         elif req.WhichOneof("what") == "migrate_out":

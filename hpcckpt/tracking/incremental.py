@@ -12,6 +12,7 @@ then copy `plan.write` runs into the new pages file (as today) and record the
 and listed in neither do not exist: the restore must not take them from the parent
 (this is how pages dropped since PREV, e.g. by MADV_DONTNEED, come back as zeros).
 """
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -137,6 +138,8 @@ class _Scan:
 
     spans: list = field(default_factory=list)   # [lo, hi) address ranges scanned
     scanner: Scanner | None = None               # for the mappings left out
+    scanned: frozenset = frozenset()             # starts of the mappings looked at
+    _lists: tuple | None = None                  # starts, ends, cats as lists (runs)
 
     @classmethod
     def of(cls, sc: Scanner, pvmas, full: frozenset = frozenset()) -> "_Scan | None":
@@ -157,10 +160,32 @@ class _Scan:
                          anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED) for lo, hi in spans]
         s, e, c = (np.concatenate([p[k] for p in parts]) for k in range(3))
         return cls(spans[0][0], spans[-1][1], s.astype(np.int64), e.astype(np.int64), c,
-                   [tuple(x) for x in spans], sc)
+                   [tuple(x) for x in spans], sc, frozenset(v.start for v in vs))
 
     def covers(self, v) -> bool:
         return any(lo <= v.start and v.end <= hi for lo, hi in self.spans)
+
+    def runs(self, v) -> list[tuple[int, int]] | None:
+        """(address, bytes) runs of the pages `to_save` keeps, straight from the scanned
+        ranges: what a full dump writes, without a page mask per mapping (numpy work that
+        cost ~1 ms per process of a tree). None where a range is swapped out (its pages
+        need pagemap's per-page rule: `to_save`)."""
+        if self._lists is None:
+            self._lists = (self.starts.tolist(), self.ends.tolist(), self.cats.tolist())
+        starts, ends, cats = self._lists
+        out: list[tuple[int, int]] = []
+        for k in range(bisect_right(ends, v.start), bisect_left(starts, v.end)):
+            c = cats[k]
+            if c & PAGE_IS_SWAPPED:
+                return None
+            if not c & PAGE_IS_PRESENT or (v.kind == pb.FILE_PRIVATE and c & PAGE_IS_FILE):
+                continue     # of a private file mapping only the process's own copies
+            a, b = max(starts[k], v.start), min(ends[k], v.end)
+            if out and out[-1][0] + out[-1][1] == a:
+                out[-1] = (out[-1][0], b - out[-1][0])
+            elif b > a:
+                out.append((a, b - a))
+        return out
 
     def to_save(self, pid: int, v) -> np.ndarray:
         n = (v.end - v.start) // PAGE_SIZE
@@ -270,6 +295,10 @@ def plan_masks(pid: int, pvmas, dirty: Dirty | None, parent_pages: "np.ndarray |
 
 def _masks_one(pid: int, v, scanner: "Scanner | _Scan | None", dirty: Dirty | None,
                parent_pages: PageRanges | None, full: frozenset = frozenset()):
+    if parent_pages is None and isinstance(scanner, _Scan) and v.start in scanner.scanned:
+        runs = scanner.runs(v)      # all to write: the scan's ranges are the runs, no page mask
+        if runs is not None:
+            return runs, None
     d = None if dirty is None else dirty.get(v.start)
     if (d is None or parent_pages is None) and _scanned(v) and v.end - v.start > SPARSE_MIN:
         # all to write, of a mapping maybe terabytes large and mostly empty (a server's

@@ -6,6 +6,7 @@ run gives: the output is compared whole. A fanotify notification mark likewise; 
 fanotify group of a permission class is refused, the process left running."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,37 +20,46 @@ def fswatch(tmp_path_factory):
     return out
 
 
-def _run(tmp_path, fswatch, extra: list, lines_before: int) -> tuple[bytes, bytes]:
-    ref_dir, job_dir = tmp_path / "ref", tmp_path / "job"
-    ref_dir.mkdir(), job_dir.mkdir()
+def _run(tmp_path, fswatch, extra: list, lines_before: int) -> tuple[bytes, bytes, Path]:
+    """(the uninterrupted output, the dumped-killed-restored run's, its image)"""
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
     with open(tmp_path / "ref.txt", "wb") as f:
         subprocess.run([str(fswatch), str(ref_dir), "30", "40", *extra], stdout=f, check=True, timeout=120)
-    job = Job.start([fswatch, job_dir, 30, 40, *extra], tmp_path / "out.txt")
-    try:
-        job.wait_lines(lines_before)
-        cli("dump", "--pid", job.pid, "--images", tmp_path / "img")
-        job.proc.wait(timeout=10)
-        assert job.proc.returncode == -9
-        partial = job.out.read_bytes()
-        res = restore_fg(tmp_path / "img")
-        assert res.returncode == 0, res.stderr
-    finally:
-        job.kill()
     ref = (tmp_path / "ref.txt").read_bytes()
-    assert 0 < len(partial) < len(ref)
-    return ref, job.out.read_bytes()
+    for attempt in range(3):
+        # events queued but unread at the dump are lost by design (the dump says so): a dump
+        # that fell between a file's creation and the read of its event is taken again
+        job_dir, img = tmp_path / f"job{attempt}", tmp_path / f"img{attempt}"
+        job_dir.mkdir()
+        job = Job.start([fswatch, job_dir, 30, 40, *extra], tmp_path / f"out{attempt}.txt")
+        try:
+            job.wait_lines(lines_before)
+            dumped = cli("dump", "--pid", job.pid, "--images", img)
+            job.proc.wait(timeout=10)
+            assert job.proc.returncode == -9
+            if "unread events" in dumped.stderr:
+                continue
+            partial = job.out.read_bytes()
+            res = restore_fg(img)
+            assert res.returncode == 0, res.stderr
+        finally:
+            job.kill()
+        assert 0 < len(partial) < len(ref)
+        return ref, job.out.read_bytes(), img
+    raise AssertionError("three dumps in a row found unread events")
 
 
 def test_inotify_watches_keep_their_numbers(tmp_path, fswatch):
-    ref, out = _run(tmp_path, fswatch, [], 25)
+    ref, out, img = _run(tmp_path, fswatch, [], 25)
     assert out == ref
     assert b"  inotify wd 3 close_write g29\n" in out and b"new watch: 4\n" in out
-    shown = cli("show", tmp_path / "img").stdout
+    shown = cli("show", img).stdout
     assert "INOTIFY" in shown
 
 
 def test_fanotify_mark_still_reports(tmp_path, fswatch):
-    ref, out = _run(tmp_path, fswatch, ["fanotify"], 25)
+    ref, out, _ = _run(tmp_path, fswatch, ["fanotify"], 25)
     assert out == ref
     assert b"  fanotify mask 0x8 file h29\n" in out
 

@@ -16,23 +16,30 @@ from tests.engine.helpers import PROGRAMS, Job, reference
 NOBODY = 65534
 
 
-@pytest.fixture
-def daemon():
+def start_daemon(env: dict | None = None):
+    """A hpcckptd on a private socket (`env`: its environment, and so its workers')."""
     run_dir = Path(tempfile.mkdtemp(prefix="hpcckptd-", dir="/tmp"))
     run_dir.chmod(0o755)  # as /run/hpcckpt: every user reaches the socket
     sock = run_dir / "hpcckptd.sock"
     p = subprocess.Popen([sys.executable, "-m", "hpcckpt.service.daemon", "--socket", str(sock),
-                          "--per-user", "4", "--total", "8"], stderr=subprocess.PIPE)
+                          "--per-user", "4", "--total", "8"], stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 20
     while not sock.exists():
         assert p.poll() is None, p.stderr.read().decode()
         assert time.monotonic() < deadline, "hpcckptd did not start"
         time.sleep(0.02)
-    yield p, str(sock)
-    if p.poll() is None:
-        p.terminate()
-        p.wait(timeout=10)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        yield p, str(sock)
+    finally:
+        if p.poll() is None:
+            p.terminate()
+            p.wait(timeout=10)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon():
+    yield from start_daemon()
 
 
 def as_user(fn, uid: int = NOBODY):

@@ -13,7 +13,7 @@ from hpcckpt.client import Client
 from hpcckpt.errors import HpcckptError, PermissionDeniedError
 from tests.engine.helpers import PROGRAMS, Job, pid_alive
 
-from .conftest import NOBODY, as_user, start_hog
+from .conftest import NOBODY, as_user, start_daemon, start_hog
 
 
 def test_check_and_status_for_anyone(daemon):
@@ -21,6 +21,25 @@ def test_check_and_status_for_anyone(daemon):
     names = as_user(lambda: [f.name for f in Client(sock).check().features])
     assert "clone3 with set_tid" in names
     assert as_user(lambda: Client(sock).status().ok)
+
+
+def test_broken_installation_is_named_to_the_caller(tmp_path, nobody_job):
+    """A worker that cannot import what it needs (here pyroute2, as in a venv made before
+    it became a dependency) answers with the missing module, not a bare exit status; the
+    job is untouched."""
+    fake = tmp_path / "shadow" / "pyroute2"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('pyroute2 is broken on this node')\n")
+    env = dict(os.environ, PYTHONPATH=f"{fake.parent}:{os.environ.get('PYTHONPATH', '')}")
+    daemon = start_daemon(env)
+    _, sock = next(daemon)
+    job, ref, img = nobody_job
+    with pytest.raises(HpcckptError, match="cannot load hpcckpt: pyroute2 is broken on this node"):
+        as_user(lambda: Client(sock).dump(job.pid, img))
+    assert pid_alive(job.pid) and not Path(img).exists()
+    job.proc.wait(timeout=30)
+    assert job.out.read_bytes() == ref
+    daemon.close()
 
 
 def test_user_dumps_and_restores_own_process(daemon, nobody_job):

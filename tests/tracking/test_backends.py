@@ -9,6 +9,7 @@ import os
 import random
 import select
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -179,11 +180,24 @@ def test_exited_between_checkpoints(backend, target):
         backend.collect(target.pid, vmas)
 
 
+def _exited(pid: int) -> bool:
+    """Dead with its memory gone: a zombie (or already reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
 def test_arm_on_exiting_process_leaves_nothing_frozen(backend, target, monkeypatch):
     target.alloc(8)
     vmas = proc.maps(target.pid)
     fr = freeze(target.pid)
     os.kill(target.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10   # the kill lands asynchronously: a loaded machine let
+    while not _exited(target.pid):     # the hashing backend read the still-mapped memory
+        assert time.monotonic() < deadline, f"process {target.pid} did not die"
+        time.sleep(0.005)
     try:
         with pytest.raises(HpcckptError):
             backend.arm(target.pid, fr, vmas)

@@ -161,3 +161,68 @@ def syscall_batch_code(calls: list[tuple[int, tuple[int, ...], int]]) -> bytes:
         out += SYSCALL_INSN
         out += b"\x48\xa3" + struct.pack("<Q", result)                  # movabs [result], rax
     return bytes(out + TRAP_INSN)
+
+# a child made by machine code, running no Python before its exec (kernel/rawspawn.py)
+SYSCALLS.update({"ptrace": 101, "execve": 59})
+
+
+def _call_code(nr: int, args: tuple[int, ...]) -> bytes:
+    out = b"\x48\xb8" + struct.pack("<Q", nr)                          # movabs rax, nr
+    for mov, value in zip(_ARG_MOVS, args):
+        out += mov + struct.pack("<Q", value & 0xFFFFFFFFFFFFFFFF)
+    return out + SYSCALL_INSN
+
+
+def fork_exec_code(fork: tuple[int, tuple[int, ...]], child: list[tuple[int, tuple[int, ...]]]) -> bytes:
+    """A function (System V ABI, no arguments, returns long) that makes the `fork` syscall
+    (a clone without CLONE_VM: the child runs on its own copy of our stack) and returns its
+    result in the parent; the child makes the `child` syscalls in turn, ignoring their
+    results (the last one an execve), then exit_group(127). Touches only rax, rcx, r11 and
+    the argument registers, all caller-saved; the child uses no memory at all."""
+    out = bytearray(_call_code(*fork))
+    out += b"\x48\x85\xc0"      # test rax, rax
+    out += b"\x74\x01"          # jz +1: the child (rax 0) skips the return
+    out += b"\xc3"              # ret: the parent, with the PID or -errno
+    for nr, args in child:
+        out += _call_code(nr, args)
+    out += _call_code(SYSCALLS["exit_group"], (127,))
+    return bytes(out + b"\x0f\x0b")   # ud2: never reached
+
+# syscalls with effects as one block of code (kernel/effects.py)
+_ARG_LOADS = (b"\x48\x8b\x3f", b"\x48\x8b\x36", b"\x48\x8b\x12", b"\x4d\x8b\x12", b"\x4d\x8b\x00", b"\x4d\x8b\x09")  # mov reg, [reg]
+
+
+def effect_block_code(calls: list[tuple[int, tuple[tuple[bool, int], ...], int, int | None]]) -> bytes:
+    """Machine code making each (nr, args, result address, check) syscall in turn and
+    storing rax at its result address, then an int3. An argument is (False, value) or
+    (True, address of an earlier call's result). check None: any result goes on; -1: an
+    errno (-4095..-1) jumps to the int3, stopping the block; else the result must be that
+    value, or the block stops. Uses no stack; position independent (absolute operands,
+    relative jumps)."""
+    parts: list[tuple[bytes, bool]] = []     # (code, ends with a jump to the int3 to patch)
+    for nr, args, result, check in calls:
+        out = b"\x48\xb8" + struct.pack("<Q", nr)                      # movabs rax, nr
+        for mov, load, (ref, value) in zip(_ARG_MOVS, _ARG_LOADS, args):
+            out += mov + struct.pack("<Q", value & 0xFFFFFFFFFFFFFFFF)
+            if ref:
+                out += load
+        out += SYSCALL_INSN + b"\x48\xa3" + struct.pack("<Q", result)   # movabs [result], rax
+        if check is None:
+            parts.append((out, False))
+            continue
+        if check == -1:
+            out += b"\x48\x3d\x01\xf0\xff\xff"                         # cmp rax, -4095
+            out += b"\x0f\x83"                                         # jae (unsigned): an errno
+        else:
+            out += b"\x48\xb9" + struct.pack("<Q", check & 0xFFFFFFFFFFFFFFFF)   # movabs rcx, check
+            out += b"\x48\x39\xc8" + b"\x0f\x85"                       # cmp rax, rcx; jne
+        parts.append((out, True))
+    total = sum(len(c) + (4 if j else 0) for c, j in parts)
+    code, pos = bytearray(), 0
+    for c, jump in parts:
+        code += c
+        pos += len(c)
+        if jump:
+            pos += 4
+            code += struct.pack("<i", total - pos)                     # to the int3
+    return bytes(code + TRAP_INSN)
