@@ -12,6 +12,7 @@ import pytest
 from hpcckpt.engine import wpsnapshot
 from hpcckpt.engine.dump import dump
 from hpcckpt.engine.incremental import TreeTracker
+from hpcckpt.engine.precopy import PreCopy
 from tests.tracking.helpers import PAGE, Target, build
 
 from .helpers import Job, cli, reference, restore_fg
@@ -106,11 +107,14 @@ def test_dumping_process_killed_mid_copy_leaves_the_job_running(tmp_path, writer
 
 
 @pytest.mark.parametrize("leave_running", [False, True], ids=["killed", "left-running"])
-def test_final_dump_after_pre_dump_with_writing_threads_restores_exactly(tmp_path, writer, leave_running):
+def test_final_dump_after_pre_dump_with_writing_threads_restores_exactly(tmp_path, writer, leave_running,
+                                                                         monkeypatch):
     """pre-dump (tracking handed to a holder), then the final dump: copy rounds while the
-    threads write, the last changes while frozen; the image is the state at that freeze.
-    Left running, the threads rewrite all their pages faster than the rounds copy: the
-    dump forks instead (as without rounds), with every change the rounds saw."""
+    threads write (made although they do not pay here), the last changes while frozen;
+    the image is the state at that freeze. Left running, the threads rewrite all their
+    pages faster than the rounds copy: the dump forks instead (as without rounds), with
+    every change the rounds saw."""
+    monkeypatch.setattr(PreCopy, "_rounds_pay", lambda self, notes: True)
     job, ref = _job(writer, tmp_path, sweeps=30000)
     try:
         cli("-q", "pre-dump", "--pid", job.pid, "--images", tmp_path / "pre")
@@ -156,6 +160,35 @@ def test_memory_dropped_before_it_was_copied_fails_the_snapshot_or_forks(tmp_pat
         t.close()
 
 
+def test_pre_copy_rounds_only_where_they_pay(tmp_path, writer):
+    """32 MiB changed since the pre-dump by a job now idle: rounds copy it while it
+    waits. Threads rewriting their 32 MiB without pause: a round finds it all again, so
+    the rounds stop (more would only let them change more before the freeze: a busy
+    machine may let one more through) and the freeze takes the rest; the image is exact."""
+    t = Target()
+    try:
+        buf = t.alloc(8192)
+        t.write(buf, 8192)
+        cli("-q", "pre-dump", "--pid", t.pid, "--images", tmp_path / "pre")
+        t.write(buf, 8192)
+        r = dump(t.pid, tmp_path / "fin", parent=tmp_path / "pre", leave_running=True, show_progress=False)
+        assert r.precopy_rounds and r.precopy_rounds[0] >= 8192 * PAGE, (r.precopy_rounds, r.notes)
+    finally:
+        t.close()
+    (tmp_path / "busy").mkdir()
+    job, ref = _job(writer, tmp_path / "busy", threads=2, pages=4096, sweeps=30000)
+    try:
+        cli("-q", "pre-dump", "--pid", job.pid, "--images", tmp_path / "busy" / "pre")
+        r = dump(job.pid, tmp_path / "busy" / "fin", parent=tmp_path / "busy" / "pre", show_progress=False)
+        assert r.incremental and 1 <= len(r.precopy_rounds) <= 2, (r.precopy_rounds, r.notes)
+        job.proc.wait(timeout=30)
+        res = restore_fg(tmp_path / "busy" / "fin", check=False)
+        assert res.returncode == 0, (res.stderr, job.out.read_bytes())
+        assert job.out.read_bytes() == ref
+    finally:
+        job.kill()
+
+
 def test_pre_copy_round_failing_falls_back_to_digests(tmp_path, monkeypatch):
     """A collect that fails during the rounds may have re-protected pages it never
     reported: that tracker is dropped and the final dump compares page digests, so the
@@ -180,6 +213,7 @@ def test_pre_copy_round_failing_falls_back_to_digests(tmp_path, monkeypatch):
                 raise KernelError("PAGEMAP_SCAN failed half-way (test)")
             return out
         monkeypatch.setattr(UffdWpTracker, "collect", failing)
+        monkeypatch.setattr(PreCopy, "_rounds_pay", lambda self, notes: True)   # 4 pages: rounds forced
         r = dump(t.pid, tmp_path / "fin", parent=tmp_path / "pre", leave_running=True, show_progress=False)
         assert any("pre-copy round failed" in n for n in r.notes), r.notes
         assert r.tracking == "hashing", r.notes
