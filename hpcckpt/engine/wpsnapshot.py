@@ -93,7 +93,7 @@ class WpSnapshot:
     # -- before and while frozen -------------------------------------------------------
     @classmethod
     def _open(cls, pid: int, inj) -> "WpSnapshot":
-        fd = uf.open_in_target(inj, pid)
+        fd = uf.open_in_target(inj, pid, user_mode_only=False)
         try:
             buf = bytearray(struct.pack("<3Q", uf.UFFD_API, FEATURES, 0))
             fcntl.ioctl(fd, uf.UFFDIO_API, buf)

@@ -27,11 +27,18 @@ O_CLOEXEC = 0o2000000
 O_NONBLOCK = 0o4000
 
 
-def open_in_target(inj: Injector, pid: int) -> int:
-    """A userfaultfd for `pid`'s memory, held by us; the target keeps no fd."""
+def open_in_target(inj: Injector, pid: int, user_mode_only: bool = True) -> int:
+    """A userfaultfd for `pid`'s memory, held by us; the target keeps no fd.
+    `user_mode_only`: a user's process may be given one that handles only its own
+    faults (vm.unprivileged_userfaultfd=0): enough for async write-protect, which the
+    kernel resolves itself, never for synchronous faults, where the kernel's own writes
+    to the job's memory (rseq, a read() into its buffer) would fail instead of waiting."""
     flags = O_CLOEXEC | O_NONBLOCK
     tfd = inj.syscall("userfaultfd", flags, check=False)
-    if tfd == -errno.EPERM:  # vm.unprivileged_userfaultfd=0: user-mode-only is allowed
+    if tfd == -errno.EPERM and not user_mode_only:
+        raise KernelError(f"process {pid} may only have a user-mode-only userfaultfd "
+                          "(vm.unprivileged_userfaultfd=0 and it runs without CAP_SYS_PTRACE)")
+    if tfd == -errno.EPERM:
         tfd = inj.syscall("userfaultfd", flags | UFFD_USER_MODE_ONLY, check=False)
     if tfd < 0:
         raise KernelError(f"userfaultfd() in process {pid} failed: {os.strerror(-tfd)}")

@@ -43,13 +43,14 @@ def test_arrays_and_scalars_round_trip(store: Store) -> None:
     assert np.array_equal(store.catalog_arrays("j", c.seq)["write_rate"], rate)
 
 
-def _writer(root: str, job: str, n: int) -> None:
+def _writer(root: str, job: str, n: int, retain: bool = True) -> None:
     store = Store(root, fold_every=4)
     parent = None
     for i in range(n):
         c = publish(store, job, parent=parent, size=2000 + i, dirty_pages=np.arange(i + 1))
         parent = c.seq if i % 3 else None
-    store.apply_retention(job, keep_last=6)
+    if retain:
+        store.apply_retention(job, keep_last=6)
     os._exit(0)
 
 
@@ -59,12 +60,14 @@ def test_eight_concurrent_writers(tmp_path: Path) -> None:
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_writer, args=(root, f"job{k}", 10)) for k in range(8)]
     # two more writers share one job: sequence numbers must still be unique
-    procs += [ctx.Process(target=_writer, args=(root, "shared", 10)) for _ in range(2)]
+    # (retention once both are done: one's retention may delete the other's next parent)
+    procs += [ctx.Process(target=_writer, args=(root, "shared", 10, False)) for _ in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join()
         assert p.exitcode == 0
+    Store(root).apply_retention("shared", keep_last=6)
     store = Store(root)
     on_disk = store.scan()
     per_job = {}
