@@ -22,6 +22,20 @@ from hpcckpt.tracking.regions import regions  # noqa: E402
 from tests.tracking.helpers import PAGE, Target  # noqa: E402
 
 
+def _fork_pause(pid: int) -> float:
+    """Seconds a fork snapshot (engine/snapshot.py) of the frozen process takes."""
+    from hpcckpt.engine import snapshot
+    fr = freeze(pid)
+    try:
+        t0 = time.perf_counter()
+        sn = snapshot.take(fr)
+        dt = time.perf_counter() - t0
+    finally:
+        fr.thaw()
+    snapshot.release(sn)
+    return dt
+
+
 def frozen_call(pid, fn):
     fr = freeze(pid)
     try:
@@ -77,7 +91,6 @@ def live_routes(gib: float, reps: int = 5, huge: bool = False) -> dict:
     import fcntl
     import statistics
     import struct
-    from hpcckpt.engine import snapshot
     from hpcckpt.tracking import userfaultfd as uf
     from hpcckpt.tracking.target import injector
     npages = int(gib * (1 << 30)) // PAGE
@@ -86,14 +99,7 @@ def live_routes(gib: float, reps: int = 5, huge: bool = False) -> dict:
     try:
         t.alloc(npages, huge=huge)
         for _ in range(reps):
-            fr = freeze(t.pid)
-            try:
-                t0 = time.perf_counter()
-                s = snapshot.take(fr)
-                out["fork"].append(time.perf_counter() - t0)
-            finally:
-                fr.thaw()
-            snapshot.release(s)
+            out["fork"].append(_fork_pause(t.pid))
             fr = freeze(t.pid)
             fd = -1
             try:
@@ -164,15 +170,7 @@ def handover(gib: float, reps: int = 3) -> dict:
                 out["second freeze"].append(time.perf_counter() - t0)
             finally:
                 fr.thaw()
-            fr = freeze(t.pid)
-            try:
-                from hpcckpt.engine import snapshot
-                t0 = time.perf_counter()
-                sn = snapshot.take(fr)
-                out["fork"].append(time.perf_counter() - t0)
-            finally:
-                fr.thaw()
-            snapshot.release(sn)
+            out["fork"].append(_fork_pause(t.pid))
         tr.disarm()
     finally:
         t.close()
