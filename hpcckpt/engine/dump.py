@@ -1217,13 +1217,6 @@ class _PageFile:
             self.final_fd = -1
 
 
-def _write_pages(pid: int, iset: ImageSet, pages: pb.Pagemap, plan, prog) -> None:
-    """Kept for callers of the pre-chain API: every run of `plan` written."""
-    w = _PageFile(pid, iset, pages)
-    w.copy([r for _, runs in plan for r in runs], prog)
-    w.close([])
-
-
 SYNC_EACH_MAX = 16
 
 

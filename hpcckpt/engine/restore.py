@@ -535,12 +535,6 @@ def _install_fds(t: Target, staged: list[tuple[int, pb.Fd]]) -> None:
     t.flush()
 
 
-def _restore_fds(t: Target, fds: list[pb.Fd], iset: ImageSet) -> None:
-    """One process on its own (kept for callers of the single-process path)."""
-    sh = Shared({}, {}, {}, {})
-    _install_fds(t, _stage_fds(t, fds, iset, sh))
-
-
 def _restore_process_state(t: Target, p: pb.Process) -> None:
     t.later("chdir", t.cstr(p.cwd))
     t.later("umask", p.umask)
