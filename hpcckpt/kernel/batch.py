@@ -94,7 +94,7 @@ class Batch:
         one by one). Raises KernelError naming the first call that failed."""
         if not self.calls:
             return
-        done = self._end is not None and _code_ended(inj, self._end)
+        done = self._end is not None and code_ended(inj, self._end)
         self.as_code = done
         if done:
             raw = mem.read(self.base, self.used)
@@ -113,7 +113,7 @@ class Batch:
                 raise KernelError(f"{c.name}{self._args(c)} in process {inj.tid} failed: {os.strerror(-c.result)}")
 
 
-def _code_ended(inj, end: int) -> bool:
+def code_ended(inj, end: int) -> bool:
     """True once the code stopped at the int3 at its `end`; False (nothing delivered,
     registers as before the batch) if it stopped anywhere else."""
     st = inj.wait_code()

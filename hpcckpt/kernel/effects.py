@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..errors import KernelError
 from .arch import current as arch
-from .batch import _code_ended
+from .batch import code_ended
 
 ERRNO = -1              # check: stop the block on an errno (the default)
 NOT_RUN = 1 << 63       # a result slot's value before its call runs: no syscall returns it
@@ -91,7 +91,7 @@ class Queue:
         self.mem.write(self.area, struct.pack(f"<{len(steps)}Q", *[NOT_RUN] * len(steps)) + code)
         self.stops += 1
         self.inj.run_code(start)
-        if not _code_ended(self.inj, start + len(code)):
+        if not code_ended(self.inj, start + len(code)):
             raise KernelError(f"process {self.inj.tid}: a block of {len(steps)} injected syscalls "
                               "stopped on a fault; what it did is unknown")
         raw = struct.unpack(f"<{len(steps)}Q", self.mem.read(self.area, 8 * len(steps)))
