@@ -291,10 +291,15 @@ class _Capture:
 
     def __init__(self, fr: Frozen, iset: ImageSet, policies: files.FilePolicies, st: dict,
                  descs: shared.Descriptions | None = None, shm: "ShmemTable | None" = None,
-                 keep_scratch: bool = False, stat: list[str] | None = None):
+                 keep_scratch: bool = False, stat: list[str] | None = None, early: list | None = None):
         pid = self.pid = fr.pid
         self.fr, self.st, self.keep, self.stat = fr, st, keep_scratch, stat
-        self.vmas = proc.maps(pid)
+        # smaps read before the freeze where the layout is unchanged (its page walk is
+        # the longest part of a capture): see _early_maps
+        self.vmas = proc.maps_since(pid, early) if early else None
+        self.early = self.vmas is not None
+        if self.vmas is None:
+            self.vmas = proc.maps(pid)
         self.mem = Mem(pid)
         self.injectors: dict[int, Injector] = {}
         self.scratch: _Scratch | None = None
@@ -372,10 +377,12 @@ class _Capture:
 
 def _capture_tree(ft: ptree.FrozenTree, iset: ImageSet, policies: files.FilePolicies,
                   statuses: dict[int, dict], descs: shared.Descriptions,
-                  shm: "ShmemTable", keep_scratch: bool = False) -> dict[int, tuple[pb.Process, list]]:
+                  shm: "ShmemTable", keep_scratch: bool = False,
+                  early: dict[int, list] | None = None) -> dict[int, tuple[pb.Process, list, bool]]:
     """_Capture of every live process, step by step across the tree (in tree order, so
-    content shared by several processes is saved with the first). A process that fails
-    is named; every process is left as found (`keep_scratch`: see _Capture)."""
+    content shared by several processes is saved with the first): (process, its
+    mappings, whether their smaps fields are `early`'s). A process that fails is named;
+    every process is left as found (`keep_scratch`: see _Capture)."""
     caps: dict[int, _Capture] = {}
 
     def step(h: int, fn):
@@ -393,12 +400,12 @@ def _capture_tree(ft: ptree.FrozenTree, iset: ImageSet, policies: files.FilePoli
             if h not in ft.zombies:
                 # its stat fields as freeze_tree's last listing (after every freeze) read them
                 caps[h] = step(h, lambda: _Capture(ft.frozen[h], iset, policies, statuses[h], descs, shm,
-                                                   keep_scratch, ft.table[h].fields))
+                                                   keep_scratch, ft.table[h].fields, (early or {}).get(h)))
         for h, c in caps.items():
             step(h, c.start_batch)
         for h, c in caps.items():
             step(h, c.end_batch)
-        return {h: (step(h, c.end), c.vmas) for h, c in caps.items()}
+        return {h: (step(h, c.end), c.vmas, c.early) for h, c in caps.items()}
     finally:
         for c in caps.values():
             c.close()
@@ -585,6 +592,10 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         preload_netlink()          # not while the tree is frozen
     if tcp_established and not leave_running:    # the tree will be killed: hold its listeners' clients off
         conns = listeners.quiesce(conns, pid)
+    # where the pause counts (the tree runs on after the dump), smaps is read just before the freeze
+    early = _early_maps(pid, tree) if leave_running and on_dumped is None and stream is None else {}
+    if early:
+        sp.mark("read smaps (running)")
     try:
         ft = ptree.freeze_tree(pid, tree, freeze_cgroup)
     except BaseException:
@@ -617,12 +628,14 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         procs: dict[int, pb.Process] = {}
         vmas: dict[int, list] = {}
         # a tree killed after the dump keeps the scratch (ft.thaw takes it away on failure)
-        captured = _capture_tree(ft, iset, policies, statuses, descs, shm, keep_scratch=not leave_running)
+        captured = _capture_tree(ft, iset, policies, statuses, descs, shm, keep_scratch=not leave_running,
+                                 early=early)
+        unsure = {h for h, c in captured.items() if c[2]}    # VmFlags from before the freeze
         for p_host in ft.order:
             if p_host in ft.zombies:
                 procs[p_host] = _zombie(p_host, ns)
             else:
-                procs[p_host], vmas[p_host] = captured[p_host]
+                procs[p_host], vmas[p_host], _ = captured[p_host]
             _relations(ft, p_host, ns, procs[p_host])
             terms.process(p_host, procs[p_host], ft.table[p_host].sid)
         sp.mark("frozen: capture")
@@ -699,6 +712,9 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             for h in live_procs:
                 if h in wps:
                     continue
+                if h in unsure:           # what the fork leaves out must be known exactly
+                    _flags_now(h, vmas[h], procs[h], notes)
+                    unsure.discard(h)
                 keep = _not_forked(procs[h].mm.vmas)
                 kept = [v for v in procs[h].mm.vmas if _inside((v.start, 0), keep)]
                 rest[h] = [v for v in procs[h].mm.vmas if not _inside((v.start, 0), keep)]
@@ -789,6 +805,10 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             pages_bytes += pagemaps[h].pages_bytes
             parent_bytes += pagemaps[h].parent_bytes
         sp.mark("page runs")
+        for h in unsure:
+            _flags_now(h, vmas[h], procs[h], notes, after=True)
+        if unsure:
+            sp.mark("check madvise flags")
         for h in ft.order:
             p = procs[h]
             iset.write_message(f"process-{p.pid}.img", "process", p, sync=False)
@@ -1104,17 +1124,65 @@ def _precopy_trackers(par: Parent, tracker: "TreeTracker | None", own: bool, not
 def _wp_prearm(pid: int, tree: bool, notes: list[str]) -> dict:
     """Write-protect armed before the freeze (wpsnapshot.prearm) on the root and, for a
     tree, its descendants as they are now (one found later is armed while frozen)."""
-    pids, k = [pid], 0
-    while tree and k < len(pids):
-        pids += _children_of(pids[k])
-        k += 1
     out = {}
-    for h in pids:
+    for h in _tree_pids(pid, tree):
         try:
             out[h] = WpSnapshot.prearm(h)
         except HpcckptError as e:
             notes.append(f"process {h}: write-protect not armed before the freeze ({e})")
     return out
+
+
+def _tree_pids(pid: int, tree: bool) -> list[int]:
+    """The root and, for a tree, its descendants as they are now (running)."""
+    pids, k = [pid], 0
+    while tree and k < len(pids):
+        pids += _children_of(pids[k])
+        k += 1
+    return pids
+
+
+def _early_maps(pid: int, tree: bool) -> dict[int, list]:
+    """smaps of the tree's processes, read while they run: the capture then reads only
+    /proc/PID/maps while frozen and takes VmFlags and page counts from here where the
+    layout is the same (proc.maps_since); 18 ms per GiB less in the pause. madvise may
+    change VmFlags in place meanwhile: _flags_now reads them again."""
+    out = {}
+    for h in _tree_pids(pid, tree):
+        try:
+            out[h] = proc.maps(h)
+        except ProcessGoneError:
+            pass
+    return out
+
+
+def _flags_now(h: int, vmas: list, p: pb.Process, notes: list[str], after: bool = False) -> None:
+    """VmFlags the capture took from before the freeze (_early_maps), read again: while
+    frozen (a fork route needs dontfork/wipeonfork exact), or `after` the thaw, when the
+    pause is over. Then a flag that differs was changed by the job's madvise either
+    before the instant or after it; the image takes the new value: had the call not
+    been made at the instant, the restored job makes it again (setting a flag twice is
+    setting it once). Two changes of one mapping's flags within those few milliseconds
+    are not seen."""
+    try:
+        now = {v.start: v for v in proc.maps(h)}
+    except ProcessGoneError:
+        return
+    described = {v.start: v for v in p.mm.vmas}
+    for v in vmas:
+        n = now.get(v.start)
+        if n is None or n.end != v.end or n.vmflags == v.vmflags:
+            continue
+        kept = [f for f in n.vmflags if f in memory.MADVISE]
+        d = described.get(v.start)
+        if after and d is not None and list(d.vmflags) != kept:
+            notes.append(f"process {p.pid}: madvise flags of {v.start:#x}-{v.end:#x} changed during "
+                         f"the dump ({' '.join(d.vmflags) or '-'} -> {' '.join(kept) or '-'}); "
+                         "the image has the new ones")
+        v.vmflags = n.vmflags
+        if d is not None:
+            del d.vmflags[:]
+            d.vmflags.extend(kept)
 
 
 def _children_of(pid: int) -> list[int]:

@@ -122,10 +122,13 @@ class WpSnapshot:
             s._thread.start()
             for v in proc.maps(pid):
                 r = region(v)
-                if _protectable(r) and v.swap_kb == 0 and v.anon_kb * 1024 == r.end - r.start \
-                        and s._register(r):
-                    writeprotect(s.fd, r.start, r.end - r.start, True)
-                    s._pre.add((r.start, r.end))
+                if _protectable(r) and v.swap_kb == 0 and v.anon_kb * 1024 == r.end - r.start:
+                    with s._lock:         # before an unmap's event can name it (see _message)
+                        s._pre.add((r.start, r.end))
+                    if s._register(r):
+                        writeprotect(s.fd, r.start, r.end - r.start, True)
+                    else:
+                        s._pre.discard((r.start, r.end))
         except OSError as e:
             s.close()
             raise KernelError(f"UFFDIO_WRITEPROTECT in process {pid}: {e.strerror}") from None
@@ -149,8 +152,8 @@ class WpSnapshot:
 
     def protect(self, vmas) -> None:
         """While frozen: protect what is not (any more): pages written or touched since
-        `prearm`, and whole every mapping it did not arm (`vmas`: proc.Vma with smaps
-        flags, whose "uw" says the mapping is still registered, or pb.Vma)."""
+        `prearm`, and whole every mapping it did not arm, or that was unmapped or moved
+        since (`vmas`: proc.Vma or pb.Vma)."""
         with self._lock:
             self._drain()
             touched = _merged(self._touched)
@@ -166,7 +169,7 @@ class WpSnapshot:
             r = region(v)
             if not _protectable(r):
                 continue
-            if (r.start, r.end) in self._pre and "uw" in r.vmflags:
+            if (r.start, r.end) in self._pre:
                 i = max(bisect_right(touched, (r.start, 0)) - 1, 0)
                 for a, b in touched[i:]:
                     lo, hi = max(a, r.start), min(b, r.end)
@@ -257,6 +260,11 @@ class WpSnapshot:
             page = b & ~(PAGE_SIZE - 1)
             rng = {EVENT_PAGEFAULT: (page, page + PAGE_SIZE), EVENT_REMAP: (b, b + c)}.get(event, (a, b))
             self._touched.append(rng)
+            if event in (EVENT_UNMAP, EVENT_REMAP):
+                # what is mapped there at the freeze is not (all) the mapping armed:
+                # registered and protected whole then, even if it looks the same
+                gone = [rng] + ([(a, a + c)] if event == EVENT_REMAP else [])
+                self._pre = {m for m in self._pre if not any(m[0] < hi and lo < m[1] for lo, hi in gone)}
             if event == EVENT_PAGEFAULT:
                 try:
                     writeprotect(self.fd, page, PAGE_SIZE, False)

@@ -71,6 +71,28 @@ def maps(pid: int, with_flags: bool = True) -> list[Vma]:
     return _parse_maps(lines)
 
 
+def maps_since(pid: int, before: list[Vma]) -> list[Vma] | None:
+    """The mappings now from /proc/PID/maps (no page walk: ~0.5 ms, where smaps walks
+    every page table entry, ~7 ms per GiB), with smaps' fields carried over from
+    `before`, an smaps read of a moment ago, for every mapping that is still there: same
+    start, permissions, offset and file. One grown or shrunk in place (brk, mremap)
+    keeps its VmFlags but not its page counts (zeroed: "not known to be populated").
+    None when a mapping is new: only smaps tells its VmFlags.
+
+    What this cannot see: VmFlags madvise changes in place (dontfork, wipeonfork,
+    dontdump, hugepage) meanwhile; callers that need them exact check them again."""
+    old = {v.start: v for v in before}
+    vmas = _parse_maps(_read(pid, "maps").splitlines())
+    for v in vmas:
+        o = old.get(v.start)
+        if o is None or (o.prot, o.pgoff, o.dev, o.inode, o.path) != (v.prot, v.pgoff, v.dev, v.inode, v.path):
+            return None
+        v.vmflags = o.vmflags
+        if o.end == v.end:
+            v.anon_kb, v.swap_kb = o.anon_kb, o.swap_kb
+    return vmas
+
+
 def _block(v: Vma, lines: list[str], at: int, anon: int, swap: int, flags: int) -> bool:
     """smaps' Anonymous, Swap and VmFlags of the mapping whose line is lines[at], read
     at their offsets in its block; False if a line is not the one expected there."""

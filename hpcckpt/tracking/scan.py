@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import KernelError, ProcessGoneError
+from ..kernel.libc import PAGE_SIZE
 
 PAGEMAP_SCAN = 0xC0606610
 MAX_END = 0x7FFFFFFFF000  # the ioctl refuses end beyond the user address space
@@ -82,6 +83,11 @@ class Scanner:
             return z, z, z
         v = np.concatenate(parts)
         return v[:, 0], v[:, 1], v[:, 2]
+
+    def wp_allowed(self, addr: int) -> bool:
+        """Whether the mapping at `addr` is registered for async write-protect (one page
+        walked: a registration covers whole mappings)."""
+        return len(self.scan(addr, addr + PAGE_SIZE, PAGE_IS_WPALLOWED, PAGE_IS_WPALLOWED)[0]) > 0
 
     def close(self) -> None:
         if self.fd >= 0:

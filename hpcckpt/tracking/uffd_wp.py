@@ -27,15 +27,9 @@ from ..kernel import proc
 from .base import Dirty, Tracker, TrackingError, TrackingLostError
 from .hashing import HashingTracker
 from .regions import Region, pages_from_ranges, region, regions, split_by_region
-from .scan import (MAX_END, PAGE_IS_WPALLOWED, PAGE_IS_WRITTEN, PM_SCAN_WP_MATCHING, Scanner)
+from .scan import MAX_END, PAGE_IS_WRITTEN, PM_SCAN_WP_MATCHING, Scanner
 from .target import injector
 from . import userfaultfd
-
-
-def _covered(r: Region, starts: np.ndarray, ends: np.ndarray) -> bool:
-    """Whether [r.start, r.end) lies inside one of the sorted, merged ranges."""
-    i = int(np.searchsorted(starts, r.start, side="right")) - 1
-    return i >= 0 and int(starts[i]) <= r.start and int(ends[i]) >= min(r.end, MAX_END)
 
 
 class UffdWpTracker(Tracker):
@@ -107,20 +101,14 @@ class UffdWpTracker(Tracker):
         keep, out = self._split(regs)
         try:
             # Which unchanged mappings are still ours: one re-created at the same place
-            # by munmap+mmap has the same key but is not registered any more.
-            # smaps' VmFlags say it for free ("uw"); without them, ask PAGEMAP_SCAN for the
-            # ranges where async write-protect is allowed (about 3 ms per GiB).
-            if keep and all(r.vmflags for r in keep):
-                registered = lambda r: "uw" in r.vmflags  # noqa: E731
-            else:
-                lo, hi = self._bounds(regs)
-                ws, we, _ = self.scanner.scan(lo, hi, PAGE_IS_WPALLOWED, PAGE_IS_WPALLOWED)
-                registered = lambda r: _covered(r, ws, we)  # noqa: E731
+            # by munmap+mmap has the same key but is not registered any more. A mapping
+            # is registered whole, so PAGEMAP_SCAN of its first page says it (smaps'
+            # "uw" would too, but the caller's smaps may be from before the freeze).
             tracked, fb = [], []
             for r in keep:
                 if r.start in self.fallback_starts:
                     fb.append(r)
-                elif registered(r):
+                elif self.scanner.wp_allowed(r.start):
                     tracked.append(r)
                 else:
                     out[r.start] = r.all_pages()
