@@ -608,7 +608,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         for s in wps.values():
             s.close()
         raise
-    t_frozen = time.monotonic()
+    t_frozen = ft.stopped_at    # the pause counts from the first process stopped
     sp.mark("freeze")
     if ft.cgroup is not None:
         notes.append(f"frozen through cgroup {ft.cgroup.path} (cgroup.freeze)")

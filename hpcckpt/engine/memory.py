@@ -106,7 +106,7 @@ def pages_to_save(pid: int, vma: pb.Vma) -> list[tuple[int, int]]:
         return [(vma.start, vma.end - vma.start)]
     if vma.end - vma.start > SPARSE_MIN:
         return _sparse_runs(pid, vma)
-    return [(vma.start + i * PAGE_SIZE, n * PAGE_SIZE) for i, n in proc.runs(save_mask(pid, vma))]
+    return proc.address_runs(save_mask(pid, vma), vma.start)
 
 
 def _sparse_runs(pid: int, vma: pb.Vma) -> list[tuple[int, int]]:

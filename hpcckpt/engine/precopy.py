@@ -182,7 +182,7 @@ class PreCopy:
             held[(hk[lo:hi] - start) // PAGE_SIZE] = True
             lo, hi = np.searchsorted(fin, start), np.searchsorted(fin, end)
             held[(fin[lo:hi] - start) // PAGE_SIZE] = False      # changed since its copy
-            now += [(start + a * PAGE_SIZE, k * PAGE_SIZE) for a, k in proc.runs(write & ~held)]
+            now += proc.address_runs(write & ~held, start)
             rest.append((start, write & held, reuse))
         return now, rest
 
@@ -193,7 +193,7 @@ class PreCopy:
         w = page_file.writer
         in_parent = []
         for start, held, reuse in rest:
-            in_parent += [(start + a * PAGE_SIZE, k * PAGE_SIZE) for a, k in proc.runs(reuse)]
+            in_parent += proc.address_runs(reuse, start)
             for a in (np.flatnonzero(held) * PAGE_SIZE + start).tolist():
                 page_file.written.append((a, PAGE_SIZE, w.offset))
                 w._emit(memoryview(os.pread(p.fd, PAGE_SIZE, p.held[a])))

@@ -11,6 +11,7 @@ the cgroup is frozen first (cgroup_freezer.py): nothing can fork, one round suff
 """
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 
 from ..errors import HpcckptError, KernelError, ProcessGoneError
@@ -106,6 +107,7 @@ class FrozenTree:
     cgroup: CgroupFreezer | None = None   # frozen through it; thawed through it as one
     rounds: int = 0                       # listings of the tree the freeze took
     thawed: bool = False                  # thaw() ran: the tree runs again
+    stopped_at: float = 0.0               # time.monotonic() when its first process was stopped
 
     @property
     def threads(self) -> int:
@@ -180,6 +182,7 @@ def freeze_tree(root: int, whole: bool = True, cgroup: str | None = "auto") -> F
         slow = None
         if cg is not None:
             thaw_cg = not cg.requested()    # frozen by someone else: leave it frozen
+            ft.stopped_at = time.monotonic()
             cg.freeze()
 
             def slow() -> None:
@@ -217,6 +220,7 @@ def freeze_tree(root: int, whole: bool = True, cgroup: str | None = "auto") -> F
                     f"{MAX_ROUNDS} rounds ({len(ft.frozen)} processes stopped) new processes still "
                     "appear. Nothing was dumped and the tree runs on. Run the job in a cgroup v2 "
                     "of its own and dump with --freeze-cgroup, which stops it all at once")
+            ft.stopped_at = ft.stopped_at or time.monotonic()
             for pid in new:
                 e = ft.table[pid]
                 fr = None if e.state in "ZX" else _freeze_member(pid, root, slow)

@@ -237,11 +237,18 @@ def pagemap(pid: int, start: int, end: int) -> np.ndarray:
 
 def runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """Runs of True in a boolean array as (first index, length)."""
+    return address_runs(mask, 0, 1)
+
+
+def address_runs(mask: np.ndarray, start: int, unit: int = PAGE_SIZE) -> list[tuple[int, int]]:
+    """Runs of True in a per-page mask of the memory at `start`, as (address, bytes);
+    made by numpy and converted once (a run made one by one from numpy scalars costs
+    ~1 us: 60 ms for a plan of 10% of 4 GiB rewritten at random)."""
     if not mask.any():
         return []
     m = np.concatenate(([False], mask, [False]))
     d = np.flatnonzero(m[1:] != m[:-1])
-    return [(int(a), int(b - a)) for a, b in zip(d[::2], d[1::2])]
+    return list(zip((d[::2] * unit + start).tolist(), ((d[1::2] - d[::2]) * unit).tolist()))
 
 
 def ns_pids(pid: int, tid: int | None = None) -> list[int]:

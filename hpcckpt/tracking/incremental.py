@@ -258,8 +258,8 @@ def plan_incremental(pid: int, pvmas, dirty: Dirty | None,
         if reuse is None:           # a sparse mapping's runs, all to write
             plan.write += write
             continue
-        plan.write += [(start + a * PAGE_SIZE, k * PAGE_SIZE) for a, k in proc.runs(write)]
-        plan.in_parent += [(start + a * PAGE_SIZE, k * PAGE_SIZE) for a, k in proc.runs(reuse)]
+        plan.write += proc.address_runs(write, start)
+        plan.in_parent += proc.address_runs(reuse, start)
     return plan
 
 
