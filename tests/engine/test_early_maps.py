@@ -34,7 +34,7 @@ def test_maps_since_carries_smaps_fields_of_the_same_layout_only(target):
     assert [(v.start, v.end, v.vmflags, v.anon_kb) for v in now] == \
         [(v.start, v.end, v.vmflags, v.anon_kb) for v in before]
     assert next(v for v in now if v.start == a).anon_kb == 64 * PAGE // 1024
-    target.alloc(16)                      # a new mapping: its VmFlags only smaps knows
+    target.alloc(16, huge=True)           # a new mapping (unlike its neighbours: not merged)
     assert proc.maps_since(target.pid, before) is None
     before = proc.maps(target.pid)
     assert target.cmd(f"g {a:x} 64 32") == f"{a:x}"    # shrunk in place: flags kept, counts not
