@@ -7,6 +7,7 @@ without --leave-running the process is killed only after the image is sealed on 
 """
 import dataclasses
 import functools
+import gc
 import os
 import platform
 import shutil
@@ -495,6 +496,23 @@ def _live_retried(fn):
     return dump
 
 
+def _no_gc_pause(fn):
+    """Python's cycle collector off for the dump: a full collection (tens of ms after a big
+    plan left many objects) would otherwise land in the pause now and then; the dump's
+    own garbage is freed by reference counting."""
+    @functools.wraps(fn)
+    def dump(*args, **kw):
+        was = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kw)
+        finally:
+            if was:
+                gc.enable()
+    return dump
+
+
+@_no_gc_pause
 @_live_retried
 def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
          policies: files.FilePolicies | None = None, show_progress: bool = True,
@@ -595,7 +613,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     # where the pause counts (the tree runs on after the dump), smaps is read just before the freeze
     early = _early_maps(pid, tree) if leave_running and on_dumped is None and stream is None else {}
     if early:
-        sp.mark("read smaps (running)")
+        outside = shared.outside_before(list(early))
+        sp.mark("read smaps, pipe holders (running)")
     try:
         ft = ptree.freeze_tree(pid, tree, freeze_cgroup)
     except BaseException:
@@ -621,6 +640,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         descs = shared.Descriptions.collect(list(ft.frozen))
         descs.parents = {h: ft.table[h].ppid for h in ft.frozen}
         descs.cache["tcp"] = conns
+        if early:
+            descs.cache["outside-before"] = outside
         descs.cache["runs_on"] = leave_running or live or pre_dump    # sockets.waiting_connections
         shm = ShmemTable(iset.path)
         terms = ttys.DumpTerminals(descs, ns, shell_job)

@@ -126,10 +126,18 @@ class Descriptions:
         if os.O_RDWR in modes or {os.O_RDONLY, os.O_WRONLY} <= modes:
             return True
         if self._outside is None:   # one pass over /proc for the whole dump, not one per pipe
-            wanted = {self.pipe_target(i) for i, m in self.pipe_modes.items()
-                      if not (os.O_RDWR in m or {os.O_RDONLY, os.O_WRONLY} <= m)}
-            self._outside = _held_outside(wanted, {p for p, _ in self.fds}, self.parents)
+            wanted = self.half_pipes()
+            # `outside-before`: (targets looked for, those found) by a pass while the tree ran
+            looked, found = self.cache.get("outside-before", (set(), set()))
+            rest = wanted - looked
+            self._outside = (found & wanted) | (_held_outside(rest, {p for p, _ in self.fds}, self.parents)
+                                                if rest else set())
         return self.pipe_target(ino) not in self._outside
+
+    def half_pipes(self) -> set[str]:
+        """Targets of the pipes and FIFOs of which the tree holds one end only."""
+        return {self.pipe_target(i) for i, m in self.pipe_modes.items()
+                if not (os.O_RDWR in m or {os.O_RDONLY, os.O_WRONLY} <= m)}
 
     def pipe_target(self, ino: int) -> str:
         """What /proc shows an fd of pipe `ino` lead to: pipe:[ino], or a FIFO's path."""
@@ -144,6 +152,14 @@ class Descriptions:
             return False
         self._saved.add(what)
         return True
+
+
+def outside_before(pids: list[int]) -> tuple[set[str], set[str]]:
+    """The pass over /proc for pipes held outside the tree (pipe_inside), made before the
+    freeze (up to ~10 ms on a busy node): who else holds a pipe changes as freely while
+    the tree is stopped as before. Pipes the tree opens meanwhile are looked for then."""
+    wanted = Descriptions.collect(pids).half_pipes()
+    return wanted, _held_outside(wanted, set(pids))
 
 
 def _held_outside(wanted: set[str], tree: set[int], known: dict[int, int] | None = None) -> set[str]:
