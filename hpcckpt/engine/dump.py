@@ -580,6 +580,12 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     notes: list[str] = []
     sp = Spans()
     pc, adopted = None, False
+    # where the pause counts (the tree runs on after the dump), smaps is read before the
+    # freeze, and before pre-copy rounds, which then copy what the job writes meanwhile
+    want_early = leave_running and on_dumped is None and stream is None
+    wp_live = live and live_route != "fork" and tracker is None
+    early = _early_maps(pid, tree) if want_early and not wp_live else {}
+    sp.mark("read smaps (running)")
     if precopy and cow is not True and par is not None and not (live or pre_dump) and stream is None:
         tracker, adopted = _precopy_trackers(par, tracker, own, notes)
         if tracker is not None and tracker.valid_for(par.inv.image_id):
@@ -591,7 +597,6 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     wps: dict[int, WpSnapshot] = {}
     # a VMA takes one userfaultfd: where the caller keeps async uffd-wp tracking (armed on
     # every process by this dump), handing it over costs more than a fork (docs/tracking.md)
-    wp_live = live and live_route != "fork" and tracker is None
     if live and live_route == "uffd" and not wp_live:
         notes.append("live snapshot forked: write-protect is not used while uffd-wp tracking is kept")
     stops_before = 0.0
@@ -610,11 +615,12 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         preload_netlink()          # not while the tree is frozen
     if tcp_established and not leave_running:    # the tree will be killed: hold its listeners' clients off
         conns = listeners.quiesce(conns, pid)
-    # where the pause counts (the tree runs on after the dump), smaps is read just before the freeze
-    early = _early_maps(pid, tree) if leave_running and on_dumped is None and stream is None else {}
+    if wp_live and want_early:        # after prearm: its registrations may merge mappings
+        early = _early_maps(pid, tree)
+        sp.mark("read smaps (running)")
     if early:
         outside = shared.outside_before(list(early))
-        sp.mark("read smaps, pipe holders (running)")
+        sp.mark("pipe holders (running)")
     try:
         ft = ptree.freeze_tree(pid, tree, freeze_cgroup)
     except BaseException:

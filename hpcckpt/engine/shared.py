@@ -158,7 +158,10 @@ def outside_before(pids: list[int]) -> tuple[set[str], set[str]]:
     """The pass over /proc for pipes held outside the tree (pipe_inside), made before the
     freeze (up to ~10 ms on a busy node): who else holds a pipe changes as freely while
     the tree is stopped as before. Pipes the tree opens meanwhile are looked for then."""
-    wanted = Descriptions.collect(pids).half_pipes()
+    try:
+        wanted = Descriptions.collect(pids).half_pipes()
+    except ProcessGoneError:        # the tree changes as it runs: all left to the frozen pass
+        return set(), set()
     return wanted, _held_outside(wanted, set(pids))
 
 
