@@ -746,7 +746,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                 kept = [v for v in procs[h].mm.vmas if _inside((v.start, 0), keep)]
                 rest[h] = [v for v in procs[h].mm.vmas if not _inside((v.start, 0), keep)]
                 plans[h] = plan_incremental(h, kept, *changes[h])    # deferred digests: whole
-                writers[h] = _PageFile(h, iset, pagemaps[h])
+                # staged (no file write in the pause), unstaged after the thaw
+                writers[h] = _PageFile(h, iset, pagemaps[h], plans[h].write_bytes <= memory.stage_budget())
                 writers[h].copy(plans[h].write, _no_progress)
                 try:
                     snaps[h] = snapshot.take(ft.frozen[h])
@@ -760,6 +761,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                         changes[h] = (_collect_deferred(ht, h, vmas[h], None, _kept(tracker, h, ht)),
                                       changes[h][1])
                     more = plan_incremental(h, rest.pop(h), *changes[h])
+                    writers[h].unstage()
                     writers[h].copy(more.write, _no_progress)
                     plans[h] = _joined(plans[h], more)
             sp.mark("frozen: snapshot")
@@ -801,12 +803,14 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         for h in live_procs:
             w = writers[h]
             if h in from_copy:
+                w.unstage()
                 w.source = snaps[h].child
                 w.copy(from_copy[h].write, prog)
                 plans[h] = _joined(plans[h], from_copy[h])
             elif not forked:              # forked without a copy: all copied while frozen
                 w.copy(plans[h].write, prog)
         for h, s in wps.items():
+            writers[h].unstage()
             s.copy(writers[h], prog)
             s.close()
         sp.mark("copy pages")
@@ -1124,7 +1128,8 @@ def _wp_arm(h: int, fr: Frozen, p: pb.Process, vmas: list, changes: tuple, wps: 
                          f"{sum(n for _, n in now) >> 20} MiB ({why}); forked instead")
             s.close()
             return
-        writers[h] = _PageFile(h, iset, pagemap)
+        # staged (no file write in the pause), unstaged after the thaw
+        writers[h] = _PageFile(h, iset, pagemap, sum(n for _, n in now) <= memory.stage_budget())
         writers[h].copy(now, _no_progress)
     except BaseException:
         s.close()
@@ -1287,6 +1292,28 @@ class _PageFile:
                 self.pages.runs.add(vaddr=addr, nr_pages=n // memory.PAGE_SIZE, offset=off)
         self.pages.pages_bytes = self.writer.offset
         self.pages.parent_bytes = sum(n for _, n in in_parent)
+
+    def unstage(self) -> None:
+        """Staged pages to the image file, and what follows written there directly (the
+        few pages copied while frozen before a snapshot's many copied after the thaw:
+        no file write in the pause, where writeback of an earlier image can throttle it)."""
+        if self.final_fd < 0:
+            return
+        size, off = self.writer.offset, 0
+        hasher = xxhash.xxh3_128()
+        try:
+            while off < size:
+                b = memoryview(os.pread(self.fd, min(memory.CHUNK, size - off), off))
+                hasher.update(b)
+                w = 0
+                while w < len(b):
+                    w += os.write(self.final_fd, b[w:])
+                off += len(b)
+        except OSError as e:
+            raise KernelError(f"writing pages of process {self.pid} to {self.iset.path}: {e.strerror}") from None
+        os.close(self.fd)
+        self.fd, self.final_fd = self.final_fd, -1
+        self.writer.fd, self.writer.hasher = self.fd, hasher
 
     def flush(self) -> None:
         """Staged pages to the image file (sendfile: kernel to kernel), fsynced."""
