@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 from ..errors import HpcckptError, KernelError
 from ..kernel import proc
+from ..kernel.inject import find_syscall_insn
 from ..kernel.libc import PAGE_SIZE, vm_read
 from ..tracking import userfaultfd as uf
 from ..tracking.regions import region
@@ -93,7 +94,11 @@ class WpSnapshot:
     # -- before and while frozen -------------------------------------------------------
     @classmethod
     def _open(cls, pid: int, inj) -> "WpSnapshot":
-        fd = uf.open_in_target(inj, pid, user_mode_only=False)
+        return cls._with_fd(pid, uf.open_in_target(inj, pid, user_mode_only=False))
+
+    @classmethod
+    def _with_fd(cls, pid: int, fd: int) -> "WpSnapshot":
+        """The userfaultfd made ready (needs no stop: nothing is registered yet)."""
         try:
             buf = bytearray(struct.pack("<3Q", uf.UFFD_API, FEATURES, 0))
             fcntl.ioctl(fd, uf.UFFDIO_API, buf)
@@ -109,14 +114,17 @@ class WpSnapshot:
     def prearm(cls, pid: int) -> "WpSnapshot":
         """Before the freeze: the userfaultfd (one short stop), and the fully populated
         writable private mappings protected while the process runs (see the module)."""
+        ip = find_syscall_insn(pid, proc.maps(pid, with_flags=False))
         t0 = time.monotonic()
         fr = freeze(pid)
-        try:
-            with injector(pid, fr) as inj:
-                s = cls._open(pid, inj)
+        try:                   # the stop: only the syscalls that make the fd and close it there
+            with injector(pid, fr, ip) as inj:
+                fd = uf.open_in_target(inj, pid, user_mode_only=False)
         finally:
             fr.thaw()
-        s.pause_s = time.monotonic() - t0
+        pause = time.monotonic() - t0
+        s = cls._with_fd(pid, fd)
+        s.pause_s = pause
         try:
             s._thread = threading.Thread(target=s._loop, name=f"wp-snapshot-{pid}", daemon=True)
             s._thread.start()

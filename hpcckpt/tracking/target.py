@@ -13,16 +13,18 @@ from ..kernel.inject import Injector, find_syscall_insn
 
 
 @contextmanager
-def injector(pid: int, target) -> Iterator[Injector]:
+def injector(pid: int, target, ip: int | None = None) -> Iterator[Injector]:
     """An Injector in `pid`: the given one, one made on a Frozen's first thread, or one on
-    a process we freeze here (and always thaw)."""
+    a process we freeze here (and always thaw). `ip`: a syscall instruction found before
+    the stop (find_syscall_insn), for a stop as short as can be."""
     if isinstance(target, Injector):
         yield target
         return
     fr = target if isinstance(target, Frozen) else freeze(pid)
     inj = None
     try:
-        ip = find_syscall_insn(pid, proc.maps(pid, with_flags=False))
+        if ip is None:
+            ip = find_syscall_insn(pid, proc.maps(pid, with_flags=False))
         inj = Injector(fr.tids[0], ip)
         yield inj
     finally:
