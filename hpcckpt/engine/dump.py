@@ -585,7 +585,8 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     want_early = leave_running and on_dumped is None and stream is None
     wp_live = live and live_route != "fork" and tracker is None
     early = _early_maps(pid, tree) if want_early and not wp_live else {}
-    sp.mark("read smaps (running)")
+    if early:
+        sp.mark("read smaps (running)")
     if precopy and cow is not True and par is not None and not (live or pre_dump) and stream is None:
         tracker, adopted = _precopy_trackers(par, tracker, own, notes)
         if tracker is not None and tracker.valid_for(par.inv.image_id):
