@@ -1184,7 +1184,7 @@ def _early_maps(pid: int, tree: bool) -> dict[int, list]:
     for h in _tree_pids(pid, tree):
         try:
             out[h] = proc.maps(h)
-        except ProcessGoneError:
+        except (ProcessGoneError, OSError):    # gone, or not ours: the frozen capture says which
             pass
     return out
 
@@ -1199,7 +1199,7 @@ def _flags_now(h: int, vmas: list, p: pb.Process, notes: list[str], after: bool 
     are not seen."""
     try:
         now = {v.start: v for v in proc.maps(h)}
-    except ProcessGoneError:
+    except (ProcessGoneError, OSError):
         return
     described = {v.start: v for v in p.mm.vmas}
     for v in vmas:

@@ -160,7 +160,7 @@ def outside_before(pids: list[int]) -> tuple[set[str], set[str]]:
     the tree is stopped as before. Pipes the tree opens meanwhile are looked for then."""
     try:
         wanted = Descriptions.collect(pids).half_pipes()
-    except ProcessGoneError:        # the tree changes as it runs: all left to the frozen pass
+    except (ProcessGoneError, OSError):   # the tree changes as it runs: all left to the frozen pass
         return set(), set()
     return wanted, _held_outside(wanted, set(pids))
 
