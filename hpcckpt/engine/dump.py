@@ -18,8 +18,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import xxhash
-
 from .. import __version__
 from ..errors import HpcckptError, KernelError, PermissionDeniedError, ProcessGoneError, UnsupportedError
 from ..images import pb
@@ -28,7 +26,6 @@ from ..kernel import elf, proc, ptrace, vdso
 from ..kernel.arch import current as arch
 from ..kernel.batch import OUT, Batch, Call
 from ..kernel.inject import CODE, Injector, Mem, _alive, find_syscall_insn
-from ..kernel.libc import libc
 from ..progress import Progress
 from ..images.chain import load_chain, new_image_id, relative_parent
 from ..tracking.incremental import IncrementalPlan, plan_incremental
@@ -40,6 +37,8 @@ from .wpsnapshot import SnapshotLostError, WpSnapshot
 from .incremental import Parent, TreeTracker, collect_held, hand_off, save_digests
 from . import tree as ptree
 from .freeze import Frozen
+from .layout import early_maps, flags_now, tree_pids
+from .pagefile import PageFile, sync_files
 from .netns import detach as detach_netns, save as save_netns
 from ..kernel.rtnl import preload as preload_netlink
 
@@ -296,7 +295,7 @@ class _Capture:
         pid = self.pid = fr.pid
         self.fr, self.st, self.keep, self.stat = fr, st, keep_scratch, stat
         # smaps read before the freeze where the layout is unchanged (its page walk is
-        # the longest part of a capture): see _early_maps
+        # the longest part of a capture): see layout.early_maps
         self.vmas = proc.maps_since(pid, early) if early else None
         self.early = self.vmas is not None
         if self.vmas is None:
@@ -584,7 +583,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     # freeze, and before pre-copy rounds, which then copy what the job writes meanwhile
     want_early = leave_running and on_dumped is None and stream is None
     wp_live = live and live_route != "fork" and tracker is None
-    early = _early_maps(pid, tree) if want_early and not wp_live else {}
+    early = early_maps(pid, tree) if want_early and not wp_live else {}
     if early:
         sp.mark("read smaps (running)")
     if precopy and cow is not True and par is not None and not (live or pre_dump) and stream is None:
@@ -609,7 +608,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     iset = ImageSet(images, create=True)
     created = set(os.listdir(iset.path))
     snaps: dict[int, "snapshot.Snapshot"] = {}
-    writers: dict[int, _PageFile] = {}
+    writers: dict[int, PageFile] = {}
     # a pre-dump's fds are never restored: its connections are read (and let go) rather than refused
     conns = tcp.DumpConnections(tcp_established or pre_dump, pid)
     if netns:
@@ -617,7 +616,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     if tcp_established and not leave_running:    # the tree will be killed: hold its listeners' clients off
         conns = listeners.quiesce(conns, pid)
     if wp_live and want_early:        # after prearm: its registrations may merge mappings
-        early = _early_maps(pid, tree)
+        early = early_maps(pid, tree)
         sp.mark("read smaps (running)")
     if early:
         outside = shared.outside_before(list(early))
@@ -741,14 +740,14 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                 if h in wps:
                     continue
                 if h in unsure:           # what the fork leaves out must be known exactly
-                    _flags_now(h, vmas[h], procs[h], notes)
+                    flags_now(h, vmas[h], procs[h], notes)
                     unsure.discard(h)
                 keep = _not_forked(procs[h].mm.vmas)
                 kept = [v for v in procs[h].mm.vmas if _inside((v.start, 0), keep)]
                 rest[h] = [v for v in procs[h].mm.vmas if not _inside((v.start, 0), keep)]
                 plans[h] = plan_incremental(h, kept, *changes[h])    # deferred digests: whole
                 # staged (no file write in the pause), unstaged after the thaw
-                writers[h] = _PageFile(h, iset, pagemaps[h], plans[h].write_bytes <= memory.stage_budget())
+                writers[h] = PageFile(h, iset, pagemaps[h], plans[h].write_bytes <= memory.stage_budget())
                 writers[h].copy(plans[h].write, _no_progress)
                 try:
                     snaps[h] = snapshot.take(ft.frozen[h])
@@ -799,7 +798,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
                  and total <= memory.stage_budget())
         for h in live_procs:
             if h not in writers:
-                writers[h] = _PageFile(h, iset, pagemaps[h], stage)
+                writers[h] = PageFile(h, iset, pagemaps[h], stage)
         pages_bytes = parent_bytes = 0
         for h in live_procs:
             w = writers[h]
@@ -838,7 +837,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
             parent_bytes += pagemaps[h].parent_bytes
         sp.mark("page runs")
         for h in unsure:
-            _flags_now(h, vmas[h], procs[h], notes, after=True)
+            flags_now(h, vmas[h], procs[h], notes, after=True)
         if unsure:
             sp.mark("check madvise flags")
         for h in ft.order:
@@ -848,7 +847,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         sp.mark("write messages")
         for w in writers.values():
             w.flush()                     # staged pages to their files
-        _sync_files(iset.path, set(os.listdir(iset.path)) - created)
+        sync_files(iset.path, set(os.listdir(iset.path)) - created)
         sp.mark("sync")
         prog.finish()
         inv = _tree_inventory(pid, ft, procs, shm, tty_images, ipc, par, used, pre_dump, iset.path, net,
@@ -1130,7 +1129,7 @@ def _wp_arm(h: int, fr: Frozen, p: pb.Process, vmas: list, changes: tuple, wps: 
             s.close()
             return
         # staged (no file write in the pause), unstaged after the thaw
-        writers[h] = _PageFile(h, iset, pagemap, sum(n for _, n in now) <= memory.stage_budget())
+        writers[h] = PageFile(h, iset, pagemap, sum(n for _, n in now) <= memory.stage_budget())
         writers[h].copy(now, _no_progress)
     except BaseException:
         s.close()
@@ -1158,74 +1157,11 @@ def _wp_prearm(pid: int, tree: bool, notes: list[str]) -> dict:
     """Write-protect armed before the freeze (wpsnapshot.prearm) on the root and, for a
     tree, its descendants as they are now (one found later is armed while frozen)."""
     out = {}
-    for h in _tree_pids(pid, tree):
+    for h in tree_pids(pid, tree):
         try:
             out[h] = WpSnapshot.prearm(h)
         except HpcckptError as e:
             notes.append(f"process {h}: write-protect not armed before the freeze ({e})")
-    return out
-
-
-def _tree_pids(pid: int, tree: bool) -> list[int]:
-    """The root and, for a tree, its descendants as they are now (running)."""
-    pids, k = [pid], 0
-    while tree and k < len(pids):
-        pids += _children_of(pids[k])
-        k += 1
-    return pids
-
-
-def _early_maps(pid: int, tree: bool) -> dict[int, list]:
-    """smaps of the tree's processes, read while they run: the capture then reads only
-    /proc/PID/maps while frozen and takes VmFlags and page counts from here where the
-    layout is the same (proc.maps_since); 18 ms per GiB less in the pause. madvise may
-    change VmFlags in place meanwhile: _flags_now reads them again."""
-    out = {}
-    for h in _tree_pids(pid, tree):
-        try:
-            out[h] = proc.maps(h)
-        except (ProcessGoneError, OSError):    # gone, or not ours: the frozen capture says which
-            pass
-    return out
-
-
-def _flags_now(h: int, vmas: list, p: pb.Process, notes: list[str], after: bool = False) -> None:
-    """VmFlags the capture took from before the freeze (_early_maps), read again: while
-    frozen (a fork route needs dontfork/wipeonfork exact), or `after` the thaw, when the
-    pause is over. Then a flag that differs was changed by the job's madvise either
-    before the instant or after it; the image takes the new value: had the call not
-    been made at the instant, the restored job makes it again (setting a flag twice is
-    setting it once). Two changes of one mapping's flags within those few milliseconds
-    are not seen."""
-    try:
-        now = {v.start: v for v in proc.maps(h)}
-    except (ProcessGoneError, OSError):
-        return
-    described = {v.start: v for v in p.mm.vmas}
-    for v in vmas:
-        n = now.get(v.start)
-        if n is None or n.end != v.end or n.vmflags == v.vmflags:
-            continue
-        kept = [f for f in n.vmflags if f in memory.MADVISE]
-        d = described.get(v.start)
-        if after and d is not None and list(d.vmflags) != kept:
-            notes.append(f"process {p.pid}: madvise flags of {v.start:#x}-{v.end:#x} changed during "
-                         f"the dump ({' '.join(d.vmflags) or '-'} -> {' '.join(kept) or '-'}); "
-                         "the image has the new ones")
-        v.vmflags = n.vmflags
-        if d is not None:
-            del d.vmflags[:]
-            d.vmflags.extend(kept)
-
-
-def _children_of(pid: int) -> list[int]:
-    out = []
-    try:
-        for t in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{t}/children") as f:
-                out += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
     return out
 
 
@@ -1235,131 +1171,6 @@ def _not_forked(vmas) -> list[tuple[int, int]]:
 
 def _inside(run: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
     return any(s <= run[0] < e for s, e in spans)
-
-
-class _PageFile:
-    """One process's pages file, written run by run, maybe from a snapshot copy."""
-
-    def __init__(self, pid: int, iset: ImageSet, pages: pb.Pagemap, stage: bool = False):
-        self.pid, self.iset, self.pages = pid, iset, pages
-        self.fd = os.open(iset.path / pages.pages_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        self.final_fd = -1
-        if stage:   # pages go to memory while frozen, to the image file after the thaw (flush)
-            self.final_fd, self.fd = self.fd, os.memfd_create("hpcckpt-stage", os.MFD_CLOEXEC)
-        # hashed as written, unless staged (then seal reads the file back, after the thaw)
-        self.writer = memory.PageWriter(pid, self.fd, hasher=None if stage else xxhash.xxh3_128())
-        self.written: list[tuple[int, int, int]] = []     # (address, bytes, file offset)
-
-    @property
-    def source(self) -> int:
-        return self.writer.pid
-
-    @source.setter
-    def source(self, pid: int) -> None:
-        self.writer.close()
-        self.writer.mem_fd = -1
-        self.writer.pid = pid
-
-    def copy(self, runs, prog) -> None:
-        try:
-            for k in range(0, len(runs), 4096):   # batched: scattered pages cost few calls
-                part = runs[k:k + 4096]
-                self.written += [(a, n, off) for (a, n), off in zip(part, self.writer.copy_runs(part))]
-                prog(sum(n for _, n in part))
-        except OSError as e:
-            self._abort()
-            if e.errno == 3:
-                raise ProcessGoneError(f"process {self.pid} exited during the dump") from None
-            raise KernelError(f"writing pages of process {self.pid} to {self.iset.path}: {e.strerror}") from None
-        except BaseException:
-            self._abort()
-            raise
-
-    def close(self, in_parent, sync: bool = True) -> None:
-        if self.final_fd < 0:
-            try:
-                if sync:
-                    os.fsync(self.fd)
-            finally:
-                self._abort()
-            if self.writer.hasher is not None:
-                self.iset.written[self.pages.pages_file] = pb.FileDigest(
-                    size=self.writer.offset, xxh3_128=self.writer.hasher.hexdigest())
-        # one sorted pass over plain tuples: sorting the protobuf list costs 10x more
-        for addr, n, off in sorted(self.written + [(a, n, -1) for a, n in in_parent]):
-            if off < 0:
-                self.pages.runs.add(vaddr=addr, nr_pages=n // memory.PAGE_SIZE, in_parent=True)
-            else:
-                self.pages.runs.add(vaddr=addr, nr_pages=n // memory.PAGE_SIZE, offset=off)
-        self.pages.pages_bytes = self.writer.offset
-        self.pages.parent_bytes = sum(n for _, n in in_parent)
-
-    def unstage(self) -> None:
-        """Staged pages to the image file, and what follows written there directly (the
-        few pages copied while frozen before a snapshot's many copied after the thaw:
-        no file write in the pause, where writeback of an earlier image can throttle it)."""
-        if self.final_fd < 0:
-            return
-        size, off = self.writer.offset, 0
-        hasher = xxhash.xxh3_128()
-        try:
-            while off < size:
-                b = memoryview(os.pread(self.fd, min(memory.CHUNK, size - off), off))
-                hasher.update(b)
-                w = 0
-                while w < len(b):
-                    w += os.write(self.final_fd, b[w:])
-                off += len(b)
-        except OSError as e:
-            raise KernelError(f"writing pages of process {self.pid} to {self.iset.path}: {e.strerror}") from None
-        os.close(self.fd)
-        self.fd, self.final_fd = self.final_fd, -1
-        self.writer.fd, self.writer.hasher = self.fd, hasher
-
-    def flush(self) -> None:
-        """Staged pages to the image file (sendfile: kernel to kernel), fsynced."""
-        if self.final_fd < 0:
-            return
-        try:
-            size, off = self.writer.offset, 0
-            while off < size:
-                off += os.sendfile(self.final_fd, self.fd, off, size - off)
-            os.fsync(self.final_fd)
-        except OSError as e:
-            raise KernelError(f"writing pages of process {self.pid} to {self.iset.path}: {e.strerror}") from None
-        finally:
-            self._abort()
-
-    def _abort(self) -> None:
-        if self.fd >= 0:
-            self.writer.close()
-            os.close(self.fd)
-            self.fd = -1
-        if self.final_fd >= 0:
-            os.close(self.final_fd)
-            self.final_fd = -1
-
-
-SYNC_EACH_MAX = 16
-
-
-def _sync_files(path: Path, names: set[str]) -> None:
-    """Make what the dump wrote durable before the inventory seals it. A few files are
-    fsynced one by one; a tree's hundreds (three per process) with one syncfs() of the
-    image's filesystem: an fsync each cost ~1 ms per process here, one syncfs a few ms."""
-    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if len(names) > SYNC_EACH_MAX and libc.syncfs(dfd) == 0:
-            return
-        for name in sorted(n for n in names if (path / n).is_file()):
-            fd = os.open(path / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _process_facts(pid: int) -> dict:

@@ -188,7 +188,7 @@ class PreCopy:
 
     def finish(self, h: int, rest: list, page_file) -> list[tuple[int, int]]:
         """After the thaw: the round copies of the pages `plan` left to them appended to
-        `page_file` (engine.dump._PageFile); returns the runs the parent holds."""
+        `page_file` (engine.pagefile.PageFile); returns the runs the parent holds."""
         p = self.procs[h]
         w = page_file.writer
         in_parent = []

@@ -313,7 +313,7 @@ class WpSnapshot:
         return self._buf.raw[:PAGE_SIZE]
 
     def copy(self, page_file, prog) -> None:
-        """Copy the runs given to `serve` into `page_file` (engine.dump._PageFile), slice
+        """Copy the runs given to `serve` into `page_file` (engine.pagefile.PageFile), slice
         by slice, each slice's pages either read now (still protected: the instant's) or
         saved by a fault; then the slice's protection is removed (later writes there
         cost the job nothing)."""

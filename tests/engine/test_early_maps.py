@@ -1,4 +1,4 @@
-"""smaps read before the freeze (engine/dump.py _early_maps): the layout is compared while
+"""smaps read before the freeze (engine/layout.py early_maps): the layout is compared while
 frozen, a mapping re-created meanwhile is armed again, and VmFlags that madvise changed
 between the read and the freeze end up in the image as they were (or became), never as
 the stale read said. The race window is made certain by handing dump the read taken
@@ -78,7 +78,7 @@ def test_madvise_between_the_read_and_the_freeze(tmp_path, target, monkeypatch, 
     target.write(a, 64)
     stale = proc.maps(target.pid)
     assert target.cmd(f"m {a:x} 64 {advice}") == "ok"
-    monkeypatch.setattr(dump_mod, "_early_maps", lambda pid, tree: {target.pid: stale})
+    monkeypatch.setattr(dump_mod, "early_maps", lambda pid, tree: {target.pid: stale})
     r = dump_mod.dump(target.pid, tmp_path / "img", live=True, live_route=route, show_progress=False)
     assert r.live_route == route, r.notes
     vma = next(v for v in ImageSet(tmp_path / "img").process(target.pid).mm.vmas if v.start == a)
