@@ -12,7 +12,7 @@ injected one by one, with the same results.
 The calls must not depend on each other's results (the code is written before any
 runs), and must only read state: a fault stops the batch, and it is redone one by one.
 `start` and `finish` split `run` so that a dump sets every process of a tree off on its
-batch before waiting for the first: their stops overlap (engine/dump.py _capture_tree).
+batch before waiting for the first: their stops overlap (engine/capture.py capture_tree).
 """
 import os
 import signal

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from hpcckpt.engine import dump as dump_mod, tree as ptree
-from hpcckpt.engine.dump import _Scratch
+from hpcckpt.engine import capture, dump as dump_mod, tree as ptree
+from hpcckpt.engine.capture import _Scratch
 from hpcckpt.engine.freeze import freeze
 from hpcckpt.errors import KernelError
 from hpcckpt.kernel import proc, ptrace
@@ -85,7 +85,7 @@ def _state(pid: int):
 
 @pytest.mark.parametrize("where", ["reading /proc", "batch under way", "end of the batch", "after the capture"])
 def test_tree_capture_failing_midway_leaves_every_process_as_found(tmp_path, monkeypatch, where):
-    """The tree's processes are captured step by step together (dump._capture_tree): when
+    """The tree's processes are captured step by step together (capture.capture_tree): when
     one fails, the others are at other steps (their scratch mmap, batch or munmap under
     way); each must be left as found: untraced, same registers and mask, no scratch left
     mapped, and working on. A dump that kills the tree leaves each process its scratch
@@ -95,20 +95,20 @@ def test_tree_capture_failing_midway_leaves_every_process_as_found(tmp_path, mon
         victim = pids[2]
         before = {h: (proc.maps(h, with_flags=False), _state(h)) for h in pids}
         if where == "reading /proc":        # in the constructor, its mmap under way
-            listed = dump_mod.timers.listed
-            monkeypatch.setattr(dump_mod.timers, "listed", lambda pid, tids: (
+            listed = capture.timers.listed
+            monkeypatch.setattr(capture.timers, "listed", lambda pid, tids: (
                 _fail() if pid == victim else listed(pid, tids)))
         elif where == "after the capture":
             monkeypatch.setattr(dump_mod.sysvipc, "dump", lambda *a: _fail())
         else:
             name = "start_batch" if where == "batch under way" else "end_batch"
-            orig = getattr(dump_mod._Capture, name)
+            orig = getattr(capture._Capture, name)
 
             def failing(self):
                 orig(self)
                 if self.pid == victim:
                     _fail()
-            monkeypatch.setattr(dump_mod._Capture, name, failing)
+            monkeypatch.setattr(capture._Capture, name, failing)
         with pytest.raises(KernelError, match="injected failure"):
             dump_mod.dump(p.pid, tmp_path / "img", show_progress=False, freeze_cgroup=None)
         monkeypatch.undo()
