@@ -261,9 +261,9 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
     pc, adopted = None, False
     # where the pause counts (the tree runs on after the dump), smaps is read before the
     # freeze, and before pre-copy rounds, which then copy what the job writes meanwhile
-    want_early = leave_running and on_dumped is None and stream is None
+    # (and before a live snapshot's prearm, which needs it too)
     wp_live = live and live_route != "fork" and tracker is None
-    early = early_maps(pid, tree) if want_early and not wp_live else {}
+    early = early_maps(pid, tree) if leave_running and on_dumped is None and stream is None else {}
     if early:
         sp.mark("read smaps (running)")
     if precopy and cow is not True and par is not None and not (live or pre_dump) and stream is None:
@@ -281,7 +281,7 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         notes.append("live snapshot forked: write-protect is not used while uffd-wp tracking is kept")
     stops_before = 0.0
     if wp_live:                         # arm write-protect while the tree still runs
-        wps = _wp_prearm(pid, tree, notes)
+        wps = _wp_prearm(pid, tree, notes, early)
         stops_before = sum(s.pause_s for s in wps.values())
         sp.mark("prearm write-protect (running)")
     fresh_dir = not os.path.exists(images)
@@ -295,9 +295,6 @@ def dump(pid: int, images: str | os.PathLike, leave_running: bool = False,
         preload_netlink()          # not while the tree is frozen
     if tcp_established and not leave_running:    # the tree will be killed: hold its listeners' clients off
         conns = listeners.quiesce(conns, pid)
-    if wp_live and want_early:        # after prearm: its registrations may merge mappings
-        early = early_maps(pid, tree)
-        sp.mark("read smaps (running)")
     if early:
         outside = shared.outside_before(list(early))
         sp.mark("pipe holders (running)")
@@ -833,13 +830,14 @@ def _precopy_trackers(par: Parent, tracker: "TreeTracker | None", own: bool, not
     return tracker, adopted
 
 
-def _wp_prearm(pid: int, tree: bool, notes: list[str]) -> dict:
+def _wp_prearm(pid: int, tree: bool, notes: list[str], early: dict[int, list]) -> dict:
     """Write-protect armed before the freeze (wpsnapshot.prearm) on the root and, for a
-    tree, its descendants as they are now (one found later is armed while frozen)."""
+    tree, its descendants as they are now (one found later is armed while frozen);
+    `early`: their smaps, when read already (layout.early_maps)."""
     out = {}
-    for h in tree_pids(pid, tree):
+    for h in early or tree_pids(pid, tree):
         try:
-            out[h] = WpSnapshot.prearm(h)
+            out[h] = WpSnapshot.prearm(h, early.get(h))
         except HpcckptError as e:
             notes.append(f"process {h}: write-protect not armed before the freeze ({e})")
     return out

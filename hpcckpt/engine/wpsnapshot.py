@@ -111,10 +111,12 @@ class WpSnapshot:
         return s
 
     @classmethod
-    def prearm(cls, pid: int) -> "WpSnapshot":
+    def prearm(cls, pid: int, vmas: list | None = None) -> "WpSnapshot":
         """Before the freeze: the userfaultfd (one short stop), and the fully populated
-        writable private mappings protected while the process runs (see the module)."""
-        ip = find_syscall_insn(pid, proc.maps(pid, with_flags=False))
+        writable private mappings protected while the process runs (see the module).
+        `vmas`: its smaps, if read a moment ago."""
+        vmas = vmas if vmas is not None else proc.maps(pid)
+        ip = find_syscall_insn(pid, vmas)
         t0 = time.monotonic()
         fr = freeze(pid)
         try:                   # the stop: only the syscalls that make the fd and close it there
@@ -128,7 +130,7 @@ class WpSnapshot:
         try:
             s._thread = threading.Thread(target=s._loop, name=f"wp-snapshot-{pid}", daemon=True)
             s._thread.start()
-            for v in proc.maps(pid):
+            for v in vmas:
                 r = region(v)
                 if _protectable(r) and v.swap_kb == 0 and v.anon_kb * 1024 == r.end - r.start:
                     with s._lock:         # before an unmap's event can name it (see _message)
